@@ -1,0 +1,191 @@
+"""Where the box prompts come from: an mmdet detector, the dataset's ground truth, or a detections JSON.
+
+Every source returns, per image, ``Prompts(boxes (N,4) xyxy in original-image pixels, scores (N,), labels (N,))``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from mmcv.utils import Registry
+from torch import nn
+
+PROMPT_SOURCES = Registry("prompt source")
+
+
+@dataclass
+class Prompts:
+    boxes: np.ndarray  # (N, 4) float32 xyxy, original pixels
+    scores: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int64, 0-based class index in the dataset's CLASSES order
+
+    @staticmethod
+    def empty() -> "Prompts":
+        return Prompts(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    def top(self, score_thr: float, max_boxes: Optional[int]) -> "Prompts":
+        keep = np.nonzero(self.scores >= score_thr)[0]
+        keep = keep[np.argsort(-self.scores[keep], kind="stable")]
+        if max_boxes is not None:
+            keep = keep[:max_boxes]
+        return Prompts(self.boxes[keep], self.scores[keep], self.labels[keep])
+
+
+def _resolve(path: str, what: str, hint: str = "") -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}{(' — ' + hint) if hint else ''}")
+    return p
+
+
+def load_coco_json(path: str) -> dict:
+    """Read a COCO annotation file, checking the keys the toolkit relies on."""
+    p = _resolve(path, "annotation file")
+    try:
+        ann = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    for key in ("images", "annotations", "categories"):
+        if key not in ann or not isinstance(ann[key], list):
+            raise ValueError(f"{path}: COCO annotation file has no '{key}' list (keys: {sorted(ann)})")
+    if not ann["categories"]:
+        raise ValueError(f"{path}: 'categories' is empty")
+    return ann
+
+
+def load_coco_jsons(paths) -> dict:
+    """One or several COCO files (e.g. the evaluation and the calibration split) merged into one."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("no annotation file given")
+    anns = [load_coco_json(str(p)) for p in paths]
+    merged = {"images": [], "annotations": [], "categories": anns[0]["categories"]}
+    for p, a in zip(paths, anns):
+        if [c["id"] for c in a["categories"]] != [c["id"] for c in merged["categories"]]:
+            raise ValueError(f"{p}: categories differ from those of {paths[0]}")
+        merged["images"] += a["images"]
+        merged["annotations"] += a["annotations"]
+    return merged
+
+
+class _ByFileName:
+    """Maps an image's file name (as in img_metas['ori_filename']) to its COCO image id."""
+
+    def __init__(self, ann: dict):
+        self.ids = {os.path.basename(im["file_name"]): im["id"] for im in ann["images"]}
+        self.label_of_cat = {c["id"]: i for i, c in enumerate(sorted(ann["categories"], key=lambda c: c["id"]))}
+
+    def image_id(self, meta: dict) -> int:
+        name = os.path.basename(meta["ori_filename"])
+        if name not in self.ids:
+            raise KeyError(f"image {name} is not in the prompt source's annotation file")
+        return self.ids[name]
+
+
+@PROMPT_SOURCES.register_module(name="gt")
+class GTBoxPrompts(nn.Module):
+    """Ground-truth boxes of the dataset as prompts (class = GT class, score 1; SAM's IoU is the final score)."""
+
+    def __init__(self, ann_file, include_crowd: bool = False):
+        super().__init__()
+        ann = load_coco_jsons(ann_file)
+        self.index = _ByFileName(ann)
+        self.per_image: Dict[int, List[dict]] = defaultdict(list)
+        for a in ann["annotations"]:
+            if a.get("iscrowd", 0) and not include_crowd:
+                continue
+            x, y, w, h = a["bbox"]
+            if w < 1 or h < 1:
+                continue
+            self.per_image[a["image_id"]].append(a)
+
+    def forward(self, img: torch.Tensor, img_metas: List[dict]) -> List[Prompts]:
+        out = []
+        for meta in img_metas:
+            anns = self.per_image.get(self.index.image_id(meta), [])
+            if not anns:
+                out.append(Prompts.empty())
+                continue
+            xywh = np.array([a["bbox"] for a in anns], np.float32)
+            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+            labels = np.array([self.index.label_of_cat[a["category_id"]] for a in anns], np.int64)
+            out.append(Prompts(boxes, np.ones(len(anns), np.float32), labels))
+        return out
+
+
+@PROMPT_SOURCES.register_module(name="json")
+class JsonPrompts(nn.Module):
+    """Cached detections: a COCO results JSON (list of {image_id, bbox xywh, score, category_id})."""
+
+    def __init__(self, result_file: str, ann_file, score_thr: float = 0.0, max_boxes: Optional[int] = 100):
+        super().__init__()
+        self.index = _ByFileName(load_coco_jsons(ann_file))
+        p = _resolve(result_file, "detection results JSON", "run the detector once with --out or tools/ to make it")
+        dets = json.loads(p.read_text())
+        if not isinstance(dets, list):
+            raise ValueError(f"{result_file}: expected a COCO results list, got {type(dets).__name__}")
+        self.per_image: Dict[int, List[dict]] = defaultdict(list)
+        for i, d in enumerate(dets):
+            missing = {"image_id", "bbox", "score", "category_id"} - set(d)
+            if missing:
+                raise ValueError(f"{result_file}: entry {i} lacks {sorted(missing)}")
+            self.per_image[d["image_id"]].append(d)
+        self.score_thr, self.max_boxes = score_thr, max_boxes
+
+    def forward(self, img: torch.Tensor, img_metas: List[dict]) -> List[Prompts]:
+        out = []
+        for meta in img_metas:
+            dets = self.per_image.get(self.index.image_id(meta), [])
+            if not dets:
+                out.append(Prompts.empty())
+                continue
+            xywh = np.array([d["bbox"] for d in dets], np.float32)
+            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+            scores = np.array([d["score"] for d in dets], np.float32)
+            labels = np.array([self.index.label_of_cat[d["category_id"]] for d in dets], np.int64)
+            out.append(Prompts(boxes, scores, labels).top(self.score_thr, self.max_boxes))
+        return out
+
+
+@PROMPT_SOURCES.register_module(name="mmdet")
+class DetectorPrompts(nn.Module):
+    """Any mmdet 2.x detector (config + checkpoint, loaded strictly)."""
+
+    def __init__(self, config: str, checkpoint: Optional[str], score_thr: float = 0.05,
+                 max_boxes: Optional[int] = 100, download: str = "", random_init: bool = False):
+        super().__init__()
+        from mmcv import Config  # noqa: PLC0415
+        from mmcv.runner import load_checkpoint  # noqa: PLC0415
+        from mmdet.models import build_detector  # noqa: PLC0415
+
+        cfg = Config.fromfile(str(_resolve(config, "detector config")))
+        cfg.model.pop("pretrained", None)
+        if cfg.model.get("backbone", {}).get("init_cfg"):
+            cfg.model.backbone.init_cfg = None
+        self.detector = build_detector(cfg.model, test_cfg=None if "test_cfg" in cfg.model else cfg.get("test_cfg"))
+        if not random_init:
+            if checkpoint is None:
+                raise ValueError(f"detector {config}: 'checkpoint' is required (or random_init=True for tests)")
+            _resolve(checkpoint, "detector checkpoint", download or "see ckpt/README.md")
+            load_checkpoint(self.detector, checkpoint, map_location="cpu", strict=True, logger="silent")
+        self.detector.eval()
+        self.detector.CLASSES = None
+        self.score_thr, self.max_boxes = score_thr, max_boxes
+
+    @torch.no_grad()
+    def forward(self, img: torch.Tensor, img_metas: List[dict]) -> List[Prompts]:
+        results = self.detector.simple_test(img, img_metas, rescale=True)
+        out = []
+        for res in results:
+            if isinstance(res, tuple):
+                res = res[0]
+            labels = np.concatenate([np.full(len(r), c, np.int64) for c, r in enumerate(res)])
+            dets = np.concatenate(res, 0).astype(np.float32) if len(res) else np.zeros((0, 5), np.float32)
+            out.append(Prompts(dets[:, :4], dets[:, 4], labels).top(self.score_thr, self.max_boxes))
+        return out

@@ -1,0 +1,1 @@
+"""PTQ4SAM toolkit."""

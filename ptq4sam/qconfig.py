@@ -1,0 +1,234 @@
+"""q_config yaml: loading (with ``root:`` inheritance and command-line overrides) and validation.
+
+Keys follow the paper repo's yamls (optionally nested under ``quant:``)::
+
+    seed: 1005
+    a_qconfig: {quantizer: LSQFakeQuantize, observer: AvgMSEObserver, bit: 6, symmetric: false, ch_axis: -1}
+    w_qconfig: {quantizer: AdaRoundFakeQuantize, observer: MSEObserver, bit: 6, symmetric: false, ch_axis: 0}
+    calibrate: 32
+    recon: {batch_size: 1, scale_lr: 4.0e-5, warm_up: 0.2, weight: 0.01, iters: 20000, b_range: [20, 2],
+            keep_gpu: true, round_mode: learned_hard_sigmoid, drop_prob: 0.5}
+    ptq4sam: {BIG: true, AGQ: true, global_num: 128, peak_distance: 32, peak_height: 0.01}
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+from .quantization import OBSERVERS, QUANTIZERS, QuantizerConfig
+
+
+class QConfigError(ValueError):
+    pass
+
+
+@dataclass
+class QuantizerSection:
+    quantizer: str = "LSQFakeQuantize"
+    observer: str = "AvgMSEObserver"
+    bit: Optional[int] = 8
+    symmetric: bool = False
+    ch_axis: int = -1
+    p: float = 2.4  # Lp norm of the MSE observers' search
+
+    def to_quantizer_config(self, **quantizer_kwargs) -> QuantizerConfig:
+        okw = {"p": self.p} if "MSE" in self.observer else {}
+        return QuantizerConfig(self.quantizer, self.observer, self.bit, self.symmetric, self.ch_axis,
+                               observer_kwargs=okw, quantizer_kwargs=quantizer_kwargs)
+
+
+@dataclass
+class ReconSection:
+    batch_size: int = 1
+    scale_lr: float = 4.0e-5
+    round_lr: float = 1.0e-3
+    warm_up: float = 0.2
+    weight: float = 0.01
+    iters: int = 20000
+    b_range: List[float] = field(default_factory=lambda: [20.0, 2.0])
+    keep_gpu: bool = True
+    round_mode: str = "learned_hard_sigmoid"
+    drop_prob: float = 0.5
+    max_boxes: int = 0  # >0: each step uses a random subset of at most this many prompts of an image (decoder units)
+
+
+@dataclass
+class PTQ4SAMSection:
+    BIG: bool = True
+    AGQ: bool = True
+    global_num: int = 128
+    peak_distance: int = 32
+    peak_height: float = 0.01
+    big_layers: List[str] = field(default_factory=lambda: ["token_to_image", "final_attn_token_to_image"])
+    taus: List[int] = field(default_factory=lambda: [1, 2, 4])
+    scale_ratios: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    agq_images: int = 4
+    p: float = 2.4
+
+
+@dataclass
+class QConfig:
+    a_qconfig: QuantizerSection = field(default_factory=QuantizerSection)
+    w_qconfig: QuantizerSection = field(default_factory=lambda: QuantizerSection(
+        "AdaRoundFakeQuantize", "MSEObserver", 8, False, 0))
+    calibrate: int = 32
+    calibrate_mode: str = "first"  # 'first' N images by id (the paper) or 'random' (seeded)
+    recon: ReconSection = field(default_factory=ReconSection)
+    ptq4sam: PTQ4SAMSection = field(default_factory=PTQ4SAMSection)
+    float_modules: List[str] = field(default_factory=lambda: [
+        "patch_embed", "output_upscaling", "iou_prediction_head", "output_hypernetworks_mlps"])
+    seed: int = 1005
+    source: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"a_qconfig": QuantizerSection, "w_qconfig": QuantizerSection, "recon": ReconSection,
+            "ptq4sam": PTQ4SAMSection}
+
+
+def _check_type(key: str, value, typ, src: str):
+    origin = getattr(typ, "__origin__", None)
+    if typ is bool or typ == "bool":
+        ok = isinstance(value, bool)
+    elif typ is int or typ == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float or typ == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif typ is str or typ == "str":
+        ok = isinstance(value, str)
+    elif origin in (list, List) or str(typ).startswith(("List", "typing.List")):
+        ok = isinstance(value, list)
+    elif str(typ).startswith(("Optional[int]", "typing.Optional[int]")):
+        if value is None or value is False or value in ("off", "none", "None"):  # YAML reads `off` as False
+            return None
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = True
+    if not ok:
+        raise QConfigError(f"{src}: '{key}' expects {typ if isinstance(typ, str) else getattr(typ, '__name__', typ)},"
+                           f" got {value!r}")
+    return value
+
+
+def _build(cls, data: Dict, prefix: str, src: str):
+    if not isinstance(data, dict):
+        raise QConfigError(f"{src}: '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    kw = {}
+    for k, v in data.items():
+        if k not in known:
+            raise QConfigError(f"{src}: unknown key '{prefix}{k}' (known: {sorted(known)})")
+        if k in SECTIONS and cls is QConfig:
+            kw[k] = _build(SECTIONS[k], v, f"{k}.", src)
+        else:
+            kw[k] = _check_type(prefix + k, v, known[k].type, src)
+    return cls(**kw)
+
+
+def _merge(base: Dict, over: Dict) -> Dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen=()) -> Dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"q_config not found: {path}")
+    if path.resolve() in seen:
+        raise QConfigError(f"{path}: 'root' inheritance loops back to itself")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise QConfigError(f"{path}: top level must be a mapping")
+    if "quant" in data and isinstance(data["quant"], dict):  # the paper repo nests everything under quant:
+        extra = {k: v for k, v in data.items() if k not in ("quant", "model", "root")}
+        data = {**data["quant"], **extra, **({"root": data["root"]} if "root" in data else {})}
+    data.pop("model", None)
+    root = data.pop("root", None)
+    if root:
+        rp = Path(root)
+        if not rp.is_absolute():
+            cand = [path.parent / rp, Path.cwd() / rp, Path(__file__).resolve().parents[1] / rp]
+            rp = next((c for c in cand if c.is_file()), cand[0])
+        data = _merge(_read_yaml(rp, seen + (path.resolve(),)), data)
+    return data
+
+
+def parse_overrides(options: Sequence[str]) -> Dict:
+    out: Dict[str, Any] = {}
+    for opt in options:
+        if "=" not in opt:
+            raise QConfigError(f"--q-options: expected key=value, got {opt!r}")
+        key, val = opt.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(val)
+    return out
+
+
+def validate(q: QConfig, src: str) -> QConfig:
+    def bad(key, msg):
+        raise QConfigError(f"{src}: '{key}' {msg}")
+
+    for sec in ("a_qconfig", "w_qconfig"):
+        s = getattr(q, sec)
+        if s.quantizer not in QUANTIZERS:
+            bad(f"{sec}.quantizer", f"unknown '{s.quantizer}', expected one of {sorted(QUANTIZERS)}")
+        if s.observer not in OBSERVERS:
+            bad(f"{sec}.observer", f"unknown '{s.observer}', expected one of {sorted(OBSERVERS)}")
+        if s.bit is not None and not 2 <= s.bit <= 16:
+            bad(f"{sec}.bit", f"must be in 2..16 or 'off', got {s.bit}")
+        if s.ch_axis < -1:
+            bad(f"{sec}.ch_axis", f"must be -1 (per-tensor) or a channel axis >= 0, got {s.ch_axis}")
+        if s.p <= 0:
+            bad(f"{sec}.p", f"must be > 0, got {s.p}")
+    if q.a_qconfig.ch_axis != -1:
+        bad("a_qconfig.ch_axis", "activations are quantized per tensor: use -1")
+    if q.calibrate < 1:
+        bad("calibrate", f"must be >= 1 image, got {q.calibrate}")
+    if q.calibrate_mode not in ("first", "random"):
+        bad("calibrate_mode", f"must be 'first' or 'random', got {q.calibrate_mode!r}")
+    r = q.recon
+    if r.iters < 0:
+        bad("recon.iters", f"must be >= 0, got {r.iters}")
+    if r.max_boxes < 0:
+        bad("recon.max_boxes", f"must be >= 0 (0 = all prompts), got {r.max_boxes}")
+    if r.batch_size < 1:
+        bad("recon.batch_size", f"must be >= 1, got {r.batch_size}")
+    if not 0 <= r.warm_up <= 1:
+        bad("recon.warm_up", f"must be in [0, 1], got {r.warm_up}")
+    if not 0 <= r.drop_prob <= 1:
+        bad("recon.drop_prob", f"must be in [0, 1], got {r.drop_prob}")
+    if len(r.b_range) != 2 or r.b_range[0] < r.b_range[1]:
+        bad("recon.b_range", f"must be [start, end] with start >= end, got {r.b_range}")
+    if r.round_mode not in ("learned_hard_sigmoid", "nearest"):
+        bad("recon.round_mode", f"must be 'learned_hard_sigmoid' or 'nearest', got {r.round_mode!r}")
+    if r.scale_lr < 0 or r.round_lr < 0 or r.weight < 0:
+        bad("recon", "learning rates and weight must be >= 0")
+    p = q.ptq4sam
+    if p.global_num < 3 or p.peak_distance < 1 or not 0 <= p.peak_height < 1:
+        bad("ptq4sam", "needs global_num >= 3, peak_distance >= 1 and 0 <= peak_height < 1")
+    if not p.taus or any(not isinstance(t, int) or t < 1 for t in p.taus):
+        bad("ptq4sam.taus", f"must be a list of positive integers, got {p.taus}")
+    if p.agq_images < 1:
+        bad("ptq4sam.agq_images", f"must be >= 1, got {p.agq_images}")
+    return q
+
+
+def load_qconfig(path: Union[str, Path], overrides: Sequence[str] = ()) -> QConfig:
+    path = Path(path)
+    data = _merge(_read_yaml(path), parse_overrides(overrides))
+    src = str(path) + (f" (with --q-options {' '.join(overrides)})" if overrides else "")
+    data.setdefault("source", str(path))
+    q = _build(QConfig, data, "", src)
+    # the AdaRound rounding mode lives under recon: in the paper's yamls
+    return validate(q, src)

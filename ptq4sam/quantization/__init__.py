@@ -1,0 +1,27 @@
+"""Torch-only quantization core: observers, fake quantizers, quantized modules, state switches.
+
+Nothing here imports mmcv or mmdet, so it runs wherever torch runs.
+"""
+from .fake_quant import (  # noqa: F401
+                         QUANTIZERS,
+                         AdaRoundFakeQuantize,
+                         AGQFakeQuantize,
+                         FakeQuantizeBase,
+                         FixedFakeQuantize,
+                         LSQFakeQuantize,
+                         LSQPlusFakeQuantize,
+                         agq_quantize,
+)
+from .observer import (  # noqa: F401
+                         OBSERVERS,
+                         AvgMinMaxObserver,
+                         AvgMSEObserver,
+                         MinMaxObserver,
+                         MSEObserver,
+                         PercentileObserver,
+                         qparams_from_range,
+                         qrange,
+)
+from .qconfig import QuantizerConfig, build_quantizer  # noqa: F401
+from .qmodules import QuantConv2d, QuantLinear, QuantPoint, quantizers  # noqa: F401
+from .state import disable_all, enable_calibration, enable_quantization, harden_all, min_drop_prob, set_drop_prob  # noqa: F401

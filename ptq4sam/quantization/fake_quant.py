@@ -1,0 +1,233 @@
+"""Fake quantizers. Each owns an observer (statistics) and quantizes with the parameters it derives from it.
+
+State flags on every quantizer (switched through ``ptq4sam.quantization.state``):
+  observer_enabled: feed the observer; fake_quant_enabled: quantize; drop_prob: QDrop probability of using the
+  quantized value per element (1.0 = always quantized, as at evaluation).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+import torch
+from torch import nn
+
+from .observer import ObserverBase, qrange
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    return (x - x * g).detach() + x * g
+
+
+def _bshape(x: torch.Tensor, ch_axis: int):
+    """Shape that broadcasts a per-channel vector along ``ch_axis`` of ``x``."""
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return shape
+
+
+class FakeQuantizeBase(nn.Module):
+    """Uniform affine fake quantization with parameters from the observer (no learning)."""
+
+    learnable = False
+
+    def __init__(self, observer: ObserverBase, bit: int = 8, symmetric: bool = False, ch_axis: int = -1):
+        super().__init__()
+        if not 2 <= bit <= 16:
+            raise ValueError(f"bit must be in 2..16, got {bit}")
+        self.observer = observer
+        self.bit, self.symmetric, self.ch_axis = bit, symmetric, ch_axis
+        self.quant_min, self.quant_max = qrange(bit, symmetric)
+        self.register_buffer("scale", torch.tensor([1.0]))
+        self.register_buffer("zero_point", torch.tensor([0.0]))
+        self.observer_enabled = False
+        self.fake_quant_enabled = False
+        self.drop_prob = 1.0
+        self.initialized = False
+        self.is_weight = False  # set by the quantized module that owns it
+        self.is_layer_input = False
+
+    def extra_repr(self):
+        return (f"bit={self.bit}, symmetric={self.symmetric}, ch_axis={self.ch_axis}, "
+                f"observe={self.observer_enabled}, quant={self.fake_quant_enabled}, drop_prob={self.drop_prob}")
+
+    @torch.no_grad()
+    def init_from_observer(self) -> None:
+        scale, zp = self.observer.calculate_qparams()
+        self.set_qparams(scale, zp)
+        self.initialized = True
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale = scale.detach().clone().reshape(-1).float()
+        self.zero_point = zero_point.detach().clone().reshape(-1).float()
+
+    def _params(self, x):
+        if self.ch_axis == -1:
+            return self.scale, self.zero_point
+        shape = _bshape(x, self.ch_axis)
+        return self.scale.reshape(shape), self.zero_point.reshape(shape)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation: one fused kernel
+            zp = self.zero_point.round().to(torch.int32)
+            if self.ch_axis == -1:
+                return torch.fake_quantize_per_tensor_affine(x, self.scale, zp, self.quant_min, self.quant_max)
+            return torch.fake_quantize_per_channel_affine(x, self.scale, zp, self.ch_axis % x.dim(),
+                                                          self.quant_min, self.quant_max)
+        scale, zp = self._params(x)
+        return (torch.clamp(round_ste(x / scale) + zp, self.quant_min, self.quant_max) - zp) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            self.observer(x)
+        if not self.fake_quant_enabled:
+            return x
+        if not self.initialized:
+            raise RuntimeError(f"{type(self).__name__} is enabled but was never calibrated")
+        xq = self.quantize(x)
+        if self.drop_prob < 1.0:  # QDrop: keep the float value for a random subset of elements
+            xq = torch.where(torch.rand_like(x) < self.drop_prob, xq, x)
+        return xq
+
+
+class FixedFakeQuantize(FakeQuantizeBase):
+    """Fixed-range uniform quantizer (round to nearest, parameters from the observer)."""
+
+
+class LSQFakeQuantize(FakeQuantizeBase):
+    """LSQ: learnable scale (gradient-scaled by 1/sqrt(N * qmax)), fixed zero point."""
+
+    learnable = True
+
+    def set_qparams(self, scale, zero_point):
+        self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float())
+        self.zero_point = zero_point.detach().clone().reshape(-1).float()
+
+    def _params(self, x):
+        g = 1.0 / (x.numel() * self.quant_max) ** 0.5 if self.quant_max > 0 else 1.0
+        scale = grad_scale(self.scale, g).abs().clamp(min=1e-8)
+        if self.ch_axis == -1:
+            return scale, self.zero_point
+        shape = _bshape(x, self.ch_axis)
+        return scale.reshape(shape), self.zero_point.reshape(shape)
+
+    def quantize(self, x):
+        if not torch.is_grad_enabled():
+            self.scale.data.abs_().clamp_(min=1e-8)
+        return super().quantize(x)
+
+
+class LSQPlusFakeQuantize(LSQFakeQuantize):
+    """LSQ+: learnable scale and learnable (continuous, rounded with STE) zero point."""
+
+    def set_qparams(self, scale, zero_point):
+        self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float())
+        self.zero_point = nn.Parameter(zero_point.detach().clone().reshape(-1).float())
+
+    def _params(self, x):
+        scale, _ = super()._params(x)
+        zp = torch.clamp(round_ste(self.zero_point), self.quant_min, self.quant_max)
+        if self.ch_axis != -1:
+            zp = zp.reshape(_bshape(x, self.ch_axis))
+        return scale, zp
+
+
+class AdaRoundFakeQuantize(FakeQuantizeBase):
+    """AdaRound for weights: w_q = s * (clamp(floor(w/s) + h(alpha) + zp) - zp), h learnable in [0, 1].
+
+    ``round_mode='learned_hard_sigmoid'``: h = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1) (soft);
+    after :meth:`harden` h = (alpha >= 0), so every weight is either floor or floor + 1.
+    ``round_mode='nearest'`` never learns: plain round-to-nearest.
+    """
+
+    zeta, gamma = 1.1, -0.1
+
+    def __init__(self, observer, bit=8, symmetric=False, ch_axis=0, round_mode: str = "learned_hard_sigmoid"):
+        super().__init__(observer, bit, symmetric, ch_axis)
+        if round_mode not in ("learned_hard_sigmoid", "nearest"):
+            raise ValueError(f"round_mode must be 'learned_hard_sigmoid' or 'nearest', got {round_mode!r}")
+        self.round_mode = round_mode
+        self.alpha: Optional[nn.Parameter] = None
+        self.hard = False
+
+    @property
+    def learnable(self):
+        return self.round_mode != "nearest"
+
+    def init_alpha(self, w: torch.Tensor) -> None:
+        scale, _ = self._params(w)
+        rest = (w / scale) - torch.floor(w / scale)  # in [0, 1)
+        alpha = -torch.log((self.zeta - self.gamma) / (rest - self.gamma) - 1)  # h(alpha) == rest
+        self.alpha = nn.Parameter(alpha.detach())
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
+
+    def rounding_loss(self, b: float) -> torch.Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        self.hard = True
+
+    def quantize(self, x):
+        if self.round_mode == "nearest" or self.alpha is None:
+            return super().quantize(x)
+        scale, zp = self._params(x)
+        x_floor = torch.floor(x / scale)
+        delta = (self.alpha >= 0).to(x.dtype) if self.hard else self.h()
+        return (torch.clamp(x_floor + delta + zp, self.quant_min, self.quant_max) - zp) * scale
+
+
+class AGQFakeQuantize(FakeQuantizeBase):
+    """Adaptive Granularity Quantization for post-softmax values (x in [0, 1]).
+
+    x_int = round(-tau * log2(x / s)); x_int >= 2^b maps to 0, else x_hat = s * 2^(-x_int / tau).
+    ``tau`` (1, 2, 4, ...) is chosen by :func:`ptq4sam.agq.search_tau`; ``s`` is learnable (LSQ-style STE).
+    """
+
+    learnable = True
+
+    def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1, tau: int = 1):
+        super().__init__(observer, bit, False, -1)
+        self.tau = tau
+        self.levels = 2 ** bit
+
+    def extra_repr(self):
+        return super().extra_repr() + f", tau={self.tau}"
+
+    def set_qparams(self, scale, zero_point):
+        self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float()[:1])
+        self.zero_point = torch.zeros(1)
+
+    @torch.no_grad()
+    def init_from_observer(self) -> None:
+        if self.observer.num_batches == 0:
+            raise RuntimeError("AGQFakeQuantize saw no data: run calibration first")
+        self.set_qparams(self.observer.max_val.reshape(-1).amax().clamp(min=1e-8), torch.zeros(1))
+        self.initialized = True
+
+    def quantize(self, x):
+        return agq_quantize(x, self.scale.abs().clamp(min=1e-8), self.tau, self.levels)
+
+
+def agq_quantize(x: torch.Tensor, scale, tau, levels: int) -> torch.Tensor:
+    """The AGQ formula (broadcasting over ``scale`` / ``tau``), with straight-through rounding."""
+    ratio = torch.clamp(x / scale, min=1e-30)
+    x_int = round_ste(-tau * torch.log2(ratio))
+    x_int = torch.clamp(x_int, min=0)  # values above s saturate at s
+    out = scale * torch.exp2(-x_int / tau)
+    return torch.where(x_int.detach() >= levels, torch.zeros_like(out), out)
+
+
+QUANTIZERS: Dict[str, Type[FakeQuantizeBase]] = {
+    "FixedFakeQuantize": FixedFakeQuantize,
+    "LSQFakeQuantize": LSQFakeQuantize,
+    "LSQPlusFakeQuantize": LSQPlusFakeQuantize,
+    "AdaRoundFakeQuantize": AdaRoundFakeQuantize,
+    "AGQFakeQuantize": AGQFakeQuantize,
+}

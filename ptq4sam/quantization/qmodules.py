@@ -1,0 +1,88 @@
+"""Quantized modules: Linear / Conv2d with weight and input quantizers, and bare activation quantization points."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fake_quant import AdaRoundFakeQuantize, FakeQuantizeBase
+from .qconfig import QuantizerConfig, build_quantizer
+
+
+class QuantPoint(nn.Module):
+    """An activation quantization point (identity when its quantizer is off or absent)."""
+
+    def __init__(self, cfg: Optional[QuantizerConfig]):
+        super().__init__()
+        self.quantizer = build_quantizer(cfg) if cfg is not None else None
+
+    def forward(self, x):
+        return self.quantizer(x) if self.quantizer is not None else x
+
+
+class _QuantWeightMixin:
+    def _init_quant(self, w_cfg: QuantizerConfig, a_cfg: Optional[QuantizerConfig]):
+        self.weight_quantizer = build_quantizer(w_cfg.with_(ch_axis=0) if w_cfg.ch_axis != -1 else w_cfg)
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.is_weight = True  # observed once from the weight, not during calibration runs
+        self.input_quant = QuantPoint(a_cfg)
+        if self.input_quant.quantizer is not None:
+            self.input_quant.quantizer.is_layer_input = True
+
+    def qweight(self) -> torch.Tensor:
+        wq = self.weight_quantizer
+        if wq is None:
+            return self.weight
+        return wq(self.weight)
+
+    @torch.no_grad()
+    def calibrate_weight(self) -> None:
+        """Observe the weight once and initialise its quantizer (and AdaRound's alpha)."""
+        wq = self.weight_quantizer
+        if wq is None:
+            return
+        wq.observer(self.weight)
+        wq.init_from_observer()
+        if isinstance(wq, AdaRoundFakeQuantize) and wq.learnable:
+            wq.init_alpha(self.weight)
+
+
+class QuantLinear(nn.Linear, _QuantWeightMixin):
+    """nn.Linear whose input and weight are fake-quantized. Built from a float Linear (weights shared)."""
+
+    @classmethod
+    def from_float(cls, m: nn.Linear, w_cfg: QuantizerConfig, a_cfg: Optional[QuantizerConfig]):
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.in_features, q.out_features = m.in_features, m.out_features
+        q.weight, q.bias = m.weight, m.bias
+        q._init_quant(w_cfg, a_cfg)
+        return q
+
+    def forward(self, x):
+        return F.linear(self.input_quant(x), self.qweight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
+    """nn.Conv2d whose input and weight are fake-quantized."""
+
+    @classmethod
+    def from_float(cls, m: nn.Conv2d, w_cfg: QuantizerConfig, a_cfg: Optional[QuantizerConfig]):
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            setattr(q, k, getattr(m, k))
+        q.weight, q.bias = m.weight, m.bias
+        q._init_quant(w_cfg, a_cfg)
+        return q
+
+    def forward(self, x):
+        return self._conv_forward(self.input_quant(x), self.qweight(), self.bias)
+
+
+def quantizers(module: nn.Module):
+    """All fake quantizers under ``module`` (named)."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, FakeQuantizeBase)]

@@ -1,0 +1,51 @@
+"""State switches over every fake quantizer of a model (calibration / quantization / float / QDrop / hardening)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .fake_quant import AdaRoundFakeQuantize, FakeQuantizeBase
+
+
+def _each(model: nn.Module, kind=FakeQuantizeBase):
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+def enable_calibration(model: nn.Module) -> None:
+    """Activation observers see float activations; nothing is quantized (weights are observed once, apart)."""
+    for q in _each(model):
+        q.observer_enabled, q.fake_quant_enabled = not q.is_weight, False
+
+
+def enable_quantization(model: nn.Module) -> None:
+    for q in _each(model):
+        q.observer_enabled, q.fake_quant_enabled = False, q.initialized
+
+
+def disable_all(model: nn.Module) -> None:
+    """Every quantizer off: the model computes exactly what the float model computes."""
+    for q in _each(model):
+        q.observer_enabled, q.fake_quant_enabled = False, False
+
+
+def set_drop_prob(model: nn.Module, p: float, only_layer_inputs: bool = False) -> None:
+    """QDrop probability (of using the quantized value) for the activation quantizers (optionally only those
+    quantizing a Linear/Conv input, which is what the paper repo's evaluation left at 0.5)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1], got {p}")
+    for q in _each(model):
+        if not q.is_weight and (q.is_layer_input or not only_layer_inputs):
+            q.drop_prob = p
+
+
+def harden_all(model: nn.Module) -> int:
+    """Harden every AdaRound quantizer; returns how many."""
+    n = 0
+    for q in _each(model, AdaRoundFakeQuantize):
+        q.harden()
+        n += 1
+    return n
+
+
+def min_drop_prob(model: nn.Module) -> float:
+    """Smallest drop probability over quantizers that are enabled."""
+    return min((q.drop_prob for q in _each(model) if q.fake_quant_enabled), default=1.0)

@@ -1,0 +1,70 @@
+"""mmdet side of quantization: calibration images + their prompts from the config, then the torch-only PTQ."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ptq4sam.ptq import CalibSample, load_quantized, quantize_segmenter, save_quantized
+from ptq4sam.quant_sam import quantize_sam
+
+from .runner import build_eval_dataset, collate_one
+
+
+def calibration_samples(model, cfg, qcfg, device, seed: int):
+    if "calib" not in cfg.data:
+        raise KeyError("config has no data.calib (the calibration images); see projects/configs/_base_/")
+    ds = build_eval_dataset(cfg.data.calib, "data.calib")
+    ids = [info["id"] for info in ds.data_infos]
+    if qcfg.calibrate > len(ds):
+        raise ValueError(f"calibrate: {qcfg.calibrate} images asked, {cfg.data.calib.ann_file} has {len(ds)}")
+    if qcfg.calibrate_mode == "first":
+        order = list(np.argsort(ids, kind="stable"))
+    else:
+        order = list(np.random.default_rng(seed).permutation(len(ds)))
+    samples, names = [], []
+    with torch.no_grad():
+        for idx in order[: qcfg.calibrate]:
+            img, metas = collate_one(ds, int(idx), device)
+            prompts = model.prompt_source(img, metas)[0]
+            samples.append(CalibSample(model.load_image(metas[0]), prompts.boxes))
+            names.append(metas[0]["ori_filename"])
+    return samples, names
+
+
+def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dict:
+    seg = model.segmenter
+    info = {"bits": {"w": qcfg.w_qconfig.bit, "a": qcfg.a_qconfig.bit},
+            "quantized_parts": ["mask_decoder.transformer"] + (["image_encoder"] if args.quant_encoder else []),
+            "float_modules": list(qcfg.float_modules), "q_config_resolved": qcfg.to_dict()}
+    if args.load_sam_path:
+        t = time.time()
+        from ptq4sam.ptq import build_context  # noqa: PLC0415
+
+        if not Path(args.load_sam_path).is_file():
+            raise FileNotFoundError(f"--load_sam_path: {args.load_sam_path} not found")
+        for p in seg.sam.parameters():
+            p.requires_grad_(False)
+        quantize_sam(seg.sam, build_context(qcfg), args.quant_encoder, float_modules=tuple(qcfg.float_modules))
+        saved = load_quantized(seg.sam, args.load_sam_path, device)
+        info.update(saved.get("info", {}))
+        info["loaded_from"] = args.load_sam_path
+        info["load_s"] = round(time.time() - t, 2)
+        return info
+    torch.manual_seed(qcfg.seed if args.seed is None else args.seed)
+    t = time.time()
+    samples, names = calibration_samples(model, cfg, qcfg, device, qcfg.seed)
+    info["calibration_images"] = names
+    info["calibration_boxes"] = int(sum(len(s.boxes) for s in samples))
+    info["prompt_calibration_s"] = round(time.time() - t, 2)
+    info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device,
+                                   legacy_eval_drop=args.legacy_eval_drop, log=print if rank == 0 else (lambda *a: 0)))
+    if args.save_sam_path and rank == 0:
+        Path(args.save_sam_path).parent.mkdir(parents=True, exist_ok=True)
+        save_quantized(seg.sam, args.save_sam_path, {"info": {k: v for k, v in info.items()
+                                                                if k != "calibration_images"},
+                                                       "q_config": qcfg.to_dict(), "quant_encoder": args.quant_encoder})
+        info["saved_to"] = args.save_sam_path
+    return info

@@ -1,0 +1,250 @@
+"""The test_quant.py job: build config, data and model, (quantize), evaluate, write metrics.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv=None):
+    from mmcv import DictAction  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description="PTQ4SAM: quantize and evaluate a box-prompted SAM on COCO")
+    p.add_argument("--config", required=True, help="mmdet config (projects/configs/...)")
+    p.add_argument("--q_config", "--q-config", dest="q_config", default=None, help="quantization yaml (exp/...)")
+    p.add_argument("--quant-encoder", action="store_true", help="also quantize the SAM image encoder")
+    p.add_argument("--fp", action="store_true", help="evaluate the full-precision model (no quantization)")
+    p.add_argument("--fp-baseline", action="store_true", help="evaluate FP too and print it beside the quantized")
+    p.add_argument("--work-dir", default=None, help="where metrics.json goes (default work_dirs/<config name>)")
+    p.add_argument("--eval", nargs="+", default=["bbox", "segm"], help="COCO metrics to evaluate")
+    p.add_argument("--out", default=None, help="also dump the raw results to this .pkl")
+    p.add_argument("--show", action="store_true", help="show results in a window (needs a display)")
+    p.add_argument("--show-dir", default=None, help="write one PNG per image with masks, boxes, labels, scores")
+    p.add_argument("--show-score-thr", type=float, default=0.3)
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                   help="override config keys, e.g. data.test.ann_file=... data.calib.img_prefix=...")
+    p.add_argument("--q-options", nargs="+", default=[], help="override q_config keys, e.g. recon.iters=200")
+    p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    p.add_argument("--gpu-id", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: the q_config's seed, else 0")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (debugging)")
+    p.add_argument("--save_sam_path", "--save-sam-path", dest="save_sam_path", default=None)
+    p.add_argument("--load_sam_path", "--load-sam-path", dest="load_sam_path", default=None)
+    p.add_argument("--legacy-eval-drop", action="store_true",
+                   help="reproduce the paper repo's evaluation bug: activation quantizers keep drop prob 0.5")
+    args = p.parse_args(argv)
+    if not args.fp and not args.q_config:
+        p.error("give --q_config for quantization, or --fp to evaluate the float model")
+    return args
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def init_dist(launcher: str):
+    if launcher == "none":
+        return 0, 1
+    import torch.distributed as dist  # noqa: PLC0415
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(gpu_id: int, launcher: str) -> torch.device:
+    if torch.cuda.is_available():
+        idx = int(os.environ.get("LOCAL_RANK", gpu_id)) if launcher != "none" else gpu_id
+        return torch.device("cuda", idx % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def load_config(path: str, options: dict):
+    from mmcv import Config  # noqa: PLC0415
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    cfg = Config.fromfile(path)
+    if options:
+        cfg.merge_from_dict(options)
+    import projects.instance_segment_anything  # noqa: F401,PLC0415  (registers the plugin)
+
+    prompt = cfg.model.get("prompt")
+    if isinstance(prompt, dict) and prompt.get("type") in ("gt", "json") and not prompt.get("ann_file"):
+        # GT / cached-detection prompts are looked up in the dataset's own annotation files
+        prompt.ann_file = [cfg.data.test.ann_file] + ([cfg.data.calib.ann_file] if "calib" in cfg.data else [])
+    return cfg
+
+
+def build_eval_dataset(data_cfg, what: str):
+    from mmdet.datasets import build_dataset  # noqa: PLC0415
+
+    from projects.instance_segment_anything.models.prompt_sources import load_coco_json  # noqa: PLC0415
+
+    ann = load_coco_json(data_cfg.ann_file)
+    prefix = Path(data_cfg.img_prefix)
+    missing = [im["file_name"] for im in ann["images"] if not (prefix / im["file_name"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what}: {len(missing)} image(s) of {data_cfg.ann_file} are missing under "
+                                f"{prefix}/, e.g. {prefix / missing[0]} (COCO images go in data/coco/, see README)")
+    data_cfg = data_cfg.copy()
+    data_cfg.test_mode = True
+    return build_dataset(data_cfg)
+
+
+def collate_one(dataset, idx: int, device: torch.device):
+    """dataset[idx] (test pipeline, one augmentation) -> (img (1,3,H,W) on device, [img_meta])."""
+    sample = dataset[idx]
+    img = sample["img"][0] if isinstance(sample["img"], list) else sample["img"]
+    metas = sample["img_metas"][0] if isinstance(sample["img_metas"], list) else sample["img_metas"]
+    img = img.data if hasattr(img, "data") else img
+    metas = metas.data if hasattr(metas, "data") else metas
+    return img[None].to(device), [metas]
+
+
+@torch.no_grad()
+def run_inference(model, dataset, device, indices, show_dir=None, show_score_thr=0.3, desc="eval", show=False):
+    import mmcv  # noqa: PLC0415
+    from mmdet.core import encode_mask_results  # noqa: PLC0415
+
+    results = {}
+    for idx in tqdm(indices, desc=desc, dynamic_ncols=True, file=sys.stdout, mininterval=5):
+        img, metas = collate_one(dataset, idx, device)
+        bbox_res, segm_res = model.simple_test(img, metas, rescale=True)[0]
+        if show_dir or show:
+            out_file = os.path.join(show_dir, Path(metas[0]["ori_filename"]).stem + ".png") if show_dir else None
+            model.show_result(mmcv.imread(metas[0]["filename"]), (bbox_res, segm_res), score_thr=show_score_thr,
+                              show=show, out_file=out_file)
+        results[idx] = (bbox_res, encode_mask_results(segm_res))
+    return results
+
+
+def gather_results(results: dict, world: int):
+    if world == 1:
+        return [results[i] for i in sorted(results)]
+    import torch.distributed as dist  # noqa: PLC0415
+
+    parts = [None] * world
+    dist.all_gather_object(parts, results)
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return [merged[i] for i in sorted(merged)]
+
+
+def evaluate(dataset, results, metrics):
+    import io  # noqa: PLC0415
+    from contextlib import redirect_stdout  # noqa: PLC0415
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        ev = dataset.evaluate(results, metric=metrics)
+    return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float))}, buf.getvalue()
+
+
+def print_table(rows: dict, keys=("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP")):
+    head = f"{'model':<28}" + "".join(f"{k:>13}" for k in keys)
+    print(head)
+    print("-" * len(head))
+    for name, m in rows.items():
+        print(f"{name:<28}" + "".join(f"{m.get(k, float('nan')):>13.4f}" for k in keys))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options)
+    rank, world = init_dist(args.launcher)
+    device = pick_device(args.gpu_id, args.launcher)
+    qcfg = None
+    if args.q_config and not args.fp:
+        from ptq4sam.qconfig import load_qconfig  # noqa: PLC0415
+
+        qcfg = load_qconfig(args.q_config, args.q_options)
+    seed = args.seed if args.seed is not None else (qcfg.seed if qcfg is not None else 0)
+    set_seed(seed)
+    work_dir = Path(args.work_dir or REPO_ROOT / "work_dirs" / Path(args.config).stem)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    from mmdet.models import build_detector  # noqa: PLC0415
+
+    dataset = build_eval_dataset(cfg.data.test, "data.test")
+    model = build_detector(cfg.model)
+    model.CLASSES = dataset.CLASSES
+    model.to(device).eval()
+    n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    indices = list(range(rank, n, world))
+    metrics = {"config": args.config, "q_config": args.q_config, "seed": seed, "num_images": n,
+               "world_size": world, "device": str(device), "model_type": model.model_type,
+               "prompt": cfg.model.prompt.get("type"), "split": cfg.data.test.ann_file}
+    rows = {}
+    timings = {}
+
+    def evaluate_model(name):
+        t = time.time()
+        res = gather_results(run_inference(model, dataset, device, indices, args.show_dir if name != "fp_baseline"
+                                           else None, args.show_score_thr, desc=name, show=args.show), world)
+        timings[f"eval_{name}_s"] = round(time.time() - t, 2)
+        if rank != 0:
+            return None, None
+        subset = dataset
+        if n < len(dataset):
+            subset = _subset_dataset(dataset, n)
+        ev, log = evaluate(subset, res, args.eval)
+        return ev, res
+
+    if qcfg is not None:
+        from ptq4sam.solver.quant_job import quantize_model  # noqa: PLC0415
+
+        if args.fp_baseline:
+            ev, _ = evaluate_model("fp_baseline")
+            if rank == 0:
+                rows["FP"] = ev
+                metrics["fp"] = ev
+        qinfo = quantize_model(model, cfg, qcfg, args, device, rank, world)
+        metrics.update(qinfo)
+    name = "FP" if qcfg is None else f"W{qcfg.w_qconfig.bit}A{qcfg.a_qconfig.bit}"
+    ev, res = evaluate_model("fp" if qcfg is None else "quant")
+    metrics["timings"] = timings
+    if rank == 0:
+        metrics.update(ev)
+        rows[name] = ev
+        metrics["quantized"] = qcfg is not None
+        (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if args.out:
+            import mmcv  # noqa: PLC0415
+
+            mmcv.dump(res, args.out)
+        print(f"config={args.config} q_config={args.q_config} seed={seed} images={n} split={cfg.data.test.ann_file}")
+        print_table(rows)
+        print(f"wrote {work_dir / 'metrics.json'}")
+    if world > 1:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _subset_dataset(dataset, n: int):
+    """A shallow copy of an mmdet CocoDataset restricted to its first n images (for --max-images)."""
+    import copy  # noqa: PLC0415
+
+    sub = copy.copy(dataset)
+    sub.data_infos = dataset.data_infos[:n]
+    sub.img_ids = dataset.img_ids[:n]
+    return sub

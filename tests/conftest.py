@@ -1,0 +1,55 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / "data" / "coco128"
+CALIB_ANN = DATA / "annotations" / "instances_calib32.json"
+EVAL_ANN = DATA / "annotations" / "instances_eval96.json"
+
+
+def has_mmdet() -> bool:
+    try:
+        import mmdet  # noqa: F401
+        from mmcv.ops import nms  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+needs_mmdet = pytest.mark.skipif(not has_mmdet(), reason="mmcv-full / mmdet not installed (run environment.sh)")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def calib_samples(n: int, ann_file=CALIB_ANN):
+    """The first n images (by id) of a split with their GT boxes, as PTQ calibration samples."""
+    import mmcv
+
+    from ptq4sam.ptq import CalibSample
+
+    ann = json.loads(Path(ann_file).read_text())
+    out = []
+    for im in sorted(ann["images"], key=lambda i: i["id"])[:n]:
+        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in ann["annotations"] if a["image_id"] == im["id"]], np.float32).reshape(-1, 4)
+        out.append(CalibSample(mmcv.imread(str(DATA / "train2017" / im["file_name"]), channel_order="rgb"), boxes))
+    return out
+
+
+def run_cli(args, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, str(ROOT / "ptq4sam/solver/test_quant.py"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return p

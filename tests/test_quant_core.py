@@ -1,0 +1,193 @@
+"""Quantization core: numbers against hand-computed references and brute force (torch only)."""
+import itertools
+
+import pytest
+import torch
+
+from ptq4sam.quantization import (
+    AdaRoundFakeQuantize,
+    AGQFakeQuantize,
+    FixedFakeQuantize,
+    LSQFakeQuantize,
+    MinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    agq_quantize,
+    qparams_from_range,
+)
+from ptq4sam.quantization.observer import fake_quant_ref, qrange
+
+
+def fixed(bit=4, scale=0.5, zp=2.0, sym=False, ch_axis=-1):
+    q = FixedFakeQuantize(MinMaxObserver(bit, sym, ch_axis), bit=bit, symmetric=sym, ch_axis=ch_axis)
+    q.set_qparams(torch.tensor([scale]), torch.tensor([zp]))
+    q.initialized = True
+    q.fake_quant_enabled = True
+    return q
+
+
+def test_uniform_fake_quant_matches_hand_computation():
+    x = torch.tensor([-2.0, -0.3, 0.26, 7.0])
+    # x/s = [-4, -0.6, 0.52, 14] -> round + zp = [-2, 1, 3, 16] -> clamp [0, 15] -> (q - 2) * 0.5
+    expected = torch.tensor([-1.0, -0.5, 0.5, 6.5])
+    q = fixed()
+    with torch.no_grad():  # fused evaluation kernel
+        assert torch.equal(q(x), expected)
+    with torch.enable_grad():  # differentiable path used in reconstruction
+        assert torch.equal(q(x.clone().requires_grad_(True)).detach(), expected)
+
+
+def test_qparams_from_range_hand_values():
+    s, z = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), bit=2, symmetric=False)
+    assert s.item() == pytest.approx(4 / 3) and z.item() == 1.0  # zp = 0 - round(-1 / (4/3)) = round(0.75)
+    s, z = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), bit=4, symmetric=True)
+    assert s.item() == pytest.approx(3 / 7.5) and z.item() == 0.0  # absmax / ((qmax - qmin) / 2)
+    assert qrange(4, True) == (-8, 7) and qrange(4, False) == (0, 15)
+
+
+def test_per_channel_quant_any_axis():
+    x = torch.randn(3, 5, 4)
+    q = FixedFakeQuantize(MinMaxObserver(8, False, 1), bit=8, ch_axis=1)
+    q.observer(x)
+    q.init_from_observer()
+    q.fake_quant_enabled = True
+    scale, zp = q.scale.reshape(1, 5, 1), q.zero_point.reshape(1, 5, 1)
+    ref = fake_quant_ref(x, scale, zp, 0, 255)
+    with torch.no_grad():
+        assert torch.allclose(q(x), ref, atol=1e-6)
+    assert torch.allclose(q(x.requires_grad_(True)).detach(), ref, atol=1e-6)
+
+
+def test_mse_observer_equals_brute_force():
+    torch.manual_seed(1)
+    w = torch.randn(6, 40) * torch.linspace(0.1, 3, 6)[:, None]
+    w[2, 3] = 9.0  # an outlier the search should clip
+    obs = MSEObserver(bit=4, symmetric=False, ch_axis=0, p=2.4, num_candidates=50)
+    obs(w)
+    qmin, qmax = qrange(4, False)
+    for c in range(6):
+        lo, hi = w[c].min(), w[c].max()
+        best, best_err = None, float("inf")
+        for k in range(1, 51):  # the same candidates, one at a time
+            r = k / 50
+            s, z = qparams_from_range(lo * r, hi * r, 4, False)
+            err = (fake_quant_ref(w[c], s, z, qmin, qmax) - w[c]).abs().pow(2.4).mean().item()
+            if err < best_err - 1e-12:
+                best, best_err = (lo * r, hi * r), err
+        assert obs.min_val[c].item() == pytest.approx(best[0].item(), rel=1e-5)
+        assert obs.max_val[c].item() == pytest.approx(best[1].item(), rel=1e-5)
+    assert obs.max_val[2] < 9.0  # the outlier channel was clipped
+
+
+def test_percentile_and_minmax_observers():
+    x = torch.arange(1001, dtype=torch.float32) - 500
+    o = PercentileObserver(8, percentile=99.0)
+    o(x)
+    assert o.min_val.item() == pytest.approx(-490.0) and o.max_val.item() == pytest.approx(490.0)
+    m = MinMaxObserver(8)
+    m(x)
+    m(x * 2)
+    assert (m.min_val.item(), m.max_val.item()) == (-1000.0, 1000.0)
+
+
+def test_adaround_soft_init_and_hardening():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    obs = MinMaxObserver(4, False, 0)
+    q = AdaRoundFakeQuantize(obs, bit=4, ch_axis=0)
+    obs(w * 1.5)  # a range wider than the weights: no element sits on the clamp boundary
+    q.init_from_observer()
+    q.init_alpha(w)
+    q.fake_quant_enabled = True
+    s = q.scale.reshape(-1, 1)
+    zp = q.zero_point.reshape(-1, 1)
+    with torch.no_grad():
+        soft = q(w)  # h(alpha) == w/s - floor(w/s): the soft weight is the float weight (inside the range)
+        assert torch.allclose(soft, w, atol=1e-5)
+        q.alpha.add_(torch.randn_like(q.alpha))
+        q.harden()
+        hard = q(w)
+    floor = torch.clamp(torch.floor(w / s) + zp, 0, 15)
+    up = torch.clamp(torch.floor(w / s) + 1 + zp, 0, 15)
+    levels = hard / s + zp
+    is_floor = torch.isclose(levels, floor, atol=1e-4)
+    is_up = torch.isclose(levels, up, atol=1e-4)
+    assert bool((is_floor | is_up).all())
+    assert torch.equal(is_up & ~is_floor, (q.alpha >= 0) & ~torch.isclose(floor, up))
+    rtn = AdaRoundFakeQuantize(obs, bit=4, ch_axis=0, round_mode="nearest")
+    rtn.set_qparams(q.scale, q.zero_point)
+    rtn.initialized = rtn.fake_quant_enabled = True
+    with torch.no_grad():
+        assert torch.allclose(rtn(w), fake_quant_ref(w, s, zp, 0, 15), atol=1e-6)
+
+
+def test_lsq_scale_gets_gradient_and_qdrop_mixes():
+    q = LSQFakeQuantize(MinMaxObserver(4), bit=4)
+    x = torch.randn(1000)
+    q.observer(x)
+    q.init_from_observer()
+    q.fake_quant_enabled = True
+    (q(x) - x).pow(2).sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.abs().item() > 0
+    q.drop_prob = 0.5
+    with torch.no_grad():
+        y = q(x)
+        xq = q.quantize(x)
+    kept_float = (y == x) & (xq != x)
+    assert 0.3 < kept_float.float().mean().item() < 0.7
+    q.drop_prob = 1.0
+    with torch.no_grad():
+        assert torch.equal(q(x), xq)
+
+
+def test_agq_formula_hand_values():
+    x = torch.tensor([1.0, 0.5, 0.3, 0.01, 2.0])
+    # tau=2, s=1, 3 bits: x_int = round(-2 log2 x) = [0, 2, 3 (3.47), 13 (>= 8 -> 0), -2 -> 0 (saturates)]
+    expected = torch.tensor([1.0, 0.5, 2 ** -1.5, 0.0, 1.0])
+    assert torch.allclose(agq_quantize(x, torch.tensor(1.0), 2, 8), expected)
+    q = AGQFakeQuantize(MinMaxObserver(3), bit=3, tau=2)
+    q.set_qparams(torch.tensor([1.0]), torch.zeros(1))
+    q.initialized = q.fake_quant_enabled = True
+    with torch.no_grad():
+        assert torch.allclose(q(x), expected)
+    # tau=1, s=0.5: x_int = round(-log2(x/0.5)) = [-1->0, 0, 1 (0.74), 6 (5.6)]
+    assert torch.allclose(agq_quantize(torch.tensor([1.0, 0.5, 0.3, 0.01]), torch.tensor(0.5), 1, 8),
+                          torch.tensor([0.5, 0.5, 0.25, 0.5 * 2 ** -6]))
+
+
+def test_agq_search_finds_the_known_tau():
+    from ptq4sam.agq import search_tau
+
+    torch.manual_seed(0)
+    k = torch.randint(0, 8, (2, 4, 6, 10)).float()
+    attn = 2 ** (-k / 2)  # every value on the tau=2 grid (8 levels): tau=2, s=1 is exact
+    v = torch.randn(2, 4, 10, 5)
+    res = search_tau([(attn, v)], bit=3, taus=(1, 2, 4), scale_ratios=(1.0, 0.8, 0.6))
+    assert res["tau"] == 2 and res["scale"] == pytest.approx(1.0) and res["error"] < 1e-8
+    assert res["error_per_tau"][1] > 1e-3 and res["error_per_tau"][4] > 1e-3
+
+
+@pytest.mark.parametrize("bit,sym", list(itertools.product([2, 4, 8], [False, True])))
+def test_quantized_values_are_on_the_grid(bit, sym):
+    x = torch.randn(500) * 3
+    q = FixedFakeQuantize(MinMaxObserver(bit, sym), bit=bit, symmetric=sym)
+    q.observer(x)
+    q.init_from_observer()
+    q.fake_quant_enabled = True
+    with torch.no_grad():
+        levels = torch.unique(q(x) / q.scale + q.zero_point)
+    assert len(levels) <= 2 ** bit
+    assert torch.allclose(levels, levels.round(), atol=1e-3)
+
+
+def test_mse_observer_histogram_path_agrees_with_exact_search():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(200000), torch.tensor([25.0, -18.0])])
+    exact = MSEObserver(bit=4, max_samples=1 << 30)
+    fast = MSEObserver(bit=4, max_samples=1 << 12)  # histogram path
+    exact(x)
+    fast(x)
+    assert fast.max_val.item() == pytest.approx(exact.max_val.item(), rel=0.03)
+    assert fast.min_val.item() == pytest.approx(exact.min_val.item(), rel=0.03)
+    assert exact.max_val.item() < 10  # outliers clipped
+

@@ -1,0 +1,229 @@
+"""SAM adapter, BIG, reconstruction: exact-equivalence checks on random and real (LiteMedSAM) weights."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import calib_samples
+
+from ptq4sam.big import apply_big, channel_signs, detect_bimodal, find_peaks, fold_signs, kde
+from ptq4sam.models import BoxPromptSegmenter, build_sam
+from ptq4sam.ptq import build_context, quantize_segmenter, record
+from ptq4sam.qconfig import QConfig, QConfigError, load_qconfig
+from ptq4sam.quant_sam import QuantDecoderAttention, quant_attentions, quantize_sam, recon_units
+from ptq4sam.quantization import FakeQuantizeBase, disable_all, min_drop_prob
+
+ROOT_EXP = "exp/demo/config66.yaml"
+
+
+@pytest.fixture(scope="module")
+def lite():
+    return build_sam("lite_medsam")
+
+
+def _image(h=120, w=160, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_segmenter_equals_sam_predictor_vit_b_random():
+    from segment_anything import SamPredictor
+
+    torch.manual_seed(0)
+    sam = build_sam("vit_b", random_init=True, image_size=256)
+    img = _image()
+    boxes = np.array([[10, 20, 90, 100], [50, 5, 150, 110], [0, 0, 159, 119]], np.float32)
+    pred = SamPredictor(sam)
+    pred.set_image(img)
+    tb = pred.transform.apply_boxes_torch(torch.as_tensor(boxes), img.shape[:2])
+    ref_logits, ref_iou, _ = pred.predict_torch(None, None, boxes=tb, multimask_output=False, return_logits=True)
+    out = BoxPromptSegmenter(sam, box_batch=2)(img, boxes)  # two decoder batches
+    full = sam.postprocess_masks(out.low_res_logits, pred.input_size, pred.original_size)
+    assert torch.allclose(full, ref_logits, atol=1e-5)
+    assert torch.equal(out.masks, ref_logits[:, 0] > 0)
+    assert torch.allclose(out.iou, ref_iou[:, 0], atol=1e-6)
+
+
+def _quantized_copy(sam, qcfg, quant_encoder=True):
+    q = copy.deepcopy(sam)
+    quantize_sam(q, build_context(qcfg), quant_encoder, float_modules=tuple(qcfg.float_modules))
+    disable_all(q)
+    return q
+
+
+def test_quantizers_off_equals_float_vit_b_random():
+    torch.manual_seed(0)
+    sam = build_sam("vit_b", random_init=True, image_size=256)
+    q = _quantized_copy(sam, QConfig())
+    assert sum(isinstance(m, FakeQuantizeBase) for m in q.modules()) > 100
+    img, boxes = _image(), np.array([[10, 20, 90, 100], [50, 5, 150, 110]], np.float32)
+    a, b = BoxPromptSegmenter(sam)(img, boxes), BoxPromptSegmenter(q)(img, boxes)
+    assert torch.equal(a.low_res_logits, b.low_res_logits) and torch.equal(a.iou, b.iou)
+
+
+def test_quantizers_off_equals_float_lite_medsam(lite):
+    q = _quantized_copy(lite, QConfig())
+    s = calib_samples(1)[0]
+    a, b = BoxPromptSegmenter(lite)(s.image, s.boxes), BoxPromptSegmenter(q)(s.image, s.boxes)
+    # TinyViT's Conv2d+BatchNorm pairs are folded into one conv: equal up to float rounding
+    rel = (a.low_res_logits - b.low_res_logits).abs().max() / a.low_res_logits.abs().max()
+    assert rel < 1e-5
+
+
+def test_default_float_modules_stay_float(lite):
+    q = _quantized_copy(lite, QConfig())
+    for part in (q.image_encoder.patch_embed, q.mask_decoder.output_upscaling, q.mask_decoder.iou_prediction_head,
+                 q.mask_decoder.output_hypernetworks_mlps, q.prompt_encoder):
+        assert not any(isinstance(m, FakeQuantizeBase) for m in part.modules())
+    roles = sorted(a.role for a in quant_attentions(q.mask_decoder))
+    assert roles == sorted(["final_attn_token_to_image"] + [f"layers.{i}.{r}" for i in (0, 1)
+                                                           for r in ("self_attn", "token_to_image", "image_to_token")])
+    assert len(recon_units(q, True)) == 19 and len(recon_units(q, False)) == 3
+
+
+# ---- BIG ------------------------------------------------------------------------------------------------------
+def test_bimodal_detection_two_gaussians_vs_one():
+    g = torch.Generator().manual_seed(0)
+    two = torch.cat([torch.randn(20000, generator=g) - 4, torch.randn(20000, generator=g) + 4])
+    one = torch.randn(40000, generator=g)
+    assert detect_bimodal(two)["bimodal"] and detect_bimodal(two)["num_peaks"] == 2
+    assert not detect_bimodal(one)["bimodal"] and detect_bimodal(one)["num_peaks"] == 1
+    peaks = detect_bimodal(two)["peaks"]
+    assert peaks[0] == pytest.approx(-4, abs=0.5) and peaks[1] == pytest.approx(4, abs=0.5)
+
+
+def test_find_peaks_matches_scipy():
+    from scipy.signal import find_peaks as sp_find_peaks
+
+    g = torch.Generator().manual_seed(3)
+    for mix in ([-5, 0, 5], [-3, 3], [0]):
+        x = torch.cat([torch.randn(3000, generator=g) + m for m in mix])
+        grid = torch.linspace(float(x.min()), float(x.max()), 128)
+        d = kde(x, grid)
+        for dist in (1, 10, 32):
+            ref, _ = sp_find_peaks(d.numpy(), height=0.01 * float(d.sum()), distance=dist)
+            assert find_peaks(d, 0.01 * float(d.sum()), dist).tolist() == ref.tolist()
+
+
+def test_big_fold_keeps_qk_exact_on_synthetic_bimodal():
+    torch.manual_seed(0)
+    q_proj, k_proj = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+    with torch.no_grad():  # keys whose channels sit at +-3: bimodal per tensor
+        k_proj.bias.copy_(torch.where(torch.arange(32) % 2 == 0, 3.0, -3.0))
+        k_proj.weight.mul_(0.05)
+    x, y = torch.randn(500, 16), torch.randn(7, 16)
+    k0 = k_proj(x).detach()
+    assert detect_bimodal(k0)["bimodal"]
+    heads = lambda t: t.reshape(t.shape[0], 4, 8).transpose(0, 1)  # noqa: E731
+    before = (heads(q_proj(y)) @ heads(k_proj(x)).transpose(1, 2)).detach()
+    gamma = channel_signs(k0)
+    fold_signs(q_proj, k_proj, gamma)
+    after = (heads(q_proj(y)) @ heads(k_proj(x)).transpose(1, 2)).detach()
+    assert torch.equal(before, after)  # gamma^2 = 1: bit-exact, per head
+    k1 = k_proj(x).detach()
+    assert not detect_bimodal(k1)["bimodal"] and bool((k1.mean(0) > 0).all())
+
+
+def test_big_on_real_lite_medsam_decoder(lite):
+    """Forced flip on the real weights: q.k^T per head and the whole decoder output stay the same."""
+    sam = copy.deepcopy(lite)
+    seg = BoxPromptSegmenter(sam)
+    s = calib_samples(1)[0]
+    ref = seg(s.image, s.boxes).low_res_logits
+    quantize_sam(sam, build_context(QConfig()), False)
+    disable_all(sam)
+    att = [a for a in quant_attentions(sam.mask_decoder) if a.role == "layers.0.token_to_image"][0]
+    keys = record(seg, [s], [att], ["k_post"])[id(att)]["k_post"][0]
+    qs = torch.randn(3, 7, 256)
+    heads = lambda t: att._separate_heads(t, att.num_heads)  # noqa: E731
+    kin = torch.randn(3, 50, 256)
+    before = heads(att.q_proj(qs)) @ heads(att.k_proj(kin)).transpose(-1, -2)
+    gamma = torch.where(torch.arange(128) % 3 == 0, -1.0, 1.0)  # flip a third of the channels
+    fold_signs(att.q_proj, att.k_proj, gamma)
+    after = heads(att.q_proj(qs)) @ heads(att.k_proj(kin)).transpose(-1, -2)
+    assert torch.equal(before, after)
+    out = seg(s.image, s.boxes).low_res_logits
+    assert ((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    # the detector on the real post-k_proj activations: LiteMedSAM's decoder is not bimodal
+    assert not detect_bimodal(keys)["bimodal"]
+
+
+def test_apply_big_reports_and_flips_only_bimodal():
+    torch.manual_seed(0)
+    att = QuantDecoderAttention.__new__(QuantDecoderAttention)
+    torch.nn.Module.__init__(att)
+    att.q_proj, att.k_proj, att.role = torch.nn.Linear(4, 6), torch.nn.Linear(4, 6), "layers.0.token_to_image"
+    w0 = att.k_proj.weight.detach().clone()
+    k = torch.randn(2000, 6) * 0.3 + torch.tensor([3.0, -3.0, 3.0, -3.0, 3.0, -3.0])
+    rep = apply_big([att], {id(att): [k]})
+    assert rep[0]["bimodal"] and rep[0]["flipped_channels"] == 3
+    assert torch.equal(att.k_proj.weight[1], -w0[1]) and torch.equal(att.k_proj.weight[0], w0[0])
+
+
+# ---- q_config ---------------------------------------------------------------------------------------------------
+def test_qconfig_loading_inheritance_and_overrides():
+    q = load_qconfig(ROOT_EXP, ["recon.iters=7", "a_qconfig.bit=4", "ptq4sam.BIG=false"])
+    assert (q.w_qconfig.bit, q.a_qconfig.bit, q.recon.iters, q.ptq4sam.BIG) == (6, 4, 7, False)
+    assert q.recon.b_range == [20, 2] and q.calibrate == 16  # from the demo file and its root
+    assert load_qconfig("exp/config48.yaml").w_qconfig.bit == 4 and load_qconfig("exp/config48.yaml").a_qconfig.bit == 8
+
+
+@pytest.mark.parametrize("opt,key", [("recon.itters=3", "recon.itters"), ("a_qconfig.bit=0", "a_qconfig.bit"),
+                                     ("recon.iters=-1", "recon.iters"), ("w_qconfig.observer=Foo", "w_qconfig.observer"),
+                                     ("recon.iters=abc", "recon.iters"), ("calibrate=0", "calibrate"),
+                                     ("ptq4sam.BIG=3", "ptq4sam.BIG")])
+def test_qconfig_errors_name_the_key(opt, key):
+    with pytest.raises(QConfigError) as e:
+        load_qconfig(ROOT_EXP, [opt])
+    assert key in str(e.value)
+
+
+def test_bits_off():
+    q = load_qconfig(ROOT_EXP, ["a_qconfig.bit=off"])
+    assert q.a_qconfig.bit is None
+
+
+# ---- reconstruction --------------------------------------------------------------------------------------------
+def _decoder_ptq(lite, samples, opts, legacy=False):
+    sam = copy.deepcopy(lite)
+    seg = BoxPromptSegmenter(sam)
+    q = load_qconfig(ROOT_EXP, ["ptq4sam.BIG=false", "ptq4sam.AGQ=false"] + opts)
+    info = quantize_segmenter(seg, samples, q, quant_encoder=False, device=torch.device("cpu"),
+                              legacy_eval_drop=legacy, log=lambda *a: None)
+    return sam, info
+
+
+def test_reconstruction_beats_round_to_nearest_and_evaluates_fully_quantized(lite):
+    samples = calib_samples(1)
+    common = ["w_qconfig.bit=3", "a_qconfig.bit=8", "recon.iters=40", "recon.warm_up=0.1", "recon.max_boxes=2"]
+    _, rtn = _decoder_ptq(lite, samples, common + ["recon.round_mode=nearest", "recon.scale_lr=0"])
+    sam, rec = _decoder_ptq(lite, samples, common + ["recon.round_lr=0.01"])
+    e_rtn = [u["final_rec_loss"] for u in rtn["recon"]]
+    e_rec = [u["final_rec_loss"] for u in rec["recon"]]
+    assert e_rec[0] < e_rtn[0] and sum(e_rec) < sum(e_rtn)
+    assert rec["adaround_hardened"] > 0 and min_drop_prob(sam) == 1.0
+    assert all(q.hard for q in sam.modules() if hasattr(q, "hard"))
+
+
+def test_legacy_eval_drop_is_explicit(lite):
+    sam, info = _decoder_ptq(lite, calib_samples(1), ["recon.iters=0"], legacy=True)
+    assert info["legacy_eval_drop"] and min_drop_prob(sam) == 0.5
+
+
+@pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])
+def test_vit_encoder_and_decoder_quantization_random_weights(model_type):
+    torch.manual_seed(0)
+    sam = build_sam(model_type, random_init=True, image_size=64)
+    seg = BoxPromptSegmenter(sam)
+    img = _image(48, 64)
+    from ptq4sam.ptq import CalibSample
+
+    samples = [CalibSample(img, np.array([[5, 5, 40, 30], [10, 0, 60, 47]], np.float32))]
+    ref = seg(img, samples[0].boxes).low_res_logits
+    q = load_qconfig(ROOT_EXP, ["recon.iters=2", "w_qconfig.observer=MinMaxObserver",
+                                "a_qconfig.observer=MinMaxObserver", "a_qconfig.bit=8", "w_qconfig.bit=8"])
+    info = quantize_segmenter(seg, samples, q, quant_encoder=True, device=torch.device("cpu"), log=lambda *a: None)
+    out = seg(img, samples[0].boxes).low_res_logits
+    assert len(info["recon"]) == len(sam.image_encoder.blocks) + 1 + 3
+    assert info["uncalibrated_quantizers"] == 0
+    assert not torch.equal(out, ref)  # quantized ...
+    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.9  # ... and still close at W8A8

@@ -1,0 +1,174 @@
+"""Accuracy benchmark: LiteMedSAM (real weights) on the bundled coco128 split, FP and W8A8/W6A6/W4A4 x methods.
+
+Torch-only (no mmcv/mmdet: it runs on GPU machines too). Calibration = first N images (by id) of the calibration
+split, evaluation = the evaluation split, prompts = GT boxes and/or cached YOLOX-Nano detections
+(data/coco128/detections/, made by tools/eval_yolox_nano.py). Writes a markdown table, a JSON with every run's
+metrics and a PNG of mAP vs bit width.
+
+    python tools/benchmark_accuracy.py                      # full grid (about an hour on 2 CPU cores)
+    python tools/benchmark_accuracy.py --quick              # CI-sized
+    python tools/benchmark_accuracy.py --bits 6 4 --methods qdrop qdrop+big qdrop+agq ptq4sam   # the ablation
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
+from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
+from ptq4sam.qconfig import load_qconfig  # noqa: E402
+
+DATA = ROOT / "data" / "coco128"
+METHODS = {
+    "minmax_rtn": ["w_qconfig.quantizer=FixedFakeQuantize", "w_qconfig.observer=MinMaxObserver",
+                   "a_qconfig.quantizer=FixedFakeQuantize", "a_qconfig.observer=MinMaxObserver",
+                   "recon.iters=0", "ptq4sam.BIG=false", "ptq4sam.AGQ=false"],
+    "qdrop": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false"],
+    "qdrop+big": ["ptq4sam.AGQ=false"],
+    "qdrop+agq": ["ptq4sam.BIG=false"],
+    "ptq4sam": [],
+}
+LABEL = {"minmax_rtn": "MinMax RTN (no recon)", "qdrop": "QDrop", "qdrop+big": "QDrop + BIG",
+         "qdrop+agq": "QDrop + AGQ", "ptq4sam": "PTQ4SAM (QDrop + BIG + AGQ)"}
+
+
+def prompts_for(kind: str, ann: dict, split: str):
+    if kind == "gt":
+        return coco_eval.gt_prompts(ann)
+    dets = DATA / "detections" / f"yolox_nano_{split}.json"
+    if not dets.is_file():
+        raise FileNotFoundError(f"{dets} missing: run `python tools/eval_yolox_nano.py --split {split}`")
+    return coco_eval.json_prompts(ann, dets, score_thr=0.05, max_boxes=100)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
+    p.add_argument("--methods", nargs="+", default=["minmax_rtn", "qdrop", "ptq4sam"], choices=sorted(METHODS))
+    p.add_argument("--prompts", nargs="+", default=["gt", "yolox"], choices=["gt", "yolox"])
+    p.add_argument("--q-options", nargs="*", default=[], help="extra q_config overrides for every run")
+    p.add_argument("--decoder-only", action="store_true", help="quantize only the decoder (default: both)")
+    p.add_argument("--eval-images", type=int, default=None, help="first N evaluation images (default: all 96)")
+    p.add_argument("--quick", action="store_true", help="CI-sized: 8 eval images, 2 calib images, 5 iters")
+    p.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "RESULTS_accuracy.md"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ablation", nargs="*", type=int, default=[],
+                   help="also run QDrop+BIG and QDrop+AGQ at these bit widths (GT prompts)")
+    a = p.parse_args(argv)
+    extra = list(a.q_options)
+    if a.quick:
+        a.eval_images = a.eval_images or 8
+        extra = ["calibrate=2", "recon.iters=5", "ptq4sam.agq_images=1"] + extra
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    eval_ann_file, calib_ann_file = DATA / "annotations/instances_eval96.json", DATA / "annotations/instances_calib32.json"
+    eval_ann, calib_ann = coco_eval.load_ann(eval_ann_file), coco_eval.load_ann(calib_ann_file)
+    base = build_sam("lite_medsam").to(device)
+    runs = []
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+           "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+           "command": "python tools/benchmark_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "split": "eval = data/coco128 instances_eval96.json (96 images; first N if --eval-images), "
+                    "calibration = first `calibrate` images by id of instances_calib32.json"}
+
+    def save():
+        (out / "accuracy.json").write_text(json.dumps({"env": env, "runs": runs}, indent=1))
+        write_markdown(Path(a.markdown), env, runs)
+    for kind in a.prompts:
+        ev_prompts = prompts_for(kind, eval_ann, "eval96")
+        cal_prompts = prompts_for(kind, calib_ann, "calib32")
+        t = time.time()
+        fp = coco_eval.evaluate(BoxPromptSegmenter(base), eval_ann_file, DATA / "train2017", ev_prompts,
+                                max_images=a.eval_images, desc=f"{kind} FP")
+        runs.append({"prompts": kind, "method": "fp", "bits": 32, **fp, "eval_s": round(time.time() - t, 1)})
+        print(json.dumps(runs[-1]))
+        save()
+        grid = [(b, m) for b in a.bits for m in a.methods]
+        if kind == "gt":
+            grid += [(b, m) for b in a.ablation for m in ("qdrop+big", "qdrop+agq") if (b, m) not in grid]
+        for bits, method in grid:
+            qpath = ROOT / "exp" / "demo" / f"config{bits}{bits}.yaml"
+            opts = METHODS[method] + extra
+            qcfg = load_qconfig(qpath, opts)
+            torch.manual_seed(qcfg.seed)
+            seg = BoxPromptSegmenter(copy.deepcopy(base))
+            samples = []
+            for im in coco_eval.first_images(calib_ann, qcfg.calibrate):
+                samples.append(CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]),
+                                           cal_prompts[im["id"]][0]))
+            t = time.time()
+            info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None)
+            t_q = time.time() - t
+            t = time.time()
+            m = coco_eval.evaluate(seg, eval_ann_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
+                                   desc=f"{kind} W{bits}A{bits} {method}")
+            run = {"prompts": kind, "method": method, "bits": bits, **m, "q_config": str(qpath.relative_to(ROOT)),
+                   "q_options": opts, "seed": qcfg.seed, "calibrate": qcfg.calibrate, "recon_iters": qcfg.recon.iters,
+                   "calibration_s": info["calibration_s"], "reconstruction_s": info["reconstruction_s"],
+                   "quantize_s": round(t_q, 1), "eval_s": round(time.time() - t, 1),
+                   "pct_of_fp": round(100 * m["segm_mAP"] / max(fp["segm_mAP"], 1e-9), 1),
+                   **({"big_flipped": [e["layer"] for e in info["big"] if e["bimodal"]]} if "big" in info else {}),
+                   "agq_tau": [e["tau"] for e in info.get("agq", [])]}
+            runs.append(run)
+            print(json.dumps({k: v for k, v in run.items() if k != "q_options"}))
+            save()
+            del seg
+    plot(out / "accuracy.png", runs)
+    print(f"wrote {a.markdown}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
+
+
+def write_markdown(path: Path, env, runs):
+    lines = [f"Command: `{env['command']}`  ", f"Device: {env['gpu'] or 'CPU'} ({env['device']}), torch {env['torch']}  ",
+             f"Split: {env['split']}; images evaluated: {runs[0]['num_images']}", "",
+             "| prompts | method | W/A | mask mAP | mAP50 | mAP75 | % of FP | calib s | recon s | BIG flipped | AGQ tau |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        wa = "FP" if r["method"] == "fp" else f"W{r['bits']}A{r['bits']}"
+        lines.append(f"| {r['prompts']} | {LABEL.get(r['method'], 'FP')} | {wa} | {r['segm_mAP']:.4f} | "
+                     f"{r['segm_mAP_50']:.4f} | {r['segm_mAP_75']:.4f} | {r.get('pct_of_fp', 100.0)} | "
+                     f"{r.get('calibration_s', '')} | {r.get('reconstruction_s', '')} | "
+                     f"{','.join(r.get('big_flipped', [])) or ('none' if 'big_flipped' in r else '')} | "
+                     f"{','.join(map(str, r.get('agq_tau', [])))} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, runs):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    kinds = sorted({r["prompts"] for r in runs})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rs = [r for r in runs if r["prompts"] == kind]
+        fp = [r for r in rs if r["method"] == "fp"][0]["segm_mAP"]
+        ax.axhline(fp, color="k", ls="--", label="FP")
+        for method in [m for m in METHODS if any(r["method"] == m for r in rs)]:
+            pts = sorted((r["bits"], r["segm_mAP"]) for r in rs if r["method"] == method)
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=LABEL[method])
+        ax.set_xlabel("bits (W = A)")
+        ax.set_ylabel("mask mAP")
+        ax.set_title(f"LiteMedSAM, {kind} prompts")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
