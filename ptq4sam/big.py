@@ -50,10 +50,11 @@ def detect_bimodal(values: torch.Tensor, global_num: int = 128, peak_distance: i
     ``peak_height`` x the total density; bimodal iff exactly two peaks."""
     v = subsample(values.reshape(1, -1).float(), max_samples)[0]
     grid = torch.linspace(float(v.min()), float(v.max()), global_num, device=v.device)
-    dens = kde(v, grid)
+    dens = kde(v, grid).cpu()  # 1-D and tiny: the peak search runs on the host
+    grid = grid.cpu()
     peaks = find_peaks(dens, height=peak_height * float(dens.sum()), distance=peak_distance)
     return {"bimodal": int(peaks.numel()) == 2, "num_peaks": int(peaks.numel()),
-            "peaks": [round(float(grid[i]), 4) for i in peaks], "grid": grid.cpu(), "density": dens.cpu()}
+            "peaks": [round(float(grid[i]), 4) for i in peaks], "grid": grid, "density": dens}
 
 
 def channel_signs(k_post: torch.Tensor) -> torch.Tensor:
