@@ -55,7 +55,8 @@ def forward_sample(seg, sample: CalibSample):
 def build_context(qcfg: QConfig) -> QuantContext:
     wkw = {"round_mode": qcfg.recon.round_mode} if qcfg.w_qconfig.quantizer == "AdaRoundFakeQuantize" else {}
     return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
-                        agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, big=qcfg.ptq4sam.BIG)
+                        agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, big=qcfg.ptq4sam.BIG,
+                        dw_act_per_channel=qcfg.depthwise_act_per_channel)
 
 
 def quantized_layers(model: nn.Module):
@@ -212,10 +213,12 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
     n = len(quant_in)
     first = last = None
     bar = _progress(range(iters), desc=desc, leave=False)
+    dev_gen = cache.mask_gen  # masks drawn on the compute device (seeded): no host->device copy per step
+
     def mix(q, f):  # QDrop: mix quantized and float unit inputs elementwise
         if not q.is_floating_point() or q.shape != f.shape:
             return q
-        m = torch.rand(q.shape, generator=gen, device="cpu").to(q.device) < recon.drop_prob
+        m = torch.rand(q.shape, generator=dev_gen, device=q.device) < recon.drop_prob
         return torch.where(m, q, f)
 
     for it in bar:
@@ -248,9 +251,9 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
             s.step()
         if first is None:
             first = float(rec)
-        last = float(rec)
-        if it % 20 == 0 or it == iters - 1:
-            bar.set_postfix(rec=f"{float(rec):.3e}", round=f"{float(round_loss):.2e}")
+        if it % 20 == 0 or it == iters - 1:  # reading a loss syncs the device: only now and then
+            last = float(rec)
+            bar.set_postfix(rec=f"{last:.3e}", round=f"{float(round_loss):.2e}")
     for q in adarounds:
         q.alpha.requires_grad_(False)
         q.harden()
@@ -265,6 +268,7 @@ def reconstruct(seg, samples, units, recon, seed: int, device) -> List[Dict]:
     storage = device if recon.keep_gpu else torch.device("cpu")
     cache = UnitCache(units, storage, device)
     gen = torch.Generator().manual_seed(seed)
+    cache.mask_gen = torch.Generator(device=device).manual_seed(seed)
     infos = []
     enc = seg.sam.image_encoder
     if not any(u is enc or any(u is m for m in enc.modules()) for u in units):

@@ -81,6 +81,7 @@ class QConfig:
     ptq4sam: PTQ4SAMSection = field(default_factory=PTQ4SAMSection)
     float_modules: List[str] = field(default_factory=lambda: [
         "patch_embed", "output_upscaling", "iou_prediction_head", "output_hypernetworks_mlps"])
+    depthwise_act_per_channel: bool = True  # inputs of depthwise convs (TinyViT) per channel; see quant_sam
     seed: int = 1005
     source: str = ""
 

@@ -31,7 +31,15 @@ class QuantContext:
     agq: bool = False
     agq_bit: Optional[int] = None
     big: bool = False
+    dw_act_per_channel: bool = True
     roles: Dict[int, str] = field(default_factory=dict)  # id(decoder Attention) -> role
+
+    def conv_input_cfg(self, conv: nn.Conv2d) -> QuantizerConfig:
+        """Depthwise convs process each channel alone, so a per-channel input scale folds exactly into their
+        per-channel weights (integer arithmetic stays per tensor): quantize their input per channel if asked."""
+        if self.dw_act_per_channel and conv.groups > 1 and conv.groups == conv.in_channels:
+            return self.a_cfg.with_(ch_axis=1)
+        return self.a_cfg
 
     def softmax_cfg(self) -> QuantizerConfig:
         if self.agq:
@@ -152,14 +160,14 @@ def _fold_conv_bn(m) -> nn.Conv2d:
 # ---- the registry: module type -> quantized replacement ---------------------------------------------------
 QUANT_MODULE_REGISTRY: Dict[type, Callable[[nn.Module, QuantContext], nn.Module]] = {
     nn.Linear: lambda m, ctx: QuantLinear.from_float(m, ctx.w_cfg, ctx.a_cfg),
-    nn.Conv2d: lambda m, ctx: QuantConv2d.from_float(m, ctx.w_cfg, ctx.a_cfg),
+    nn.Conv2d: lambda m, ctx: QuantConv2d.from_float(m, ctx.w_cfg, ctx.conv_input_cfg(m)),
     twoway.Attention: QuantDecoderAttention,
     vit.Attention: QuantViTAttention,
 }
 if tinyvit is not None:
     QUANT_MODULE_REGISTRY[tinyvit.Attention] = QuantTinyViTAttention
-    QUANT_MODULE_REGISTRY[tinyvit.Conv2d_BN] = lambda m, ctx: QuantConv2d.from_float(_fold_conv_bn(m), ctx.w_cfg,
-                                                                                     ctx.a_cfg)
+    QUANT_MODULE_REGISTRY[tinyvit.Conv2d_BN] = lambda m, ctx: QuantConv2d.from_float(
+        _fold_conv_bn(m), ctx.w_cfg, ctx.conv_input_cfg(m.c))
 
 
 def register_quant_module(module_type: type):

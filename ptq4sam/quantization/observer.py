@@ -154,8 +154,8 @@ class MSEObserver(ObserverBase):
         cand_lo, cand_hi = self.candidates(lo, hi)
         if xc.shape[0] == 1 and xc.shape[1] > self.max_samples:  # large per-tensor activations: histogram
             err = self.lp_errors_hist(xc[0], lo[0], hi[0], cand_lo, cand_hi)
-        else:
-            err = self.lp_errors(xc, cand_lo, cand_hi)
+        else:  # per channel: a shared random column subset bounds the search's cost (ranges come from all data)
+            err = self.lp_errors(subsample(xc, max(64, self.max_elements // 4 // xc.shape[0])), cand_lo, cand_hi)
         best = err.argmin(0)  # (C,)
         idx = torch.arange(xc.shape[0], device=xc.device)
         return cand_lo[best, idx], cand_hi[best, idx]
