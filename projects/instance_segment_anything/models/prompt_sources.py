@@ -37,6 +37,14 @@ class Prompts:
         return Prompts(self.boxes[keep], self.scores[keep], self.labels[keep])
 
 
+def _coco_prompts(records: List[dict], scores: np.ndarray, label_of_cat: Dict[int, int]) -> Prompts:
+    """COCO records (bbox xywh, category_id) -> Prompts in xyxy with 0-based labels."""
+    xywh = np.array([r["bbox"] for r in records], np.float32).reshape(-1, 4)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    labels = np.array([label_of_cat[r["category_id"]] for r in records], np.int64)
+    return Prompts(boxes, scores.astype(np.float32), labels)
+
+
 def _resolve(path: str, what: str, hint: str = "") -> Path:
     p = Path(path)
     if not p.is_file():
@@ -109,13 +117,7 @@ class GTBoxPrompts(nn.Module):
         out = []
         for meta in img_metas:
             anns = self.per_image.get(self.index.image_id(meta), [])
-            if not anns:
-                out.append(Prompts.empty())
-                continue
-            xywh = np.array([a["bbox"] for a in anns], np.float32)
-            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-            labels = np.array([self.index.label_of_cat[a["category_id"]] for a in anns], np.int64)
-            out.append(Prompts(boxes, np.ones(len(anns), np.float32), labels))
+            out.append(_coco_prompts(anns, np.ones(len(anns)), self.index.label_of_cat))
         return out
 
 
@@ -142,14 +144,8 @@ class JsonPrompts(nn.Module):
         out = []
         for meta in img_metas:
             dets = self.per_image.get(self.index.image_id(meta), [])
-            if not dets:
-                out.append(Prompts.empty())
-                continue
-            xywh = np.array([d["bbox"] for d in dets], np.float32)
-            boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
             scores = np.array([d["score"] for d in dets], np.float32)
-            labels = np.array([self.index.label_of_cat[d["category_id"]] for d in dets], np.int64)
-            out.append(Prompts(boxes, scores, labels).top(self.score_thr, self.max_boxes))
+            out.append(_coco_prompts(dets, scores, self.index.label_of_cat).top(self.score_thr, self.max_boxes))
         return out
 
 
