@@ -250,10 +250,10 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
         for s in scheds:
             s.step()
         if first is None:
-            first = float(rec)
+            first = float(rec.detach())
         if it % 20 == 0 or it == iters - 1:  # reading a loss syncs the device: only now and then
-            last = float(rec)
-            bar.set_postfix(rec=f"{last:.3e}", round=f"{float(round_loss):.2e}")
+            last = float(rec.detach())
+            bar.set_postfix(rec=f"{last:.3e}", round=f"{float(round_loss.detach()):.2e}")
     for q in adarounds:
         q.alpha.requires_grad_(False)
         q.harden()
