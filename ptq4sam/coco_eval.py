@@ -29,7 +29,8 @@ def load_ann(path) -> dict:
     return ann
 
 
-def _xyxy(xywh) -> np.ndarray:
+def xywh_to_xyxy(xywh) -> np.ndarray:
+    """COCO [x, y, w, h] boxes -> (N, 4) float32 [x1, y1, x2, y2]."""
     a = np.asarray(xywh, np.float32).reshape(-1, 4)
     return np.concatenate([a[:, :2], a[:, :2] + a[:, 2:]], 1)
 
@@ -39,7 +40,7 @@ def gt_prompts(ann: dict) -> Dict[int, Prompt]:
     for a in ann["annotations"]:
         if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1:
             per[a["image_id"]].append(a)
-    return {im["id"]: (_xyxy([a["bbox"] for a in per[im["id"]]]), np.ones(len(per[im["id"]]), np.float32),
+    return {im["id"]: (xywh_to_xyxy([a["bbox"] for a in per[im["id"]]]), np.ones(len(per[im["id"]]), np.float32),
                        np.array([a["category_id"] for a in per[im["id"]]], np.int64)) for im in ann["images"]}
 
 
@@ -52,7 +53,7 @@ def json_prompts(ann: dict, dets_file, score_thr=0.05, max_boxes: Optional[int] 
     out = {}
     for im in ann["images"]:
         ds = sorted(per[im["id"]], key=lambda d: -d["score"])[:max_boxes]
-        out[im["id"]] = (_xyxy([d["bbox"] for d in ds]), np.array([d["score"] for d in ds], np.float32),
+        out[im["id"]] = (xywh_to_xyxy([d["bbox"] for d in ds]), np.array([d["score"] for d in ds], np.float32),
                          np.array([d["category_id"] for d in ds], np.int64))
     return out
 

@@ -123,8 +123,10 @@ def _flat(obj) -> List[torch.Tensor]:
 class UnitCache:
     """Cached inputs/outputs of the current unit and output stubs of earlier ones (so a forward skips them)."""
 
-    def __init__(self, units, storage: torch.device, compute: torch.device):
+    def __init__(self, units, storage: torch.device, compute: torch.device, seed: int):
         self.units, self.storage, self.compute = units, storage, compute
+        # QDrop masks are drawn on the compute device (seeded): no host->device copy per step
+        self.mask_gen = torch.Generator(device=compute).manual_seed(seed)
         self.shapes: Dict[int, List[Any]] = {}  # unit index -> per-sample output (as zeros on 'meta' for shape)
         self.prev_out: Dict[str, List[Any]] = {}  # 'fp' / 'quant' -> previous unit's outputs per sample
 
@@ -213,12 +215,10 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
     n = len(quant_in)
     first = last = None
     bar = _progress(range(iters), desc=desc, leave=False)
-    dev_gen = cache.mask_gen  # masks drawn on the compute device (seeded): no host->device copy per step
-
     def mix(q, f):  # QDrop: mix quantized and float unit inputs elementwise
         if not q.is_floating_point() or q.shape != f.shape:
             return q
-        m = torch.rand(q.shape, generator=dev_gen, device=q.device) < recon.drop_prob
+        m = torch.rand(q.shape, generator=cache.mask_gen, device=q.device) < recon.drop_prob
         return torch.where(m, q, f)
 
     for it in bar:
@@ -266,9 +266,8 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
 
 def reconstruct(seg, samples, units, recon, seed: int, device) -> List[Dict]:
     storage = device if recon.keep_gpu else torch.device("cpu")
-    cache = UnitCache(units, storage, device)
+    cache = UnitCache(units, storage, device, seed)
     gen = torch.Generator().manual_seed(seed)
-    cache.mask_gen = torch.Generator(device=device).manual_seed(seed)
     infos = []
     enc = seg.sam.image_encoder
     if not any(u is enc or any(u is m for m in enc.modules()) for u in units):

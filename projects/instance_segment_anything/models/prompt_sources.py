@@ -16,6 +16,8 @@ import torch
 from mmcv.utils import Registry
 from torch import nn
 
+from ptq4sam.coco_eval import xywh_to_xyxy
+
 PROMPT_SOURCES = Registry("prompt source")
 
 
@@ -24,10 +26,6 @@ class Prompts:
     boxes: np.ndarray  # (N, 4) float32 xyxy, original pixels
     scores: np.ndarray  # (N,) float32
     labels: np.ndarray  # (N,) int64, 0-based class index in the dataset's CLASSES order
-
-    @staticmethod
-    def empty() -> "Prompts":
-        return Prompts(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
     def top(self, score_thr: float, max_boxes: Optional[int]) -> "Prompts":
         keep = np.nonzero(self.scores >= score_thr)[0]
@@ -39,8 +37,7 @@ class Prompts:
 
 def _coco_prompts(records: List[dict], scores: np.ndarray, label_of_cat: Dict[int, int]) -> Prompts:
     """COCO records (bbox xywh, category_id) -> Prompts in xyxy with 0-based labels."""
-    xywh = np.array([r["bbox"] for r in records], np.float32).reshape(-1, 4)
-    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    boxes = xywh_to_xyxy([r["bbox"] for r in records])
     labels = np.array([label_of_cat[r["category_id"]] for r in records], np.int64)
     return Prompts(boxes, scores.astype(np.float32), labels)
 
