@@ -29,6 +29,7 @@ from .quantization import (
     disable_all,
     enable_calibration,
     enable_quantization,
+    freeze,
     harden_all,
     set_drop_prob,
 )
@@ -374,6 +375,7 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
         set_drop_prob(sam, 0.5, only_layer_inputs=True)
     info["legacy_eval_drop"] = legacy_eval_drop
     info["num_quantizers"] = sum(1 for q in sam.modules() if isinstance(q, FakeQuantizeBase) and q.fake_quant_enabled)
+    freeze(sam)
     return info
 
 
@@ -409,4 +411,5 @@ def load_quantized(sam, path, device) -> Dict:
                 setattr(q.observer, bname, state[key].clone())
     sam.load_state_dict(state, strict=True)
     sam.to(device)
+    freeze(sam)
     return {k: v for k, v in ckpt.items() if k not in ("state_dict", "quant_meta")}

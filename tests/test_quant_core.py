@@ -191,3 +191,46 @@ def test_mse_observer_histogram_path_agrees_with_exact_search():
     assert fast.min_val.item() == pytest.approx(exact.min_val.item(), rel=0.03)
     assert exact.max_val.item() < 10  # outliers clipped
 
+
+
+def test_frozen_evaluation_path_is_bit_identical_and_invalidated_by_state_switches():
+    from torch import nn
+
+    from ptq4sam.quantization import QuantizerConfig, QuantLinear, enable_quantization, freeze, set_drop_prob
+    from ptq4sam.quantization.fake_quant import _agq_eval
+
+    torch.manual_seed(3)
+    w_cfg = QuantizerConfig(quantizer="AdaRoundFakeQuantize", observer="MSEObserver", bit=4, ch_axis=0)
+    a_cfg = QuantizerConfig(quantizer="LSQFakeQuantize", observer="MinMaxObserver", bit=4)
+    lin = QuantLinear.from_float(nn.Linear(16, 8), w_cfg, a_cfg)
+    x = torch.randn(32, 16)
+    lin.calibrate_weight()
+    lin.input_quant.quantizer.observer(x)
+    lin.input_quant.quantizer.init_from_observer()
+    enable_quantization(lin)
+    with torch.no_grad():
+        lin.weight_quantizer.alpha.add_(torch.randn_like(lin.weight_quantizer.alpha))
+        lin.weight_quantizer.harden()
+        lin.input_quant.quantizer.scale.mul_(-1)  # LSQ uses |scale|: the frozen constants must too
+        ref = lin(x)
+        freeze(lin)
+        assert "_frozen_weight" in lin.__dict__ and lin.input_quant.quantizer._frozen is not None
+        assert torch.equal(lin(x), ref)
+        lin.weight.mul_(2)  # an in-place weight change drops the cached quantized weight
+        changed = lin(x)
+        assert not torch.equal(changed, ref)
+        set_drop_prob(lin, 1.0)  # any state switch unfreezes
+        assert "_frozen_weight" not in lin.__dict__ and lin.input_quant.quantizer._frozen is None
+        assert torch.equal(lin(x), changed)
+    # AGQ: the in-place evaluation formula gives the same bits as the autograd one
+    attn = torch.softmax(torch.randn(4, 64, 64) * 3, dim=-1)
+    for tau, bit in itertools.product((1, 2, 4), (3, 4, 6, 8)):
+        q = AGQFakeQuantize(MinMaxObserver(bit), bit=bit, tau=tau)
+        q.set_qparams(torch.tensor([0.7]), torch.zeros(1))
+        q.initialized = q.fake_quant_enabled = True
+        with torch.enable_grad():
+            slow = q(attn.clone().requires_grad_(True)).detach()
+        with torch.no_grad():
+            q.freeze()
+            assert torch.equal(q(attn), slow), (tau, bit)
+            assert torch.equal(_agq_eval(attn, q.scale.detach(), tau, 2 ** bit), slow), (tau, bit)  # --compile's graph

@@ -66,7 +66,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ablation", nargs="*", type=int, default=[],
                    help="also run QDrop+BIG and QDrop+AGQ at these bit widths (GT prompts)")
+    p.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                   help="no runs: merge these accuracy.json files into one JSON + markdown + PNG (--out-dir/--markdown)")
     a = p.parse_args(argv)
+    if a.render:
+        return render(a.render, Path(a.out_dir), Path(a.markdown))
     extra = list(a.q_options)
     if a.quick:
         a.eval_images = a.eval_images or 8
@@ -129,6 +133,23 @@ def main(argv=None):
             del seg
     plot(out / "accuracy.png", runs)
     print(f"wrote {a.markdown}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
+
+
+def render(files, out: Path, markdown: Path):
+    """Merge saved grids (e.g. GT-box and YOLOX-box runs made in separate device calls) into one table and plot."""
+    envs, runs = [], []
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        if not isinstance(d, dict) or "runs" not in d or "env" not in d:
+            raise SystemExit(f"{f}: expected an accuracy.json written by this tool (keys 'env' and 'runs')")
+        envs.append(d["env"])
+        runs += d["runs"]
+    env = dict(envs[0], command=" ; ".join(e["command"] for e in envs))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps({"env": env, "sources": [str(f) for f in files], "runs": runs}, indent=1))
+    write_markdown(markdown, env, runs)
+    plot(out / "accuracy.png", runs)
+    print(f"wrote {markdown}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
 
 
 def write_markdown(path: Path, env, runs):

@@ -28,6 +28,7 @@ from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 from ptq4sam.quant_sam import recon_units  # noqa: E402
+from ptq4sam.quantization import freeze, unfreeze, use_compiled_agq  # noqa: E402
 
 
 def sync(device):
@@ -85,6 +86,8 @@ def main(argv=None):
     p.add_argument("--calib-images", type=int, default=2)
     p.add_argument("--decoder-only", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="also time fake-quant evaluation with the torch.compile-fused AGQ kernel (CUDA)")
     p.add_argument("--out", default=None, help="JSON file for the results (a .md table is written beside it)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -122,11 +125,22 @@ def main(argv=None):
                   "recon_ms_per_unit_iter": round(1e3 * info["reconstruction_s"] / max(1, n_units * a.recon_iters), 1),
                   "peak_mem_mb": round(peak_mb(device), 1)}
     print("PTQ", json.dumps(res["ptq"]))
+    unfreeze(sam)  # the evaluation path without the frozen constants, to show what freeze() buys
+    enc, dec = time_segmenter(seg, image, boxes_list, a.iters, device)
+    res["fake_quant_unfrozen"] = {"encoder_ms": round(enc, 2), "decoder_ms": {n: round(v, 2) for n, v in dec.items()}}
+    print("FQ unfrozen", json.dumps(res["fake_quant_unfrozen"]))
+    freeze(sam)
     reset_peak(device)
     enc, dec = time_segmenter(seg, image, boxes_list, a.iters, device)
     res["fake_quant"] = {"encoder_ms": round(enc, 2), "decoder_ms": {n: round(v, 2) for n, v in dec.items()},
                          "peak_mem_mb": round(peak_mb(device), 1)}
     print("FQ", json.dumps(res["fake_quant"]))
+    if a.compile:
+        use_compiled_agq(True)
+        enc, dec = time_segmenter(seg, image, boxes_list, a.iters, device)
+        use_compiled_agq(False)
+        res["fake_quant_compiled_agq"] = {"encoder_ms": round(enc, 2), "decoder_ms": {n: round(v, 2) for n, v in dec.items()}}
+        print("FQ compiled AGQ", json.dumps(res["fake_quant_compiled_agq"]))
     ratios = {"encoder": round(res["fake_quant"]["encoder_ms"] / res["fp"]["encoder_ms"], 3)}
     for n in a.boxes:
         fp_img = res["fp"]["encoder_ms"] + res["fp"]["decoder_ms"][n]
@@ -147,7 +161,17 @@ def main(argv=None):
                f"{n_units} units): calibration {res['ptq']['calibration_s_per_image']} s/image, reconstruction "
                f"{res['ptq']['recon_ms_per_unit_iter']} ms per unit-iteration; peak memory FP "
                f"{res['fp']['peak_mem_mb']} MB, PTQ {res['ptq']['peak_mem_mb']} MB, fake-quant eval "
-               f"{res['fake_quant']['peak_mem_mb']} MB ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'})."]
+               f"{res['fake_quant']['peak_mem_mb']} MB ({'max_memory_allocated' if device.type == 'cuda' else 'RSS'}).",
+           "", "Without `freeze()` (weights re-quantized and quantizer constants prepared on every call): FQ enc "
+               f"{res['fake_quant_unfrozen']['encoder_ms']} ms, FQ dec "
+               + ", ".join(f"{n} boxes {res['fake_quant_unfrozen']['decoder_ms'][n]} ms" for n in a.boxes) + "."]
+    if a.compile:
+        fc = res["fake_quant_compiled_agq"]
+        fp_ms = {n: res["fp"]["encoder_ms"] + res["fp"]["decoder_ms"][n] for n in a.boxes}
+        md += ["", f"With the torch.compile-fused AGQ kernel (`--compile`): FQ enc {fc['encoder_ms']} ms, FQ dec "
+                   + ", ".join(f"{n} boxes {fc['decoder_ms'][n]} ms (FQ/FP per image "
+                               f"{(fc['encoder_ms'] + fc['decoder_ms'][n]) / fp_ms[n]:.3f})"
+                               for n in a.boxes) + "."]
     print("\n".join(md))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

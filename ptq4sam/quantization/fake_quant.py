@@ -49,6 +49,7 @@ class FakeQuantizeBase(nn.Module):
         self.initialized = False
         self.is_weight = False  # set by the quantized module that owns it
         self.is_layer_input = False
+        self._frozen: Optional[tuple] = None  # evaluation constants, set by freeze(), cleared by every state switch
 
     def extra_repr(self):
         return (f"bit={self.bit}, symmetric={self.symmetric}, ch_axis={self.ch_axis}, "
@@ -70,12 +71,30 @@ class FakeQuantizeBase(nn.Module):
         shape = _bshape(x, self.ch_axis)
         return self.scale.reshape(shape), self.zero_point.reshape(shape)
 
+    def _eval_params(self):
+        """(scale, integer zero point) as the no-grad path uses them."""
+        return self.scale.detach(), self.zero_point.detach().round().to(torch.int32)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Compute the evaluation constants once (no per-call parameter preparation); any state switch undoes it."""
+        self._frozen = self._eval_params() if self.initialized else None
+
+    def unfreeze(self) -> None:
+        self._frozen = None
+
+    def _no_grad_params(self, x: torch.Tensor):
+        f = self._frozen
+        if f is not None and f[0].device == x.device:
+            return f
+        return self._eval_params()
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation: one fused kernel
-            zp = self.zero_point.round().to(torch.int32)
+            scale, zp = self._no_grad_params(x)
             if self.ch_axis == -1:
-                return torch.fake_quantize_per_tensor_affine(x, self.scale, zp, self.quant_min, self.quant_max)
-            return torch.fake_quantize_per_channel_affine(x, self.scale, zp, self.ch_axis % x.dim(),
+                return torch.fake_quantize_per_tensor_affine(x, scale, zp, self.quant_min, self.quant_max)
+            return torch.fake_quantize_per_channel_affine(x, scale, zp, self.ch_axis % x.dim(),
                                                           self.quant_min, self.quant_max)
         scale, zp = self._params(x)
         return (torch.clamp(round_ste(x / scale) + zp, self.quant_min, self.quant_max) - zp) * scale
@@ -114,10 +133,8 @@ class LSQFakeQuantize(FakeQuantizeBase):
         shape = _bshape(x, self.ch_axis)
         return scale.reshape(shape), self.zero_point.reshape(shape)
 
-    def quantize(self, x):
-        if not torch.is_grad_enabled():
-            self.scale.data.abs_().clamp_(min=1e-8)
-        return super().quantize(x)
+    def _eval_params(self):
+        return self.scale.detach().abs().clamp(min=1e-8), self.zero_point.detach().round().to(torch.int32)
 
 
 class LSQPlusFakeQuantize(LSQFakeQuantize):
@@ -211,8 +228,40 @@ class AGQFakeQuantize(FakeQuantizeBase):
         self.set_qparams(self.observer.max_val.reshape(-1).amax().clamp(min=1e-8), torch.zeros(1))
         self.initialized = True
 
+    def _eval_params(self):
+        return self.scale.detach().abs().clamp(min=1e-8), None
+
     def quantize(self, x):
+        if not torch.is_grad_enabled():
+            return agq_quantize_(x, self._no_grad_params(x)[0], self.tau, self.levels)
         return agq_quantize(x, self.scale.abs().clamp(min=1e-8), self.tau, self.levels)
+
+
+def _agq_eval(x: torch.Tensor, scale: torch.Tensor, tau: int, levels: int) -> torch.Tensor:
+    t = torch.clamp(torch.round(-tau * torch.log2(torch.clamp(x / scale, min=1e-30))), min=0)
+    return torch.where(t >= levels, torch.zeros_like(x), scale * torch.exp2(t / -tau))
+
+
+_compiled_agq = None
+
+
+def use_compiled_agq(enabled: bool = True) -> None:
+    """Opt-in: evaluate AGQ on CUDA tensors with a ``torch.compile``-fused kernel (one pass over the softmax map
+    instead of seven). Triton's log2/exp2 may differ from eager in the last bit, so results are not bit-identical
+    to the default path; benchmarks report it separately (``tools/benchmark_speed.py --compile``)."""
+    global _compiled_agq
+    _compiled_agq = torch.compile(_agq_eval, dynamic=True) if enabled else None
+
+
+@torch.no_grad()
+def agq_quantize_(x: torch.Tensor, scale, tau, levels: int) -> torch.Tensor:
+    """:func:`agq_quantize` for evaluation: the same numbers, computed in place in one work buffer (a softmax map
+    is the largest tensor of an attention, so every temporary of the autograd version costs a full pass)."""
+    if _compiled_agq is not None and x.is_cuda:
+        return _compiled_agq(x, scale, tau, levels)
+    t = (x / scale).clamp_(min=1e-30).log2_().mul_(-tau).round_().clamp_(min=0)
+    drop = t >= levels
+    return t.div_(-tau).exp2_().mul_(scale).masked_fill_(drop, 0.0)
 
 
 def agq_quantize(x: torch.Tensor, scale, tau, levels: int) -> torch.Tensor:

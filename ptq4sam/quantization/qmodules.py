@@ -35,7 +35,23 @@ class _QuantWeightMixin:
         wq = self.weight_quantizer
         if wq is None:
             return self.weight
+        if not torch.is_grad_enabled() and wq.fake_quant_enabled:
+            frozen = self.__dict__.get("_frozen_weight")  # (weight version, device, quantized weight)
+            if frozen is not None and frozen[0] == self.weight._version and frozen[1] == self.weight.device:
+                return frozen[2]
         return wq(self.weight)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Quantize the weight once for evaluation (it is fixed once AdaRound is hardened); an in-place change of
+        the weight, a move to another device or any state switch (:func:`unfreeze`) drops the cached copy."""
+        self.unfreeze()
+        wq = self.weight_quantizer
+        if wq is not None and wq.fake_quant_enabled:
+            self.__dict__["_frozen_weight"] = (self.weight._version, self.weight.device, wq(self.weight).detach())
+
+    def unfreeze(self) -> None:
+        self.__dict__.pop("_frozen_weight", None)
 
     @torch.no_grad()
     def calibrate_weight(self) -> None:

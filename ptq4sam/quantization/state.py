@@ -4,10 +4,28 @@ from __future__ import annotations
 from torch import nn
 
 from .fake_quant import AdaRoundFakeQuantize, FakeQuantizeBase
+from .qmodules import _QuantWeightMixin
 
 
 def _each(model: nn.Module, kind=FakeQuantizeBase):
+    """Modules of ``kind``; every switch goes through here, so it also drops evaluation caches (:func:`freeze`)."""
+    unfreeze(model)
     return [m for m in model.modules() if isinstance(m, kind)]
+
+
+def freeze(model: nn.Module) -> None:
+    """Evaluation fast path: quantize every weight once and fix every quantizer's constants, so a forward pays only
+    one fused fake-quant kernel per activation point. Gradients, a state switch or an in-place weight change fall back
+    to (or restore) the full computation, so results are bit-identical either way."""
+    for m in model.modules():
+        if isinstance(m, (FakeQuantizeBase, _QuantWeightMixin)):
+            m.freeze()
+
+
+def unfreeze(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, (FakeQuantizeBase, _QuantWeightMixin)):
+            m.unfreeze()
 
 
 def enable_calibration(model: nn.Module) -> None:
@@ -48,4 +66,5 @@ def harden_all(model: nn.Module) -> int:
 
 def min_drop_prob(model: nn.Module) -> float:
     """Smallest drop probability over quantizers that are enabled."""
-    return min((q.drop_prob for q in _each(model) if q.fake_quant_enabled), default=1.0)
+    return min((q.drop_prob for q in model.modules() if isinstance(q, FakeQuantizeBase) and q.fake_quant_enabled),
+               default=1.0)

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--load_sam_path", "--load-sam-path", dest="load_sam_path", default=None)
     p.add_argument("--legacy-eval-drop", action="store_true",
                    help="reproduce the paper repo's evaluation bug: activation quantizers keep drop prob 0.5")
+    p.add_argument("--compile-agq", action="store_true",
+                   help="evaluate AGQ with a torch.compile-fused kernel on CUDA (faster; last-bit differences possible)")
     args = p.parse_args(argv)
     if not args.fp and not args.q_config:
         p.error("give --q_config for quantization, or --fp to evaluate the float model")
@@ -217,6 +219,11 @@ def main(argv=None):
                 metrics["fp"] = ev
         qinfo = quantize_model(model, cfg, qcfg, args, device, rank, world)
         metrics.update(qinfo)
+        if args.compile_agq:
+            from ptq4sam.quantization import use_compiled_agq  # noqa: PLC0415
+
+            use_compiled_agq(True)
+        metrics["compile_agq"] = args.compile_agq
     name = "FP" if qcfg is None else f"W{qcfg.w_qconfig.bit}A{qcfg.a_qconfig.bit}"
     ev, res = evaluate_model("fp" if qcfg is None else "quant")
     metrics["timings"] = timings
