@@ -220,3 +220,29 @@ def test_parameter_counts_match_published_sizes():
     dino_r50 = build_detr(dict(type="DINO", backbone=r50["backbone"], backbone_channels=[512, 1024, 2048],
                                num_feature_levels=4))
     assert abs(count(dino_r50) / 1e6 - 47.0) < 0.25  # DINO-4scale R50: 47M
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_our_msdeformattn_equals_mmcv_multiscale_deformable_attention(ref_dim):
+    """Same parameter names and the same function as mmcv's MultiScaleDeformableAttention (which adds its input
+    back as a residual, so ours + query == mmcv's)."""
+    from mmcv.ops.multi_scale_deform_attn import MultiScaleDeformableAttention
+
+    from projects.instance_segment_anything.models.detr.common import MSDeformAttn
+
+    torch.manual_seed(0)
+    ours = MSDeformAttn(64, n_levels=3, n_heads=4, n_points=2, impl="pytorch").eval()
+    theirs = MultiScaleDeformableAttention(64, num_heads=4, num_levels=3, num_points=2, batch_first=True).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    shapes = torch.tensor([[9, 11], [5, 6], [3, 3]])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), shapes.prod(1).cumsum(0)[:-1]])
+    value = torch.randn(2, int(shapes.prod(1).sum()), 64)
+    query = torch.randn(2, 7, 64)
+    ref = torch.rand(2, 7, 3, ref_dim)
+    mask = torch.zeros(2, value.shape[1], dtype=torch.bool)
+    mask[1, -20:] = True
+    with torch.no_grad():
+        a = ours(query, ref, value, shapes, starts, mask)
+        b = theirs(query, value=value, reference_points=ref, spatial_shapes=shapes, level_start_index=starts,
+                   key_padding_mask=mask)
+    assert torch.allclose(a + query, b, atol=1e-5)
