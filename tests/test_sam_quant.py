@@ -227,3 +227,21 @@ def test_vit_encoder_and_decoder_quantization_random_weights(model_type):
     assert info["uncalibrated_quantizers"] == 0
     assert not torch.equal(out, ref)  # quantized ...
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.9  # ... and still close at W8A8
+
+
+def test_strict_checkpoint_load_lists_missing_unexpected_and_misshapen_keys():
+    from torch import nn
+
+    from ptq4sam.models.sam_builder import CheckpointError, load_state_dict_strict
+
+    m = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    bad = {"model": {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(4), "1.weight": torch.zeros(1, 3),
+                     "2.weight": torch.zeros(1)}}
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_strict(m, bad, "x.pth")
+    msg = str(e.value)
+    assert "missing keys (1): 1.bias" in msg and "unexpected keys (1): 2.weight" in msg
+    assert "shape mismatches (1): 0.bias (4,) vs (3,)" in msg
+    good = {k: torch.ones_like(v) for k, v in m.state_dict().items()}
+    load_state_dict_strict(m, {"state_dict": good}, "ok.pth")
+    assert all(torch.equal(v, good[k]) for k, v in m.state_dict().items())

@@ -130,27 +130,36 @@ def resolve_checkpoint(model_type: str, checkpoint: Optional[str]) -> Optional[P
     return path
 
 
+def key_mismatch_report(model: nn.Module, state: dict, source: str) -> Optional[str]:
+    """None when ``state`` has exactly ``model``'s keys and shapes; else a message listing what differs."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if not (missing or unexpected or bad_shape):
+        return None
+
+    def fmt(keys):
+        return ", ".join(keys[:10]) + (f" ... (+{len(keys) - 10})" if len(keys) > 10 else "")
+    lines = [f"checkpoint {source} does not match {type(model).__name__}:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {fmt(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
+    if bad_shape:
+        lines.append(f"  shape mismatches ({len(bad_shape)}): "
+                     + fmt([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad_shape]))
+    return "\n".join(lines)
+
+
 def load_state_dict_strict(model: nn.Module, state: dict, source: str) -> None:
     """Load ``state`` into ``model`` strictly; a mismatch is an error listing the keys."""
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or bad_shape:
-        def fmt(keys):
-            return ", ".join(keys[:10]) + (f" ... (+{len(keys) - 10})" if len(keys) > 10 else "")
-        lines = [f"checkpoint {source} does not match {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {fmt(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
-        if bad_shape:
-            lines.append("  shape mismatch: " + fmt([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                                                    for k in bad_shape]))
-        raise CheckpointError("\n".join(lines))
+    report = key_mismatch_report(model, state, source)
+    if report:
+        raise CheckpointError(report)
     model.load_state_dict(state, strict=True)
 
 

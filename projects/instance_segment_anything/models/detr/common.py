@@ -230,6 +230,27 @@ class LevelPositions(nn.Module):
         return srcs, masks, poss
 
 
+class DetrBackboneMixin:
+    """Shared front of both detectors: ``backbone`` (mmdet config), ``input_proj`` and sine positions per level."""
+
+    def _init_levels(self, backbone: dict, backbone_channels: List[int], d_model: int, num_levels: int,
+                     pos_temperature: float) -> None:
+        from mmdet.models import build_backbone  # noqa: PLC0415
+
+        self.backbone = build_backbone(backbone)
+        self.backbone_channels = list(backbone_channels)
+        self.input_proj = build_input_proj(self.backbone_channels, d_model, num_levels)
+        self.levels = LevelPositions(d_model, pos_temperature)
+
+    def _levels(self, img: torch.Tensor, img_metas: List[dict]):
+        check_images(img, img_metas, type(self).__name__)
+        feats = list(self.backbone(img))
+        if [f.shape[1] for f in feats] != self.backbone_channels:
+            raise ValueError(f"{type(self).__name__}: backbone gave channels {[f.shape[1] for f in feats]}, config "
+                             f"says backbone_channels={self.backbone_channels}")
+        return self.levels(self.input_proj, feats, pad_mask_from_metas(img, img_metas))
+
+
 def pad_mask_from_metas(img: torch.Tensor, img_metas: List[dict]) -> torch.Tensor:
     """True where the batch image is padding (outside each image's ``img_shape``)."""
     B, _, H, W = img.shape

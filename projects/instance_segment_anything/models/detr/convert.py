@@ -19,6 +19,8 @@ from typing import Dict, Optional
 import torch
 from mmdet.models.utils.ckpt_convert import swin_converter
 
+from ptq4sam.models.sam_builder import key_mismatch_report
+
 OFFICIAL_PREFIX = {"resnet": "backbone.0.body.", "swin": "backbone.0.body.", "focalnet": "backbone.0."}
 
 
@@ -87,23 +89,9 @@ def from_official(state: Dict[str, torch.Tensor], backbone: str) -> "OrderedDict
 
 def check_keys(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """Raise :class:`CheckpointKeyError` listing missing / unexpected keys and shape mismatches."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shapes:
-        def show(xs):
-            return ", ".join(xs[:12]) + (f", ... ({len(xs)} in all)" if len(xs) > 12 else "")
-        parts = [f"{source} does not match {type(model).__name__}:"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {show(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {show(shapes)}")
-        parts.append("Is the checkpoint the release file this config names (see ckpt/README.md)?")
-        raise CheckpointKeyError("\n  ".join(parts))
+    report = key_mismatch_report(model, state, source)
+    if report:
+        raise CheckpointKeyError(report + "\n  Is the checkpoint the release file this config names (see ckpt/README.md)?")
 
 
 def load_official(model: torch.nn.Module, path: str, backbone: str, download: Optional[str] = None) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import List
 
 import torch
-from mmdet.models import build_backbone
 from torch import nn
 
 from .common import (
@@ -15,14 +14,11 @@ from .common import (
     DeformableDecoderLayer,
     DeformableEncoder,
     DeformableEncoderLayer,
-    LevelPositions,
-    build_input_proj,
-    check_images,
+    DetrBackboneMixin,
     clones,
     encoder_output_proposals,
     flatten_levels,
     inverse_sigmoid,
-    pad_mask_from_metas,
     sine_embed_boxes,
 )
 
@@ -80,17 +76,14 @@ class DinoTransformer(nn.Module):
         return self.decoder(tgt, ref, memory, shapes, starts, ratios, mask)
 
 
-class DINO(nn.Module):
+class DINO(DetrBackboneMixin, nn.Module):
     """Backbone (mmdet config) -> levels -> DINO transformer -> (logits (B, Q, 91), boxes cxcywh in [0, 1])."""
 
     def __init__(self, backbone: dict, backbone_channels: List[int], num_classes=91, num_queries=900, d_model=256,
                  nhead=8, enc_layers=6, dec_layers=6, d_ffn=2048, num_feature_levels=4, enc_points=4, dec_points=4,
                  dn_labelbook_size=91, pos_temperature=20.0):
         super().__init__()
-        self.backbone = build_backbone(backbone)
-        self.backbone_channels = list(backbone_channels)
-        self.input_proj = build_input_proj(self.backbone_channels, d_model, num_feature_levels)
-        self.levels = LevelPositions(d_model, pos_temperature)
+        self._init_levels(backbone, backbone_channels, d_model, num_feature_levels, pos_temperature)
         self.transformer = DinoTransformer(d_model, nhead, enc_layers, dec_layers, d_ffn, num_feature_levels,
                                            enc_points, dec_points, num_queries, num_classes)
         self.label_enc = nn.Embedding(dn_labelbook_size + 1, d_model)
@@ -101,12 +94,7 @@ class DINO(nn.Module):
         self.transformer.decoder.class_embed = self.class_embed
 
     def forward(self, img: torch.Tensor, img_metas: List[dict]):
-        check_images(img, img_metas, type(self).__name__)
-        feats = list(self.backbone(img))
-        if [f.shape[1] for f in feats] != self.backbone_channels:
-            raise ValueError(f"backbone gave channels {[f.shape[1] for f in feats]}, config says "
-                             f"backbone_channels={self.backbone_channels}")
-        srcs, masks, pos = self.levels(self.input_proj, feats, pad_mask_from_metas(img, img_metas))
+        srcs, masks, pos = self._levels(img, img_metas)
         hs, refs = self.transformer(srcs, masks, pos)
         last = len(hs) - 1  # final boxes: the last head on the normed output, from the reference before it
         boxes = (self.bbox_embed[last](hs[last]) + inverse_sigmoid(refs[last])).sigmoid()

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import List
 
 import torch
-from mmdet.models import build_backbone
 from torch import nn
 
 from .common import (
@@ -15,14 +14,11 @@ from .common import (
     DeformableDecoderLayer,
     DeformableEncoder,
     DeformableEncoderLayer,
-    LevelPositions,
-    build_input_proj,
-    check_images,
+    DetrBackboneMixin,
     clones,
     encoder_output_proposals,
     flatten_levels,
     inverse_sigmoid,
-    pad_mask_from_metas,
     sine_embed_boxes,
 )
 
@@ -74,17 +70,14 @@ class HDetrTransformer(nn.Module):
         return self.decoder(tgt, coords.sigmoid(), memory, shapes, starts, ratios, query_pos, mask)
 
 
-class HDeformableDETR(nn.Module):
+class HDeformableDETR(DetrBackboneMixin, nn.Module):
     """Backbone (mmdet config) -> 4 levels -> deformable transformer -> (logits (B, Q, 91), boxes cxcywh in [0,1])."""
 
     def __init__(self, backbone: dict, backbone_channels: List[int], num_classes=91, num_queries_one2one=300,
                  num_queries_one2many=1500, d_model=256, nhead=8, enc_layers=6, dec_layers=6, d_ffn=2048,
                  num_feature_levels=4, enc_points=4, dec_points=4):
         super().__init__()
-        self.backbone = build_backbone(backbone)
-        self.backbone_channels = list(backbone_channels)
-        self.input_proj = build_input_proj(self.backbone_channels, d_model, num_feature_levels)
-        self.levels = LevelPositions(d_model)
+        self._init_levels(backbone, backbone_channels, d_model, num_feature_levels, pos_temperature=10000.0)
         self.transformer = HDetrTransformer(d_model, nhead, enc_layers, dec_layers, d_ffn, num_feature_levels,
                                             enc_points, dec_points)
         self.num_queries = num_queries_one2one
@@ -96,11 +89,6 @@ class HDeformableDETR(nn.Module):
         self.transformer.decoder.bbox_embed = self.bbox_embed
 
     def forward(self, img: torch.Tensor, img_metas: List[dict]):
-        check_images(img, img_metas, type(self).__name__)
-        feats = list(self.backbone(img))
-        if [f.shape[1] for f in feats] != self.backbone_channels:
-            raise ValueError(f"backbone gave channels {[f.shape[1] for f in feats]}, config says "
-                             f"backbone_channels={self.backbone_channels}")
-        srcs, masks, pos = self.levels(self.input_proj, feats, pad_mask_from_metas(img, img_metas))
+        srcs, masks, pos = self._levels(img, img_metas)
         hs, boxes = self.transformer(srcs, masks, pos, self.query_embed.weight, self.num_queries)
         return self.class_embed[self.transformer.decoder.num_layers - 1](hs), boxes
