@@ -38,9 +38,11 @@ METHODS = {
     "qdrop+big": ["ptq4sam.AGQ=false"],
     "qdrop+agq": ["ptq4sam.BIG=false"],
     "ptq4sam": [],
+    "ptq4sam_calib": ["recon.iters=0"],  # BIG + AGQ + calibrated ranges, round-to-nearest weights, no reconstruction
 }
 LABEL = {"minmax_rtn": "MinMax RTN (no recon)", "qdrop": "QDrop", "qdrop+big": "QDrop + BIG",
-         "qdrop+agq": "QDrop + AGQ", "ptq4sam": "PTQ4SAM (QDrop + BIG + AGQ)"}
+         "qdrop+agq": "QDrop + AGQ", "ptq4sam": "PTQ4SAM (QDrop + BIG + AGQ)",
+         "ptq4sam_calib": "PTQ4SAM, calibration only (BIG + AGQ, no reconstruction)"}
 
 
 def prompts_for(kind: str, ann: dict, split: str):

