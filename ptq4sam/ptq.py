@@ -195,6 +195,8 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
                  and q.fake_quant_enabled]
     scales = [q.scale for q in unit.modules() if isinstance(q, FakeQuantizeBase) and not q.is_weight
               and q.learnable and q.fake_quant_enabled and isinstance(q.scale, nn.Parameter)]
+    if recon.scale_lr == 0:  # activation ranges stay as calibrated (no optimizer, no gradients for them)
+        scales = []
     iters = recon.iters
     info = {"unit": desc, "adaround_layers": len(adarounds), "act_scales": len(scales)}
     if iters == 0 or (not adarounds and not scales):
