@@ -27,6 +27,12 @@ def clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
+def cell_grid(H: int, W: int, offset: float, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, x) coordinates of an H x W feature map's cells, from ``offset`` in steps of 1 ("ij" meshgrid)."""
+    return torch.meshgrid(torch.linspace(offset, H - 1 + offset, H, dtype=torch.float32, device=device),
+                          torch.linspace(offset, W - 1 + offset, W, dtype=torch.float32, device=device), indexing="ij")
+
+
 class MLP(nn.Module):
     """Feed-forward head (``layers.{i}`` Linear, ReLU between), as DETR's box head."""
 
@@ -101,8 +107,7 @@ class DeformableEncoder(nn.Module):
     def get_reference_points(spatial_shapes, valid_ratios, device):
         refs = []
         for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
-            ry, rx = torch.meshgrid(torch.linspace(0.5, H - 0.5, H, dtype=torch.float32, device=device),
-                                    torch.linspace(0.5, W - 0.5, W, dtype=torch.float32, device=device), indexing="ij")
+            ry, rx = cell_grid(H, W, 0.5, device)
             ry = ry.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * H)
             rx = rx.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * W)
             refs.append(torch.stack((rx, ry), -1))
@@ -168,8 +173,7 @@ def encoder_output_proposals(memory, padding_mask, spatial_shapes) -> Tuple[torc
     for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
         mask = padding_mask[:, cur:cur + H * W].view(B, H, W, 1)
         valid_h, valid_w = torch.sum(~mask[:, :, 0, 0], 1), torch.sum(~mask[:, 0, :, 0], 1)
-        gy, gx = torch.meshgrid(torch.linspace(0, H - 1, H, dtype=torch.float32, device=memory.device),
-                                torch.linspace(0, W - 1, W, dtype=torch.float32, device=memory.device), indexing="ij")
+        gy, gx = cell_grid(H, W, 0.0, memory.device)
         grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)
         scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(B, 1, 1, 2)
         grid = (grid.unsqueeze(0).expand(B, -1, -1, -1) + 0.5) / scale
