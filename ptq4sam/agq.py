@@ -1,15 +1,14 @@
 """AGQ (Adaptive Granularity Quantization) search: pick tau (base 2^(1/tau)) and scale s per attention.
 
 The search minimises sum_images || Q(attn; s, tau) @ v - attn @ v ||_p^p over a grid of (tau, s) candidates,
-evaluated in batches of candidates on the tensors' device (no per-candidate optimisation loop).
+evaluated candidate by candidate in one work buffer on the tensors' device (no optimisation loop).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-
-from .quantization import agq_quantize
 
 
 def candidate_grid(amax: float, taus: Sequence[int], scale_ratios: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -20,20 +19,23 @@ def candidate_grid(amax: float, taus: Sequence[int], scale_ratios: Sequence[floa
 
 @torch.no_grad()
 def agq_errors(pairs: List[Tuple[torch.Tensor, torch.Tensor]], taus: torch.Tensor, scales: torch.Tensor, bit: int,
-               p: float = 2.4, max_elements: int = 1 << 25) -> torch.Tensor:
-    """(K,) summed Lp error of attn.v for each candidate (taus[k], scales[k]) over the (attn, v) pairs."""
-    k_total = taus.numel()
-    err = torch.zeros(k_total, dtype=torch.float64)
+               p: float = 2.4) -> torch.Tensor:
+    """(K,) summed Lp error of attn.v for each candidate (taus[k], scales[k]) over the (attn, v) pairs.
+
+    log2 of each softmax map is taken once; each candidate then costs a few in-place passes over one work buffer
+    (x_int = round(-tau * (log2 x - log2 s)), the AGQ formula of :func:`agq_quantize` with log2(x/s) split)."""
+    levels = 2 ** bit
+    err = torch.zeros(taus.numel(), dtype=torch.float64)
     for attn, v in pairs:
         ref = attn @ v
-        chunk = max(1, max_elements // max(1, attn.numel()))
-        for k0 in range(0, k_total, chunk):
-            t = taus[k0:k0 + chunk].to(attn.device)
-            s = scales[k0:k0 + chunk].to(attn.device)
-            shape = (-1,) + (1,) * attn.dim()
-            q = agq_quantize(attn[None], s.reshape(shape), t.reshape(shape), 2 ** bit)
-            e = (q @ v[None] - ref[None]).abs().pow(p).flatten(1).sum(1)
-            err[k0:k0 + chunk] += e.double().cpu()
+        log_attn = attn.clamp(min=1e-30).log2_()
+        work = torch.empty_like(log_attn)
+        for k in range(taus.numel()):
+            tau, s = float(taus[k]), float(scales[k])
+            t = torch.sub(log_attn, math.log2(s), out=work).mul_(-tau).round_().clamp_(min=0)
+            drop = t >= levels
+            q = t.div_(-tau).exp2_().mul_(s).masked_fill_(drop, 0.0)
+            err[k] += float((q @ v - ref).abs_().pow_(p).sum())
     return err
 
 

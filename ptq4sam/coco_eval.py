@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from .progress import progress
 
 Prompt = Tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4) xyxy, scores (N,), category ids (N,)
 
@@ -78,7 +78,7 @@ def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=Tru
     from pycocotools import mask as mask_utils  # noqa: PLC0415
 
     results = []
-    for im in tqdm(first_images(ann, max_images), desc=desc, file=sys.stdout, dynamic_ncols=True, mininterval=5):
+    for im in progress(first_images(ann, max_images), desc=desc):
         boxes, scores, cats = prompts[im["id"]]
         if len(boxes) == 0:
             continue

@@ -6,7 +6,6 @@ Calibration data is a list of ``CalibSample(image RGB uint8, boxes (N,4) xyxy)``
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -14,10 +13,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import agq as agq_mod
 from . import big as big_mod
+from .progress import PhaseTimer
+from .progress import progress as _progress
 from .qconfig import QConfig
 from .quant_sam import QuantContext, QuantDecoderAttention, quant_attentions, quantize_sam, recon_units
 from .quantization import (
@@ -33,16 +33,13 @@ from .quantization import (
     harden_all,
     set_drop_prob,
 )
+from .quantization.fake_quant import qdrop_mask
 
 
 @dataclass
 class CalibSample:
     image: np.ndarray
     boxes: np.ndarray
-
-
-def _progress(it, **kw):
-    return tqdm(it, dynamic_ncols=True, file=sys.stdout, mininterval=2, **kw)
 
 
 def forward_sample(seg, sample: CalibSample):
@@ -197,7 +194,12 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
               and q.learnable and q.fake_quant_enabled and isinstance(q.scale, nn.Parameter)]
     if recon.scale_lr == 0:  # activation ranges stay as calibrated (no optimizer, no gradients for them)
         scales = []
+    for q in unit.modules():  # parameters not learned here need no gradient (the quantizers then run fused)
+        if isinstance(q, FakeQuantizeBase) and not q.is_weight:
+            for t in (q.scale, q.zero_point):
+                t.requires_grad_(False)
     iters = recon.iters
+    t_start = time.time()
     info = {"unit": desc, "adaround_layers": len(adarounds), "act_scales": len(scales)}
     if iters == 0 or (not adarounds and not scales):
         return info
@@ -221,8 +223,7 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
     def mix(q, f):  # QDrop: mix quantized and float unit inputs elementwise
         if not q.is_floating_point() or q.shape != f.shape:
             return q
-        m = torch.rand(q.shape, generator=cache.mask_gen, device=q.device) < recon.drop_prob
-        return torch.where(m, q, f)
+        return torch.where(qdrop_mask(q.shape, recon.drop_prob, cache.mask_gen, q.device), q, f)
 
     for it in bar:
         rec = 0.0
@@ -263,7 +264,8 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
     for s in scales:
         s.requires_grad_(False)
     set_drop_prob(unit, 1.0)
-    info.update(first_rec_loss=first, last_rec_loss=last)
+    info.update(first_rec_loss=first, last_rec_loss=last, optimize_s=round(time.time() - t_start, 2),
+                s_per_iter=round((time.time() - t_start) / iters, 4))
     return info
 
 
@@ -287,6 +289,7 @@ def reconstruct(seg, samples, units, recon, seed: int, device) -> List[Dict]:
 
 def _reconstruct_units(seg, samples, units, recon, gen, cache, infos):
     for i, unit in enumerate(_progress(units, desc="reconstruction units")):
+        t_unit = time.time()
         enable_quantization(seg.sam)
         set_drop_prob(seg.sam, 1.0)
         quant_in = cache.capture_inputs(seg, samples, i, "quant")
@@ -303,6 +306,7 @@ def _reconstruct_units(seg, samples, units, recon, gen, cache, infos):
         infos[-1]["final_rec_loss"] = float(np.mean([
             sum(float(lp_loss(o, t)) for o, t in zip(_flat(q), _flat(f))) for q, f in zip(quant_out, fp_out)]))
         cache.finish_unit(i, fp_out, quant_out)
+        infos[-1]["unit_s"] = round(time.time() - t_unit, 2)  # captures + optimisation + outputs
         del quant_in, fp_in
     return infos
 
@@ -312,7 +316,7 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
                        legacy_eval_drop: bool = False, log=print) -> Dict:
     """Quantize ``seg.sam`` in place; returns what happened (for metrics.json)."""
     info: Dict[str, Any] = {}
-    t0 = time.time()
+    timer = PhaseTimer()
     sam = seg.sam
     for p in sam.parameters():
         p.requires_grad_(False)
@@ -323,53 +327,55 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
     pt = qcfg.ptq4sam
     dec_atts = [a for a in quant_attentions(sam.mask_decoder) if isinstance(a, QuantDecoderAttention)]
     if pt.BIG:
-        targets = [a for a in dec_atts if any(a.role.endswith(r) for r in pt.big_layers)]
-        k_posts = record(seg, samples, targets, ["k_post"], desc="BIG: post-k_proj", rows_per_image=4096)
-        info["big"] = big_mod.apply_big(targets, {i: r["k_post"] for i, r in k_posts.items()},
-                                        pt.global_num, pt.peak_distance, pt.peak_height)
+        with timer.phase("big"):
+            targets = [a for a in dec_atts if any(a.role.endswith(r) for r in pt.big_layers)]
+            k_posts = record(seg, samples, targets, ["k_post"], desc="BIG: post-k_proj", rows_per_image=4096)
+            info["big"] = big_mod.apply_big(targets, {i: r["k_post"] for i, r in k_posts.items()},
+                                            pt.global_num, pt.peak_distance, pt.peak_height)
         flipped = [e["layer"] for e in info["big"] if e["bimodal"]]
         log(f"BIG: bimodal and flipped: {flipped or 'none'} (of {[e['layer'] for e in info['big']]})")
-    # calibration: weights once, activations on float data
-    for m in quantized_layers(sam):
-        m.calibrate_weight()
-    enable_calibration(sam)
-    with torch.no_grad():
-        for s in _progress(samples, desc="calibration"):
-            forward_sample(seg, s)
-    uncalibrated = []
-    for q in act_quantizers(sam):
-        if q.observer.num_batches > 0:
-            q.init_from_observer()
-        else:
-            uncalibrated.append(type(q).__name__)
+    with timer.phase("calibration"):  # weights once, activations on float data
+        for m in quantized_layers(sam):
+            m.calibrate_weight()
+        enable_calibration(sam)
+        with torch.no_grad():
+            for s in _progress(samples, desc="calibration"):
+                forward_sample(seg, s)
+        uncalibrated = []
+        for q in act_quantizers(sam):
+            if q.observer.num_batches > 0:
+                q.init_from_observer()
+            else:
+                uncalibrated.append(type(q).__name__)
+        disable_all(sam)
     if uncalibrated:
         log(f"warning: {len(uncalibrated)} activation quantizer(s) saw no calibration data and stay float")
     info["uncalibrated_quantizers"] = len(uncalibrated)
-    disable_all(sam)
-    info["calibration_s"] = round(time.time() - t0, 2)
+    info["calibration_s"] = round(timer.times.get("big", 0) + timer.times["calibration"], 2)  # as before: with BIG
     if pt.AGQ:
-        t = time.time()
-        atts = [a for a in quant_attentions(sam) if a.uses_agq]
-        recs = record(seg, samples[: pt.agq_images], atts, ["attn", "v"], desc="AGQ: softmax")
-        info["agq"] = []
-        for a in _progress(atts, desc="AGQ: tau search"):
-            r = recs[id(a)]
-            res = agq_mod.search_tau(list(zip(r["attn"], r["v"])), a.attn_quant.quantizer.bit, pt.taus,
-                                     pt.scale_ratios, pt.p)
-            q: AGQFakeQuantize = a.attn_quant.quantizer
-            q.tau = res["tau"]
-            q.set_qparams(torch.tensor([res["scale"]], device=device), torch.zeros(1, device=device))
-            q.initialized = True
-            info["agq"].append({"layer": getattr(a, "role", type(a).__name__), **res})
-        del recs
-        info["agq_search_s"] = round(time.time() - t, 2)
+        with timer.phase("agq"):
+            atts = [a for a in quant_attentions(sam) if a.uses_agq]
+            recs = record(seg, samples[: pt.agq_images], atts, ["attn", "v"], desc="AGQ: softmax")
+            info["agq"] = []
+            for a in _progress(atts, desc="AGQ: tau search"):
+                r = recs[id(a)]
+                res = agq_mod.search_tau(list(zip(r["attn"], r["v"])), a.attn_quant.quantizer.bit, pt.taus,
+                                         pt.scale_ratios, pt.p)
+                q: AGQFakeQuantize = a.attn_quant.quantizer
+                q.tau = res["tau"]
+                q.set_qparams(torch.tensor([res["scale"]], device=device), torch.zeros(1, device=device))
+                q.initialized = True
+                info["agq"].append({"layer": getattr(a, "role", type(a).__name__), **res})
+            del recs
+        info["agq_search_s"] = timer.times["agq"]
         taus = [e["tau"] for e in info["agq"]]
         log(f"AGQ: tau per attention {taus}")
-    t = time.time()
-    units = recon_units(sam, quant_encoder)
-    if qcfg.recon.iters > 0:
-        info["recon"] = reconstruct(seg, samples, units, qcfg.recon, qcfg.seed, device)
-    info["reconstruction_s"] = round(time.time() - t, 2)
+    with timer.phase("reconstruction"):
+        units = recon_units(sam, quant_encoder)
+        if qcfg.recon.iters > 0:
+            info["recon"] = reconstruct(seg, samples, units, qcfg.recon, qcfg.seed, device)
+    info["reconstruction_s"] = timer.times["reconstruction"]
+    info["ptq_phases_s"] = dict(timer.times)
     info["adaround_hardened"] = harden_all(sam)
     enable_quantization(sam)
     set_drop_prob(sam, 1.0)

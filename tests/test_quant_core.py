@@ -140,6 +140,38 @@ def test_lsq_scale_gets_gradient_and_qdrop_mixes():
         assert torch.equal(q(x), xq)
 
 
+@pytest.mark.parametrize("ch_axis", [-1, 1])
+def test_fused_qdrop_fake_quant_equals_the_autograd_formula(ch_axis):
+    """Reconstruction with fixed activation ranges runs QDrop + fake quantization as one fused op; its output and its
+    straight-through gradient equal where(mask, formula, x) with the same random mask (channels-last input)."""
+    from ptq4sam.quantization.fake_quant import qdrop_mask
+
+    torch.manual_seed(0)
+    x0 = (torch.randn(2, 6, 5, 7) * 3).contiguous(memory_format=torch.channels_last)
+    q = FixedFakeQuantize(MinMaxObserver(4, False, ch_axis), bit=4, ch_axis=ch_axis)
+    q.observer(x0 * 0.5)  # ranges narrower than the data: some elements are clamped
+    q.init_from_observer()
+    q.fake_quant_enabled, q.drop_prob = True, 0.5
+    x = x0.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    y = q(x)
+    (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+    torch.manual_seed(7)
+    m = qdrop_mask(x0.shape, 0.5, like=x0)
+    shape = [1] * 4
+    if ch_axis != -1:
+        shape[ch_axis] = -1
+    s, z = q.scale.reshape(shape), q.zero_point.reshape(shape)
+    ref = torch.where(m, (torch.clamp(torch.round(x0 / s) + z, 0, 15) - z) * s, x0)
+    # straight-through gradient: 1, except 0 where the element was quantized and its integer fell outside [0, 15]
+    # (the autograd formula's round_ste adds float error there: 9 - 8.754 + 8.754 can exceed 9 and lose the gradient)
+    inside = (torch.round(x0 / s) + z >= 0) & (torch.round(x0 / s) + z <= 15)
+    ref_grad = torch.where(m & ~inside, 0.0, torch.arange(x0.numel()).reshape(x0.shape).float())
+    assert torch.allclose(y, ref, atol=1e-6) and torch.equal(x.grad, ref_grad)
+    assert (x.grad == 0).any() and 0.3 < m.float().mean() < 0.7  # some quantized elements were clamped
+    assert m.stride() == x0.stride()  # drawn in the input's memory layout
+
+
 def test_agq_formula_hand_values():
     x = torch.tensor([1.0, 0.5, 0.3, 0.01, 2.0])
     # tau=2, s=1, 3 bits: x_int = round(-2 log2 x) = [0, 2, 3 (3.47), 13 (>= 8 -> 0), -2 -> 0 (saturates)]
@@ -167,6 +199,21 @@ def test_agq_search_finds_the_known_tau():
     assert res["error_per_tau"][1] > 1e-3 and res["error_per_tau"][4] > 1e-3
 
 
+def test_agq_candidate_errors_equal_the_formula():
+    """The search's one-buffer evaluation (log2 taken once) equals the AGQ formula candidate by candidate."""
+    from ptq4sam.agq import agq_errors, candidate_grid
+
+    torch.manual_seed(0)
+    attn = torch.softmax(torch.randn(2, 4, 9, 33) * 3, -1)
+    v = torch.randn(2, 4, 33, 8)
+    t, s = candidate_grid(float(attn.max()), (1, 2, 4), (1.0, 0.8, 0.55))
+    fast = agq_errors([(attn, v), (attn[:1], v[:1])], t, s, bit=4, p=2.4)
+    for k in range(t.numel()):
+        ref = sum(float((agq_quantize(a, s[k], t[k], 16) @ vv - a @ vv).abs().pow(2.4).sum())
+                  for a, vv in ((attn, v), (attn[:1], v[:1])))
+        assert float(fast[k]) == pytest.approx(ref, rel=1e-4)
+
+
 @pytest.mark.parametrize("bit,sym", list(itertools.product([2, 4, 8], [False, True])))
 def test_quantized_values_are_on_the_grid(bit, sym):
     x = torch.randn(500) * 3
@@ -190,6 +237,26 @@ def test_mse_observer_histogram_path_agrees_with_exact_search():
     assert fast.max_val.item() == pytest.approx(exact.max_val.item(), rel=0.03)
     assert fast.min_val.item() == pytest.approx(exact.min_val.item(), rel=0.03)
     assert exact.max_val.item() < 10  # outliers clipped
+
+
+def test_mse_observer_per_channel_histograms_agree_with_exact_search():
+    """Per-channel activations (depthwise-conv inputs) go through one histogram per channel; the chosen ranges equal
+    the exact search on all samples within the per-tensor histogram test's tolerance (one candidate step here)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 64, 64) * torch.linspace(0.05, 4, 12)[None, :, None, None] + torch.linspace(-1, 2, 12)[
+        None, :, None, None]
+    x = torch.nn.functional.gelu(x)
+    x[0, 3, 5, 5], x[1, 7, 0, 0] = 40.0, -9.0  # outliers
+    for bit in (4, 6, 8):
+        exact = MSEObserver(bit=bit, ch_axis=1, max_samples=1 << 30)
+        fast = MSEObserver(bit=bit, ch_axis=1)  # 8192 samples per channel > max_samples: histograms
+        exact(x)
+        fast(x)
+        assert torch.allclose(fast.max_val, exact.max_val, rtol=0.03, atol=1e-6)
+        assert torch.allclose(fast.min_val, exact.min_val, rtol=0.03, atol=1e-6)
+    w = MSEObserver(bit=8, ch_axis=1, exact=True)  # weights (observed once) always take the exact search
+    w(x)
+    assert torch.equal(w.max_val, exact.max_val) and torch.equal(w.min_val, exact.min_val)
 
 
 

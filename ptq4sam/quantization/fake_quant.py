@@ -6,6 +6,7 @@ State flags on every quantizer (switched through ``ptq4sam.quantization.state``)
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Type
 
 import torch
@@ -33,6 +34,7 @@ class FakeQuantizeBase(nn.Module):
     """Uniform affine fake quantization with parameters from the observer (no learning)."""
 
     learnable = False
+    uniform = True  # quantize() is the uniform affine grid of (scale, zero_point) unless it learns them
 
     def __init__(self, observer: ObserverBase, bit: int = 8, symmetric: bool = False, ch_axis: int = -1):
         super().__init__()
@@ -89,8 +91,15 @@ class FakeQuantizeBase(nn.Module):
             return f
         return self._eval_params()
 
+    def learns_qparams(self) -> bool:
+        """Whether a backward pass needs gradients for this quantizer's scale / zero point."""
+        return torch.is_grad_enabled() and (self.scale.requires_grad or self.zero_point.requires_grad)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():  # evaluation: one fused kernel
+        if not self.learns_qparams():
+            # one fused kernel, at evaluation and in a reconstruction that keeps this quantizer's parameters fixed:
+            # its gradient w.r.t. x is the straight-through estimator of the formula below (1 inside the clamp
+            # range, 0 outside), so only the parameters' gradients need the autograd formula
             scale, zp = self._no_grad_params(x)
             if self.ch_axis == -1:
                 return torch.fake_quantize_per_tensor_affine(x, scale, zp, self.quant_min, self.quant_max)
@@ -106,10 +115,65 @@ class FakeQuantizeBase(nn.Module):
             return x
         if not self.initialized:
             raise RuntimeError(f"{type(self).__name__} is enabled but was never calibrated")
-        xq = self.quantize(x)
-        if self.drop_prob < 1.0:  # QDrop: keep the float value for a random subset of elements
-            xq = torch.where(torch.rand_like(x) < self.drop_prob, xq, x)
-        return xq
+        if self.drop_prob >= 1.0:
+            return self.quantize(x)
+        # QDrop: keep the float value for a random subset of elements
+        use_q = qdrop_mask(x.shape, self.drop_prob, device=x.device, like=x)
+        if self.uniform and x.requires_grad and not self.learns_qparams():
+            scale, zp = self._no_grad_params(x)
+            ch = -1 if self.ch_axis == -1 else self.ch_axis % x.dim()
+            return _QDropFakeQuant.apply(x, use_q, scale, zp, self.quant_min, self.quant_max, ch)
+        return torch.where(use_q, self.quantize(x), x)
+
+
+_BIT_SHIFTS: Dict[torch.device, torch.Tensor] = {}
+
+
+def qdrop_mask(shape, p: float, generator: Optional[torch.Generator] = None, device=None,
+               like: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bool mask, True with probability ``p`` per element (QDrop: use the quantized value there).
+
+    For QDrop's usual p = 0.5 each random byte gives 8 mask bits (5x faster than ``rand < p`` on a CPU; the large
+    activations of reconstruction made the random numbers a tenth of a step); other p compare uniform numbers.
+    ``like``: lay the mask out in that tensor's memory order (e.g. channels-last), so mixing needs no copy."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    shape = tuple(shape)
+    order = list(range(len(shape)))
+    if like is not None and not like.is_contiguous() and len(shape) > 1:
+        order = sorted(range(len(shape)), key=lambda d: -like.stride(d))
+    drawn = tuple(shape[d] for d in order)
+    if p != 0.5:
+        m = torch.rand(drawn, generator=generator, device=device) < p
+    else:
+        n = math.prod(shape)
+        shifts = _BIT_SHIFTS.get(device)
+        if shifts is None:
+            shifts = _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+        b = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=generator, device=device)
+        m = ((b[:, None] >> shifts) & 1).view(torch.bool).reshape(-1)[:n].reshape(drawn)
+    return m.permute([order.index(d) for d in range(len(shape))]) if order != sorted(order) else m
+
+
+class _QDropFakeQuant(torch.autograd.Function):
+    """``where(use_q, fake_quant(x), x)`` for fixed (scale, zero point), with the straight-through gradient of the
+    formula (1, except 0 where a quantized element was clamped) kept as one saved bool mask: the autograd formula
+    needs three ``where`` passes and a sum over the largest activations in its backward."""
+
+    @staticmethod
+    def forward(ctx, x, use_q, scale, zero_point, qmin: int, qmax: int, ch_axis: int):
+        if ch_axis == -1:
+            xq, inside = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                x, scale, zero_point, torch.ones(1, dtype=torch.uint8, device=x.device), qmin, qmax)
+        else:
+            xq, inside = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+                x, scale, zero_point, ch_axis, qmin, qmax)
+        ctx.save_for_backward(use_q & ~inside)
+        return torch.where(use_q, xq, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (clamped,) = ctx.saved_tensors
+        return grad.masked_fill(clamped, 0.0), None, None, None, None, None, None
 
 
 class FixedFakeQuantize(FakeQuantizeBase):
@@ -161,6 +225,7 @@ class AdaRoundFakeQuantize(FakeQuantizeBase):
     """
 
     zeta, gamma = 1.1, -0.1
+    uniform = False
 
     def __init__(self, observer, bit=8, symmetric=False, ch_axis=0, round_mode: str = "learned_hard_sigmoid"):
         super().__init__(observer, bit, symmetric, ch_axis)
@@ -208,6 +273,7 @@ class AGQFakeQuantize(FakeQuantizeBase):
     """
 
     learnable = True
+    uniform = False
 
     def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1, tau: int = 1):
         super().__init__(observer, bit, False, -1)

@@ -27,6 +27,8 @@ class _QuantWeightMixin:
         self.weight_quantizer = build_quantizer(w_cfg.with_(ch_axis=0) if w_cfg.ch_axis != -1 else w_cfg)
         if self.weight_quantizer is not None:
             self.weight_quantizer.is_weight = True  # observed once from the weight, not during calibration runs
+            if hasattr(self.weight_quantizer.observer, "exact"):
+                self.weight_quantizer.observer.exact = True  # one observation: the exact range search is affordable
         self.input_quant = QuantPoint(a_cfg)
         if self.input_quant.quantizer is not None:
             self.input_quant.quantizer.is_layer_input = True

@@ -10,7 +10,7 @@ import torch
 from ptq4sam.ptq import CalibSample, load_quantized, quantize_segmenter, save_quantized
 from ptq4sam.quant_sam import quantize_sam
 
-from .runner import build_eval_dataset, collate_one
+from .data import build_eval_dataset, collate_one
 
 
 def calibration_samples(model, cfg, qcfg, device, seed: int):

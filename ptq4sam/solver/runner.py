@@ -5,13 +5,14 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from ptq4sam.progress import PhaseTimer, progress
+from ptq4sam.solver.data import build_eval_dataset, collate_one
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,39 +94,13 @@ def load_config(path: str, options: dict):
     return cfg
 
 
-def build_eval_dataset(data_cfg, what: str):
-    from mmdet.datasets import build_dataset  # noqa: PLC0415
-
-    from projects.instance_segment_anything.models.prompt_sources import load_coco_json  # noqa: PLC0415
-
-    ann = load_coco_json(data_cfg.ann_file)
-    prefix = Path(data_cfg.img_prefix)
-    missing = [im["file_name"] for im in ann["images"] if not (prefix / im["file_name"]).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{what}: {len(missing)} image(s) of {data_cfg.ann_file} are missing under "
-                                f"{prefix}/, e.g. {prefix / missing[0]} (COCO images go in data/coco/, see README)")
-    data_cfg = data_cfg.copy()
-    data_cfg.test_mode = True
-    return build_dataset(data_cfg)
-
-
-def collate_one(dataset, idx: int, device: torch.device):
-    """dataset[idx] (test pipeline, one augmentation) -> (img (1,3,H,W) on device, [img_meta])."""
-    sample = dataset[idx]
-    img = sample["img"][0] if isinstance(sample["img"], list) else sample["img"]
-    metas = sample["img_metas"][0] if isinstance(sample["img_metas"], list) else sample["img_metas"]
-    img = img.data if hasattr(img, "data") else img
-    metas = metas.data if hasattr(metas, "data") else metas
-    return img[None].to(device), [metas]
-
-
 @torch.no_grad()
 def run_inference(model, dataset, device, indices, show_dir=None, show_score_thr=0.3, desc="eval", show=False):
     import mmcv  # noqa: PLC0415
     from mmdet.core import encode_mask_results  # noqa: PLC0415
 
     results = {}
-    for idx in tqdm(indices, desc=desc, dynamic_ncols=True, file=sys.stdout, mininterval=5):
+    for idx in progress(indices, desc=desc):
         img, metas = collate_one(dataset, idx, device)
         bbox_res, segm_res = model.simple_test(img, metas, rescale=True)[0]
         if show_dir or show:
@@ -181,26 +156,27 @@ def main(argv=None):
     set_seed(seed)
     work_dir = Path(args.work_dir or REPO_ROOT / "work_dirs" / Path(args.config).stem)
     work_dir.mkdir(parents=True, exist_ok=True)
+    timer = PhaseTimer()
 
     from mmdet.models import build_detector  # noqa: PLC0415
 
-    dataset = build_eval_dataset(cfg.data.test, "data.test")
-    model = build_detector(cfg.model)
-    model.CLASSES = dataset.CLASSES
-    model.to(device).eval()
+    with timer.phase("setup"):
+        dataset = build_eval_dataset(cfg.data.test, "data.test")
+        model = build_detector(cfg.model)
+        model.CLASSES = dataset.CLASSES
+        model.to(device).eval()
     n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     indices = list(range(rank, n, world))
     metrics = {"config": args.config, "q_config": args.q_config, "seed": seed, "num_images": n,
                "world_size": world, "device": str(device), "model_type": model.model_type,
                "prompt": cfg.model.prompt.get("type"), "split": cfg.data.test.ann_file}
     rows = {}
-    timings = {}
 
     def evaluate_model(name):
-        t = time.time()
-        res = gather_results(run_inference(model, dataset, device, indices, args.show_dir if name != "fp_baseline"
-                                           else None, args.show_score_thr, desc=name, show=args.show), world)
-        timings[f"eval_{name}_s"] = round(time.time() - t, 2)
+        with timer.phase(f"eval_{name}"):
+            res = gather_results(run_inference(model, dataset, device, indices, args.show_dir if name != "fp_baseline"
+                                               else None, args.show_score_thr, desc=name, show=args.show), world)
+        metrics[f"images_per_s_{name}"] = round(len(indices) / max(timer.times[f"eval_{name}"], 1e-9), 3)
         if rank != 0:
             return None, None
         subset = dataset
@@ -217,8 +193,15 @@ def main(argv=None):
             if rank == 0:
                 rows["FP"] = ev
                 metrics["fp"] = ev
+        t = time.time()
         qinfo = quantize_model(model, cfg, qcfg, args, device, rank, world)
         metrics.update(qinfo)
+        phases = qinfo.get("ptq_phases_s", {})
+        if "prompt_calibration_s" in qinfo:
+            timer.add("calibration_prompts", qinfo["prompt_calibration_s"])
+        for k, v in phases.items():
+            timer.add(k, v)
+        timer.add("ptq_other", max(0.0, time.time() - t - sum(phases.values()) - qinfo.get("prompt_calibration_s", 0)))
         if args.compile_agq:
             from ptq4sam.quantization import use_compiled_agq  # noqa: PLC0415
 
@@ -226,7 +209,7 @@ def main(argv=None):
         metrics["compile_agq"] = args.compile_agq
     name = "FP" if qcfg is None else f"W{qcfg.w_qconfig.bit}A{qcfg.a_qconfig.bit}"
     ev, res = evaluate_model("fp" if qcfg is None else "quant")
-    metrics["timings"] = timings
+    metrics["timings"] = {f"{k}_s": v for k, v in timer.times.items()}
     if rank == 0:
         metrics.update(ev)
         rows[name] = ev
@@ -238,6 +221,7 @@ def main(argv=None):
             mmcv.dump(res, args.out)
         print(f"config={args.config} q_config={args.q_config} seed={seed} images={n} split={cfg.data.test.ann_file}")
         print_table(rows)
+        print(timer.summary())
         print(f"wrote {work_dir / 'metrics.json'}")
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
