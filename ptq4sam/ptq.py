@@ -42,8 +42,12 @@ class CalibSample:
     boxes: np.ndarray
 
 
-def forward_sample(seg, sample: CalibSample):
-    feats, _, original_size = seg.encode(sample.image)
+def forward_sample(seg, sample: CalibSample, feats: Optional[torch.Tensor] = None):
+    """Encoder (unless its output ``feats`` is given) + decoder on the sample's boxes."""
+    if feats is None:
+        feats, _, original_size = seg.encode(sample.image)
+    else:
+        original_size = tuple(sample.image.shape[:2])
     boxes = torch.as_tensor(np.asarray(sample.boxes, np.float32).reshape(-1, 4))
     if boxes.shape[0] == 0:
         return feats
@@ -66,13 +70,14 @@ def act_quantizers(model: nn.Module):
 
 
 @torch.no_grad()
-def record(seg, samples, attentions, keys, desc="record", rows_per_image: Optional[int] = None):
-    """Run float forwards and collect ``keys`` ('k_post', 'attn', 'v') from each attention, per attention id."""
+def record(seg, samples, attentions, keys, desc="record", rows_per_image: Optional[int] = None, feats=None):
+    """Run float forwards and collect ``keys`` ('k_post', 'attn', 'v') from each attention, per attention id
+    (``feats``: the samples' image embeddings, to run the decoder only)."""
     for a in attentions:
         a.record = {k: [] for k in keys}
     try:
-        for s in _progress(samples, desc=desc):
-            forward_sample(seg, s)
+        for i, s in enumerate(_progress(samples, desc=desc)):
+            forward_sample(seg, s, None if feats is None else feats[i])
     finally:
         out = {id(a): a.record for a in attentions}
         for a in attentions:
@@ -265,7 +270,7 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
         s.requires_grad_(False)
     set_drop_prob(unit, 1.0)
     info.update(first_rec_loss=first, last_rec_loss=last, optimize_s=round(time.time() - t_start, 2),
-                s_per_iter=round((time.time() - t_start) / iters, 4))
+                iter_s=round((time.time() - t_start) / iters, 4))
     return info
 
 
@@ -326,21 +331,31 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
     disable_all(sam)
     pt = qcfg.ptq4sam
     dec_atts = [a for a in quant_attentions(sam.mask_decoder) if isinstance(a, QuantDecoderAttention)]
+    # calibration runs the encoder once per image: its activation observers see it (float data) and its output is
+    # kept, so BIG's recording and the decoder's calibration run the decoder only (same data as full forwards)
+    with timer.phase("calibration"):
+        enable_calibration(sam.image_encoder)
+        with torch.no_grad():
+            feats = [seg.encode(s.image)[0] for s in _progress(samples, desc="calibration: encoder")]
+        disable_all(sam)
     if pt.BIG:
         with timer.phase("big"):
             targets = [a for a in dec_atts if any(a.role.endswith(r) for r in pt.big_layers)]
-            k_posts = record(seg, samples, targets, ["k_post"], desc="BIG: post-k_proj", rows_per_image=4096)
+            k_posts = record(seg, samples, targets, ["k_post"], desc="BIG: post-k_proj", rows_per_image=4096,
+                             feats=feats)
             info["big"] = big_mod.apply_big(targets, {i: r["k_post"] for i, r in k_posts.items()},
                                             pt.global_num, pt.peak_distance, pt.peak_height)
         flipped = [e["layer"] for e in info["big"] if e["bimodal"]]
         log(f"BIG: bimodal and flipped: {flipped or 'none'} (of {[e['layer'] for e in info['big']]})")
-    with timer.phase("calibration"):  # weights once, activations on float data
+    with timer.phase("calibration"):  # weights (after BIG's folds), then the decoder on the kept image embeddings
         for m in quantized_layers(sam):
             m.calibrate_weight()
         enable_calibration(sam)
+        disable_all(sam.image_encoder)
         with torch.no_grad():
-            for s in _progress(samples, desc="calibration"):
-                forward_sample(seg, s)
+            for s, f in zip(_progress(samples, desc="calibration: decoder"), feats):
+                forward_sample(seg, s, f)
+        del feats
         uncalibrated = []
         for q in act_quantizers(sam):
             if q.observer.num_batches > 0:

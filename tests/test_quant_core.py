@@ -239,6 +239,15 @@ def test_mse_observer_histogram_path_agrees_with_exact_search():
     assert exact.max_val.item() < 10  # outliers clipped
 
 
+def test_per_tensor_view_of_a_channels_last_tensor_is_not_a_copy():
+    from ptq4sam.quantization.observer import channel_view, data_range
+
+    x = torch.randn(2, 16, 16, 24).permute(0, 3, 1, 2)  # NCHW shape, NHWC memory
+    assert channel_view(x, -1).data_ptr() == x.data_ptr()
+    lo, hi = data_range(x, 1)
+    assert torch.equal(lo, x.transpose(0, 1).reshape(24, -1).amin(1)) and torch.equal(hi, x.amax(dim=(0, 2, 3)))
+
+
 def test_mse_observer_per_channel_histograms_agree_with_exact_search():
     """Per-channel activations (depthwise-conv inputs) go through one histogram per channel; the chosen ranges equal
     the exact search on all samples within the per-tensor histogram test's tolerance (one candidate step here)."""

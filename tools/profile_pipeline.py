@@ -82,7 +82,7 @@ def recon_by_type(infos):
         o["units"] += 1
         o["optimize_s"] += r.get("optimize_s", 0.0)
         o["unit_s"] += r.get("unit_s", 0.0)
-        o["iters"] += round(r.get("optimize_s", 0.0) / r["s_per_iter"]) if r.get("s_per_iter") else 0
+        o["iters"] += round(r.get("optimize_s", 0.0) / r["iter_s"]) if r.get("iter_s") else 0
     return {k: {**v, "optimize_s": round(v["optimize_s"], 1), "unit_s": round(v["unit_s"], 1),
                 "s_per_unit_iter": round(v["optimize_s"] / max(1, v["iters"]), 3)} for k, v in out.items()}
 

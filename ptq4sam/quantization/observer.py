@@ -33,6 +33,15 @@ def subsample(xc: torch.Tensor, max_samples: int) -> torch.Tensor:
     return xc.index_select(-1, idx)
 
 
+def data_range(x: torch.Tensor, ch_axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) per channel, or of the whole tensor as shape (1,), in any memory layout without a copy."""
+    if ch_axis == -1:
+        lo, hi = torch.aminmax(x)
+        return lo.reshape(1), hi.reshape(1)
+    dims = [d for d in range(x.dim()) if d != ch_axis % x.dim()]
+    return x.amin(dim=dims), x.amax(dim=dims)
+
+
 def qrange(bit: int, symmetric: bool) -> Tuple[int, int]:
     if symmetric:
         return -(2 ** (bit - 1)), 2 ** (bit - 1) - 1
@@ -75,13 +84,15 @@ class ObserverBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x
-        lo, hi = self.batch_range(channel_view(x.detach().float(), self.ch_axis))
+        xd = x.detach().float()
+        lo, hi = self.batch_range(xd, *data_range(xd, self.ch_axis))
         self.update(lo, hi)
         self.num_batches += 1
         return x
 
-    def batch_range(self, xc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return torch.aminmax(xc, dim=1)
+    def batch_range(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This batch's range from the tensor ``x`` and its per-channel (or whole-tensor) min / max."""
+        return lo, hi
 
     def update(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if self.num_batches == 0 or self.min_val.shape != lo.shape:
@@ -145,33 +156,32 @@ class MSEObserver(ObserverBase):
     def lp_errors_hist(self, xc: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cand_lo: torch.Tensor,
                        cand_hi: torch.Tensor, bins: int = 2048) -> torch.Tensor:
         """(K, C) Lp errors of every candidate range on every channel from one ``bins``-bin histogram per channel
-        (each bin weighted by its count): one pass over the data, then O(K * C * bins) instead of O(K * C * N).
+        (bin centres weighted by counts): one pass over the data, then O(K * C * bins) instead of O(K * C * N).
         Agrees with :meth:`lp_errors` on all samples (tested, per tensor and per channel)."""
         qmin, qmax = qrange(self.bit, self.symmetric)
         c, n = xc.shape
         width = (hi - lo).clamp(min=1e-12)
-        if c == 1:  # one tensor: torch.histc, each bin represented by its centre
+        if c == 1:  # one tensor: torch.histc
             count = torch.histc(xc, bins, float(lo[0]), float(lo[0] + width[0]))[None]
-            mean = lo[0] + (torch.arange(bins, device=xc.device, dtype=xc.dtype)[None] + 0.5) * (width[0] / bins)
-        else:
-            idx = ((xc - lo[:, None]) * (bins / width)[:, None]).long().clamp_(0, bins - 1)
-            idx += torch.arange(c, device=xc.device)[:, None] * bins
-            flat = idx.reshape(-1)
-            count = torch.bincount(flat, minlength=c * bins).reshape(c, bins).to(xc.dtype)
-            total = torch.bincount(flat, weights=xc.reshape(-1), minlength=c * bins).reshape(c, bins)
-            mean = (total / count.clamp(min=1)).to(xc.dtype)  # each bin represented by its values' mean
+        else:  # one histogram per channel through a single bincount over (channel, bin) indices
+            idx = ((xc - lo[:, None]) * (bins / width)[:, None]).to(torch.int32).clamp_(0, bins - 1)
+            idx += (torch.arange(c, device=xc.device, dtype=torch.int32) * bins)[:, None]
+            count = torch.bincount(idx.reshape(-1), minlength=c * bins).reshape(c, bins).to(xc.dtype)
+        # each bin represented by its centre (a bin is 1/32 of a 4-bit step per channel, 1/128 per tensor)
+        centre = lo[:, None] + (torch.arange(bins, device=xc.device, dtype=xc.dtype)[None] + 0.5) * (width / bins)[:, None]
         chunk = max(1, self.max_elements // (c * bins))
         errs = []
         for k0 in range(0, cand_lo.shape[0], chunk):
             scale, zp = qparams_from_range(cand_lo[k0:k0 + chunk], cand_hi[k0:k0 + chunk], self.bit, self.symmetric)
-            xq = fake_quant_ref(mean[None], scale[..., None], zp[..., None], qmin, qmax)
-            errs.append(((xq - mean[None]).abs().pow(self.p) * count[None]).sum(-1) / n)
+            xq = fake_quant_ref(centre[None], scale[..., None], zp[..., None], qmin, qmax)
+            errs.append(((xq - centre[None]).abs().pow(self.p) * count[None]).sum(-1) / n)
         return torch.cat(errs)
 
-    def batch_range(self, xc):
-        lo, hi = torch.aminmax(xc, dim=1)
+    def batch_range(self, x, lo, hi):
+        xc = channel_view(x, self.ch_axis)
         cand_lo, cand_hi = self.candidates(lo, hi)
         if xc.shape[1] > self.max_samples and not self.exact:  # many samples per channel: histograms
+            # of all the data: a subsample would miss the rare outliers whose clipping error decides the range
             err = self.lp_errors_hist(xc, lo, hi, cand_lo, cand_hi, bins=2048 if xc.shape[0] == 1 else 512)
         else:
             err = self.lp_errors(xc, cand_lo, cand_hi)
@@ -195,8 +205,8 @@ class PercentileObserver(ObserverBase):
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         self.percentile, self.max_samples = percentile, max_samples
 
-    def batch_range(self, xc):
-        xc = subsample(xc, self.max_samples)  # keeps the quantile's cost bounded
+    def batch_range(self, x, lo, hi):
+        xc = subsample(channel_view(x, self.ch_axis), self.max_samples)  # keeps the quantile's cost bounded
         q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=xc.device)
         lo, hi = torch.quantile(xc, q, dim=1)
         return lo, hi

@@ -26,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--quant-encoder", action="store_true", help="also quantize the SAM image encoder")
     p.add_argument("--fp", action="store_true", help="evaluate the full-precision model (no quantization)")
     p.add_argument("--fp-baseline", action="store_true", help="evaluate FP too and print it beside the quantized")
+    p.add_argument("--no-fp-cache", action="store_true",
+                   help="evaluate the FP baseline even if the same evaluation is cached in work_dirs/.fp_cache/")
     p.add_argument("--work-dir", default=None, help="where metrics.json goes (default work_dirs/<config name>)")
     p.add_argument("--eval", nargs="+", default=["bbox", "segm"], help="COCO metrics to evaluate")
     p.add_argument("--out", default=None, help="also dump the raw results to this .pkl")
@@ -134,6 +136,31 @@ def evaluate(dataset, results, metrics):
     return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float))}, buf.getvalue()
 
 
+def fp_cache_path(model, cfg, args, n: int, device, world: int) -> Path:
+    """Where the FP baseline of this exact evaluation is kept: a hash of the model's float weights (SAM and prompt
+    detector), the resolved config, the annotation file and the images' names / sizes / times, the toolkit's source
+    (ptq4sam/, projects/), the torch / mmdet versions, the device type, the image count and the metrics."""
+    import hashlib  # noqa: PLC0415
+
+    import mmdet  # noqa: PLC0415
+
+    h = hashlib.sha256()
+    h.update(json.dumps([cfg.pretty_text, n, args.eval, torch.__version__, mmdet.__version__, device.type,
+                         world]).encode())
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    ann = Path(cfg.data.test.ann_file)
+    h.update(ann.read_bytes())
+    prefix = Path(cfg.data.test.img_prefix)
+    for im in sorted(json.loads(ann.read_text())["images"], key=lambda i: i["id"])[:n]:
+        st = (prefix / im["file_name"]).stat()
+        h.update(f"{im['file_name']}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for root in ("ptq4sam", "projects"):
+        for f in sorted((REPO_ROOT / root).rglob("*.py")):
+            h.update(str(f.relative_to(REPO_ROOT)).encode() + f.read_bytes())
+    return REPO_ROOT / "work_dirs" / ".fp_cache" / f"{h.hexdigest()[:20]}.json"
+
+
 def print_table(rows: dict, keys=("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP")):
     head = f"{'model':<28}" + "".join(f"{k:>13}" for k in keys)
     print(head)
@@ -189,7 +216,18 @@ def main(argv=None):
         from ptq4sam.solver.quant_job import quantize_model  # noqa: PLC0415
 
         if args.fp_baseline:
-            ev, _ = evaluate_model("fp_baseline")
+            cache = None if args.no_fp_cache else fp_cache_path(model, cfg, args, n, device, world)
+            if cache is not None and cache.is_file():  # the same float model, data and code: evaluated before
+                ev = json.loads(cache.read_text())["fp"]
+                print(f"FP baseline from {cache} (same model weights, config, data and code; --no-fp-cache to redo)")
+                metrics["fp_cached"] = str(cache)
+            else:
+                ev, _ = evaluate_model("fp_baseline")
+                if rank == 0 and cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"fp": ev, "config": args.config, "num_images": n}, indent=1))
+                    tmp.replace(cache)
             if rank == 0:
                 rows["FP"] = ev
                 metrics["fp"] = ev
