@@ -145,7 +145,12 @@ def _read_yaml(path: Path, seen=()) -> Dict:
         raise FileNotFoundError(f"q_config not found: {path}")
     if path.resolve() in seen:
         raise QConfigError(f"{path}: 'root' inheritance loops back to itself")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:  # name the file and the line, not yaml's "<unicode string>"
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise QConfigError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise QConfigError(f"{path}: top level must be a mapping")
     if "quant" in data and isinstance(data["quant"], dict):  # the paper repo nests everything under quant:

@@ -177,6 +177,42 @@ def test_qconfig_errors_name_the_key(opt, key):
     assert key in str(e.value)
 
 
+def test_malformed_qconfig_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nrecon:\n  iters: [60\n  scale_lr: 0\n")
+    with pytest.raises(QConfigError) as e:
+        load_qconfig(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "line 4" in msg and "<unicode string>" not in msg
+
+
+class _Evil:  # unpickling it would create a file: the loader must refuse before that
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["text", "pickled_object", "truncated"])
+def test_non_checkpoint_sam_file_is_refused_without_running_it(tmp_path, kind):
+    from ptq4sam.models import CheckpointError, build_sam
+
+    f, marker = tmp_path / "sam.pth", tmp_path / "ran"
+    if kind == "text":
+        f.write_text("not a checkpoint")
+    elif kind == "pickled_object":
+        torch.save({"model": _Evil(str(marker))}, f)
+    else:
+        torch.save(build_sam("lite_medsam", random_init=True).state_dict(), f)
+        f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(CheckpointError) as e:
+        build_sam("lite_medsam", checkpoint=str(f))
+    msg = str(e.value)
+    assert str(f) in msg and "weights_only=False" not in msg and "state dict" in msg
+    assert not marker.exists()
+
+
 def test_bits_off():
     q = load_qconfig(ROOT_EXP, ["a_qconfig.bit=off"])
     assert q.a_qconfig.bit is None

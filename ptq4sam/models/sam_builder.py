@@ -185,6 +185,19 @@ def fuse_conv_bn(m: nn.Module) -> nn.Conv2d:
     return m.fuse().to(m.c.weight.device)
 
 
+def load_weights_file(path, what: str):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, so a file from elsewhere runs no code.
+    Anything else (a pickle needing arbitrary objects, a truncated or non-torch file) is a CheckpointError naming the
+    file — never a suggestion to load it unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read as a {what} with tensors only ({type(e).__name__}: "
+                              f"{first[:200]}). Expected a state dict saved by torch.save; files that need pickled "
+                              "objects are refused because loading them would run code from the file.") from None
+
+
 def sha256_prefix(path: Path, n: int = 16) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -215,7 +228,7 @@ def build_sam(model_type: str, checkpoint: Optional[str] = None, random_init: bo
             got = sha256_prefix(path)
             if not got.startswith(spec.sha256_prefix):
                 raise CheckpointError(f"{path}: sha256 {got} does not start with {spec.sha256_prefix}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_file(path, f"SAM checkpoint for '{model_type}'")
         load_state_dict_strict(model, state, str(path))
     model.eval()
     fold_conv_bn(model)
