@@ -72,11 +72,16 @@ def first_images(ann: dict, n: Optional[int] = None) -> List[dict]:
     return ims if n is None else ims[:n]
 
 
+def encode_masks(masks: torch.Tensor) -> List[dict]:
+    """(N, H, W) bool masks -> N COCO RLEs (pycocotools)."""
+    from pycocotools import mask as mask_utils  # noqa: PLC0415
+
+    return mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
+
+
 @torch.no_grad()
 def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=True, max_images=None,
             desc="eval") -> List[dict]:
-    from pycocotools import mask as mask_utils  # noqa: PLC0415
-
     results = []
     for im in progress(first_images(ann, max_images), desc=desc):
         boxes, scores, cats = prompts[im["id"]]
@@ -84,7 +89,7 @@ def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=Tru
             continue
         out = seg(read_rgb(Path(img_dir) / im["file_name"]), boxes)
         final = scores * out.iou.numpy() if use_sam_iou else scores
-        rles = mask_utils.encode(np.asfortranarray(out.masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
+        rles = encode_masks(out.masks)
         for b, s, c, rle in zip(boxes, final, cats, rles):
             rle["counts"] = rle["counts"].decode()
             results.append({"image_id": im["id"], "category_id": int(c), "score": float(s), "segmentation": rle,

@@ -20,7 +20,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +36,6 @@ STAGES = ("read", "encoder", "decoder", "postprocess", "rle")
 
 @torch.no_grad()
 def profile_eval(seg, ann, prompts, n_images):
-    from pycocotools import mask as mask_utils  # noqa: PLC0415
-
     t = defaultdict(float)
     boxes_total = 0
     ims = coco_eval.first_images(ann, n_images)
@@ -62,7 +59,7 @@ def profile_eval(seg, ann, prompts, n_images):
             t4 = time.perf_counter()
             masks = seg.postprocess(low, input_size, original_size)
             t5 = time.perf_counter()
-            mask_utils.encode(np.asfortranarray(masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
+            coco_eval.encode_masks(masks)
             t6 = time.perf_counter()
             t["decoder"] += t4 - t3
             t["postprocess"] += t5 - t4

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Type
 import torch
 from torch import nn
 
-from .observer import ObserverBase, qrange
+from .observer import ObserverBase, memory_order, qrange
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ def qdrop_mask(shape, p: float, generator: Optional[torch.Generator] = None, dev
     shape = tuple(shape)
     order = list(range(len(shape)))
     if like is not None and not like.is_contiguous() and len(shape) > 1:
-        order = sorted(range(len(shape)), key=lambda d: -like.stride(d))
+        order = memory_order(like)
     drawn = tuple(shape[d] for d in order)
     if p != 0.5:
         m = torch.rand(drawn, generator=generator, device=device) < p

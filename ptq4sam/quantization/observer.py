@@ -11,11 +11,16 @@ import torch
 from torch import nn
 
 
+def memory_order(x: torch.Tensor):
+    """``x``'s dimensions from the outermost in memory to the innermost (e.g. N, H, W, C for channels-last)."""
+    return sorted(range(x.dim()), key=lambda d: -x.stride(d))
+
+
 def channel_view(x: torch.Tensor, ch_axis: int) -> torch.Tensor:
     """(C, N) view of ``x`` for per-channel statistics, or (1, N) for per-tensor (ch_axis=-1)."""
     if ch_axis == -1:
         if not x.is_contiguous():  # a dense tensor in another layout (channels-last, permuted): a view, no copy
-            xp = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+            xp = x.permute(memory_order(x))
             if xp.is_contiguous():
                 return xp.reshape(1, -1)
         return x.reshape(1, -1)

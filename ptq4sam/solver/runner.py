@@ -136,10 +136,10 @@ def evaluate(dataset, results, metrics):
     return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float))}, buf.getvalue()
 
 
-def fp_cache_path(model, cfg, args, n: int, device, world: int) -> Path:
+def fp_cache_path(model, dataset, cfg, args, n: int, device, world: int) -> Path:
     """Where the FP baseline of this exact evaluation is kept: a hash of the model's float weights (SAM and prompt
-    detector), the resolved config, the annotation file and the images' names / sizes / times, the toolkit's source
-    (ptq4sam/, projects/), the torch / mmdet versions, the device type, the image count and the metrics."""
+    detector), the resolved config, the annotation file and the evaluated images' names / sizes / times, the toolkit's
+    source (ptq4sam/, projects/), the torch / mmdet versions, the device type, the image count and the metrics."""
     import hashlib  # noqa: PLC0415
 
     import mmdet  # noqa: PLC0415
@@ -149,12 +149,11 @@ def fp_cache_path(model, cfg, args, n: int, device, world: int) -> Path:
                          world]).encode())
     for t in model.state_dict().values():
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    ann = Path(cfg.data.test.ann_file)
-    h.update(ann.read_bytes())
+    h.update(Path(cfg.data.test.ann_file).read_bytes())
     prefix = Path(cfg.data.test.img_prefix)
-    for im in sorted(json.loads(ann.read_text())["images"], key=lambda i: i["id"])[:n]:
-        st = (prefix / im["file_name"]).stat()
-        h.update(f"{im['file_name']}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for info in dataset.data_infos[:n]:  # the images evaluated, in the evaluation's order
+        st = (prefix / info["filename"]).stat()
+        h.update(f"{info['filename']}:{st.st_size}:{st.st_mtime_ns}".encode())
     for root in ("ptq4sam", "projects"):
         for f in sorted((REPO_ROOT / root).rglob("*.py")):
             h.update(str(f.relative_to(REPO_ROOT)).encode() + f.read_bytes())
@@ -216,7 +215,7 @@ def main(argv=None):
         from ptq4sam.solver.quant_job import quantize_model  # noqa: PLC0415
 
         if args.fp_baseline:
-            cache = None if args.no_fp_cache else fp_cache_path(model, cfg, args, n, device, world)
+            cache = None if args.no_fp_cache else fp_cache_path(model, dataset, cfg, args, n, device, world)
             if cache is not None and cache.is_file():  # the same float model, data and code: evaluated before
                 ev = json.loads(cache.read_text())["fp"]
                 print(f"FP baseline from {cache} (same model weights, config, data and code; --no-fp-cache to redo)")
