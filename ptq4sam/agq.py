@@ -1,7 +1,11 @@
 """AGQ (Adaptive Granularity Quantization) search: pick tau (base 2^(1/tau)) and scale s per attention.
 
-The search minimises sum_images || Q(attn; s, tau) @ v - attn @ v ||_p^p over a grid of (tau, s) candidates,
-evaluated candidate by candidate in one work buffer on the tensors' device (no optimisation loop).
+``search='paper'`` (the paper's ``LogAvgMSEFastObserver``): for each tau and each calibration image, a bounded scalar
+minimisation (scipy's ``minimize_scalar``, method 'bounded') of the image's mean ``|Q(attn; s, tau) @ v - attn @ v|^p``
+over s in [min(0.1, 0.01 amax), amax]; tau = argmin of the per-image optimal errors summed over images, s = the mean of
+that tau's per-image optima (:class:`PaperAGQSearch`, fed one image at a time).
+``search='grid'`` (this toolkit's former search): one joint argmin over tau x ``scale_ratios`` * amax of the errors
+summed over the images (:func:`search_tau`).
 """
 from __future__ import annotations
 
@@ -47,3 +51,48 @@ def search_tau(pairs, bit: int, taus=(1, 2, 4), scale_ratios=(1.0, 0.9, 0.8, 0.7
     best = int(err.argmin())
     per_tau = {int(tau): float(err[t == tau].min()) for tau in taus}
     return {"tau": int(t[best]), "scale": float(s[best]), "error": float(err[best]), "error_per_tau": per_tau}
+
+
+@torch.no_grad()
+def agq_error(attn: torch.Tensor, log_attn: torch.Tensor, v: torch.Tensor, ref: torch.Tensor, tau: float, s: float,
+              bit: int, p: float, work: torch.Tensor) -> float:
+    """Mean |Q(attn; s, tau) @ v - attn @ v|^p, computed in the work buffer ``work`` (``log_attn`` = log2 attn)."""
+    levels = 2 ** bit
+    t = torch.sub(log_attn, math.log2(s), out=work).mul_(-tau).round_().clamp_(min=0)
+    drop = t >= levels
+    q = t.div_(-tau).exp2_().mul_(s).masked_fill_(drop, 0.0)
+    return float((q @ v - ref).abs_().pow_(p).mean())
+
+
+class PaperAGQSearch:
+    """The paper's AGQ search for one attention, one calibration image at a time (:meth:`add`), then :meth:`result`."""
+
+    def __init__(self, bit: int, taus: Sequence[int] = (1, 2, 4), p: float = 2.4):
+        self.bit, self.taus, self.p = bit, [int(t) for t in taus], p
+        self.errors = [0.0] * len(self.taus)
+        self.scales: List[List[float]] = [[] for _ in self.taus]
+
+    @torch.no_grad()
+    def add(self, attn: torch.Tensor, v: torch.Tensor) -> None:
+        from scipy.optimize import minimize_scalar  # noqa: PLC0415
+
+        attn, v = attn.float(), v.float()
+        amax = float(attn.max())
+        if amax <= 0:
+            return
+        ref = attn @ v
+        log_attn = attn.clamp(min=1e-20).log2()  # the paper clamps the softmax at 1e-20
+        work = torch.empty_like(log_attn)
+        for k, tau in enumerate(self.taus):
+            res = minimize_scalar(lambda s: agq_error(attn, log_attn, v, ref, tau, s, self.bit, self.p, work),
+                                  bounds=(min(0.1, 0.01 * amax), amax), method="bounded")
+            self.errors[k] += float(res.fun)
+            self.scales[k].append(float(res.x))
+
+    def result(self) -> Dict:
+        if not self.scales[0]:
+            raise ValueError("AGQ search saw no softmax map")
+        best = min(range(len(self.taus)), key=lambda k: (self.errors[k], k))  # the first of equal errors
+        return {"tau": self.taus[best], "scale": sum(self.scales[best]) / len(self.scales[best]),
+                "error": self.errors[best], "error_per_tau": dict(zip(self.taus, self.errors)),
+                "images": len(self.scales[best]), "search": "paper"}

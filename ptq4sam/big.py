@@ -14,14 +14,21 @@ import torch
 from .quantization.observer import subsample
 
 
-def kde(values: torch.Tensor, grid: torch.Tensor, bandwidth: Optional[float] = None) -> torch.Tensor:
+def bandwidth(values: torch.Tensor, rule: str = "scott") -> float:
+    """KDE bandwidth of 1-D ``values``: ``'scott'`` = std (ddof 1) * n^(-1/5), what ``scipy.stats.gaussian_kde``
+    uses by default (the paper's test); ``'silverman'`` = 1.06 * std * n^(-1/5) (this toolkit's former choice)."""
+    v = values.reshape(-1).double()
+    factor = {"scott": 1.0, "silverman": 1.06}[rule]
+    return float(factor * v.std() * v.numel() ** (-1 / 5)) or 1e-6
+
+
+def kde(values: torch.Tensor, grid: torch.Tensor, bw: Optional[float] = None) -> torch.Tensor:
     """Gaussian kernel density of 1-D ``values`` evaluated on ``grid`` (Scott's bandwidth by default)."""
     v = values.reshape(-1).float()
     n = v.numel()
-    if bandwidth is None:
-        bandwidth = float(1.06 * v.std() * n ** (-1 / 5)) or 1e-6
-    z = (grid[:, None] - v[None, :]) / bandwidth
-    return torch.exp(-0.5 * z * z).sum(1) / (n * bandwidth * math.sqrt(2 * math.pi))
+    h = bw if bw is not None else bandwidth(v)
+    z = (grid[:, None] - v[None, :]) / h
+    return torch.exp(-0.5 * z * z).sum(1) / (n * h * math.sqrt(2 * math.pi))
 
 
 def find_peaks(y: torch.Tensor, height: float = 0.0, distance: int = 1) -> torch.Tensor:
@@ -45,12 +52,14 @@ def find_peaks(y: torch.Tensor, height: float = 0.0, distance: int = 1) -> torch
 
 
 def detect_bimodal(values: torch.Tensor, global_num: int = 128, peak_distance: int = 32,
-                   peak_height: float = 0.01, max_samples: int = 1 << 16) -> Dict:
+                   peak_height: float = 0.01, max_samples: int = 0, bw_rule: str = "scott") -> Dict:
     """The paper's test: KDE on ``global_num`` grid points, peaks ``peak_distance`` apart and at least
-    ``peak_height`` x the total density; bimodal iff exactly two peaks."""
-    v = subsample(values.reshape(1, -1).float(), max_samples)[0]
+    ``peak_height`` x the total density; bimodal iff exactly two peaks. ``max_samples``: test a seeded random subset
+    of that many values (0 = all, as the paper)."""
+    v = values.reshape(1, -1).float()
+    v = (subsample(v, max_samples) if max_samples else v)[0]
     grid = torch.linspace(float(v.min()), float(v.max()), global_num, device=v.device)
-    dens = kde(v, grid).cpu()  # 1-D and tiny: the peak search runs on the host
+    dens = torch.cat([kde(v, g, bandwidth(v, bw_rule)) for g in grid.split(16)]).cpu()  # bounded memory
     grid = grid.cpu()
     peaks = find_peaks(dens, height=peak_height * float(dens.sum()), distance=peak_distance)
     return {"bimodal": int(peaks.numel()) == 2, "num_peaks": int(peaks.numel()),
@@ -73,16 +82,33 @@ def fold_signs(q_proj: torch.nn.Linear, k_proj: torch.nn.Linear, gamma: torch.Te
             lin.bias.mul_(g)
 
 
+def big_sample(k_posts: List[torch.Tensor], mode: str = "first_prompt", max_samples: int = 1 << 16):
+    """(values to test, values to take the signs from) out of one attention's recorded post-k_proj activations, one
+    (prompts, tokens, channels) tensor per calibration image. ``'first_prompt'`` (the paper): the first prompt of the
+    first image is tested, the signs come from all prompts of that image. ``'pooled'``: every image, a seeded random
+    subset of ``max_samples`` values tested (rows drawn at random, not strided, so every token position can appear),
+    the signs from all of them."""
+    if not k_posts:
+        raise ValueError("BIG: no post-k_proj activations recorded (no calibration image with a box?)")
+    if mode == "first_prompt":
+        first = k_posts[0]
+        return first[0].reshape(-1, first.shape[-1]), first.reshape(-1, first.shape[-1])
+    rows = torch.cat([k.reshape(-1, k.shape[-1]) for k in k_posts])
+    return subsample(rows.reshape(1, -1), max_samples)[0], rows
+
+
 def apply_big(attentions: List, k_posts: Dict[int, List[torch.Tensor]], global_num=128, peak_distance=32,
-              peak_height=0.01) -> List[Dict]:
-    """For each attention (a QuantDecoderAttention) test its recorded post-k_proj activations and flip if bimodal."""
+              peak_height=0.01, sample: str = "first_prompt", bw_rule: str = "scott") -> List[Dict]:
+    """For each attention (a QuantDecoderAttention) test its recorded post-k_proj activations (one tensor per
+    calibration image) and flip if bimodal."""
     report = []
     for att in attentions:
-        ks = torch.cat([k.reshape(-1, k.shape[-1]) for k in k_posts[id(att)]])
-        det = detect_bimodal(ks, global_num, peak_distance, peak_height)
-        entry = {"layer": att.role, "bimodal": det["bimodal"], "num_peaks": det["num_peaks"], "peaks": det["peaks"]}
+        test, sign_data = big_sample(k_posts[id(att)], sample)
+        det = detect_bimodal(test, global_num, peak_distance, peak_height, bw_rule=bw_rule)
+        entry = {"layer": att.role, "bimodal": det["bimodal"], "num_peaks": det["num_peaks"], "peaks": det["peaks"],
+                 "tested_values": int(test.numel())}
         if det["bimodal"]:
-            gamma = channel_signs(ks)
+            gamma = channel_signs(sign_data)
             fold_signs(att.q_proj, att.k_proj, gamma)
             entry["flipped_channels"] = int((gamma < 0).sum())
         else:

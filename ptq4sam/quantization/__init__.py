@@ -16,15 +16,17 @@ from .fake_quant import (  # noqa: F401
 from .observer import (  # noqa: F401
                          OBSERVERS,
                          AvgMinMaxObserver,
+                         AvgMSEFastObserver,
                          AvgMSEObserver,
                          MinMaxObserver,
+                         MSEFastObserver,
                          MSEObserver,
                          PercentileObserver,
                          qparams_from_range,
                          qrange,
 )
 from .qconfig import QuantizerConfig, build_quantizer  # noqa: F401
-from .qmodules import QuantConv2d, QuantLinear, QuantPoint, quantizers  # noqa: F401
+from .qmodules import QuantConv2d, QuantConvTranspose2d, QuantLinear, QuantPoint, quantizers  # noqa: F401
 from .state import (  # noqa: F401
                     disable_all,
                     enable_calibration,

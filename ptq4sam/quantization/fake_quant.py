@@ -181,17 +181,30 @@ class FixedFakeQuantize(FakeQuantizeBase):
 
 
 class LSQFakeQuantize(FakeQuantizeBase):
-    """LSQ: learnable scale (gradient-scaled by 1/sqrt(N * qmax)), fixed zero point."""
+    """LSQ: learnable scale with the gradient scaled by g = 1/sqrt(N * qmax), N = elements per scale (numel / C per
+    channel, as the paper's code; ``grad_scale_mode='numel'``: numel for every channel, this toolkit's former
+    choice), fixed zero point."""
 
     learnable = True
+
+    def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1, grad_scale_mode: str = "paper"):
+        super().__init__(observer, bit, symmetric, ch_axis)
+        if grad_scale_mode not in ("paper", "numel"):
+            raise ValueError(f"grad_scale_mode must be 'paper' or 'numel', got {grad_scale_mode!r}")
+        self.grad_scale_mode = grad_scale_mode
 
     def set_qparams(self, scale, zero_point):
         self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float())
         self.zero_point = zero_point.detach().clone().reshape(-1).float()
 
+    def grad_factor(self, x: torch.Tensor) -> float:
+        n = x.numel()
+        if self.ch_axis != -1 and self.grad_scale_mode == "paper":
+            n = n / x.shape[self.ch_axis]
+        return 1.0 / (n * self.quant_max) ** 0.5 if self.quant_max > 0 else 1.0
+
     def _params(self, x):
-        g = 1.0 / (x.numel() * self.quant_max) ** 0.5 if self.quant_max > 0 else 1.0
-        scale = grad_scale(self.scale, g).abs().clamp(min=1e-8)
+        scale = grad_scale(self.scale, self.grad_factor(x)).abs().clamp(min=1e-8)
         if self.ch_axis == -1:
             return scale, self.zero_point
         shape = _bshape(x, self.ch_axis)
@@ -202,7 +215,8 @@ class LSQFakeQuantize(FakeQuantizeBase):
 
 
 class LSQPlusFakeQuantize(LSQFakeQuantize):
-    """LSQ+: learnable scale and learnable (continuous, rounded with STE) zero point."""
+    """LSQ+: learnable scale and zero point (rounded with STE, gradient scaled like the scale's, as the paper's
+    code), clamped to [qmin, qmax] in training and at evaluation alike."""
 
     def set_qparams(self, scale, zero_point):
         self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float())
@@ -210,10 +224,14 @@ class LSQPlusFakeQuantize(LSQFakeQuantize):
 
     def _params(self, x):
         scale, _ = super()._params(x)
-        zp = torch.clamp(round_ste(self.zero_point), self.quant_min, self.quant_max)
+        zp = torch.clamp(round_ste(grad_scale(self.zero_point, self.grad_factor(x))), self.quant_min, self.quant_max)
         if self.ch_axis != -1:
             zp = zp.reshape(_bshape(x, self.ch_axis))
         return scale, zp
+
+    def _eval_params(self):
+        zp = self.zero_point.detach().round().clamp(self.quant_min, self.quant_max).to(torch.int32)
+        return self.scale.detach().abs().clamp(min=1e-8), zp
 
 
 class AdaRoundFakeQuantize(FakeQuantizeBase):

@@ -23,8 +23,11 @@ class QuantPoint(nn.Module):
 
 
 class _QuantWeightMixin:
+    weight_ch_axis = 0  # output channels of the weight
+
     def _init_quant(self, w_cfg: QuantizerConfig, a_cfg: Optional[QuantizerConfig]):
-        self.weight_quantizer = build_quantizer(w_cfg.with_(ch_axis=0) if w_cfg.ch_axis != -1 else w_cfg)
+        self.weight_quantizer = build_quantizer(w_cfg.with_(ch_axis=self.weight_ch_axis) if w_cfg.ch_axis != -1
+                                                else w_cfg)
         if self.weight_quantizer is not None:
             self.weight_quantizer.is_weight = True  # observed once from the weight, not during calibration runs
             if hasattr(self.weight_quantizer.observer, "exact"):
@@ -99,6 +102,32 @@ class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
 
     def forward(self, x):
         return self._conv_forward(self.input_quant(x), self.qweight(), self.bias)
+
+
+class QuantConvTranspose2d(nn.ConvTranspose2d, _QuantWeightMixin):
+    """nn.ConvTranspose2d whose input and weight are fake-quantized; its weight is (in, out / groups, kH, kW), so
+    per-channel weight quantization runs along axis 1 (output channels)."""
+
+    weight_ch_axis = 1
+
+    @classmethod
+    def from_float(cls, m: nn.ConvTranspose2d, w_cfg: QuantizerConfig, a_cfg: Optional[QuantizerConfig]):
+        if m.groups != 1:
+            raise ValueError(f"QuantConvTranspose2d: grouped transposed convolutions (groups={m.groups}) are not "
+                             "supported (per-channel weight axis 1 would mix groups)")
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        for k in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode", "transposed", "output_padding"):
+            setattr(q, k, getattr(m, k))
+        q.weight, q.bias = m.weight, m.bias
+        q._init_quant(w_cfg, a_cfg)
+        return q
+
+    def forward(self, x, output_size=None):
+        out_pad = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(self.input_quant(x), self.qweight(), self.bias, self.stride, self.padding,
+                                  out_pad, self.groups, self.dilation)
 
 
 def quantizers(module: nn.Module):

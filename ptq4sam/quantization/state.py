@@ -56,12 +56,14 @@ def set_drop_prob(model: nn.Module, p: float, only_layer_inputs: bool = False) -
 
 
 def harden_all(model: nn.Module) -> int:
-    """Harden every AdaRound quantizer; returns how many."""
-    n = 0
+    """Harden every AdaRound quantizer; returns how many are hard."""
     for q in _each(model, AdaRoundFakeQuantize):
         q.harden()
-        n += 1
-    return n
+    return count_hard(model)
+
+
+def count_hard(model: nn.Module) -> int:
+    return sum(1 for q in model.modules() if isinstance(q, AdaRoundFakeQuantize) and q.hard)
 
 
 def min_drop_prob(model: nn.Module) -> float:

@@ -60,7 +60,7 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
     info["calibration_boxes"] = int(sum(len(s.boxes) for s in samples))
     info["prompt_calibration_s"] = round(time.time() - t, 2)
     info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device,
-                                   legacy_eval_drop=args.legacy_eval_drop, log=print if rank == 0 else (lambda *a: 0)))
+                                   paper_eval_bugs=args.paper_eval_bugs, log=print if rank == 0 else (lambda *a: 0)))
     if args.save_sam_path and rank == 0:
         Path(args.save_sam_path).parent.mkdir(parents=True, exist_ok=True)
         save_quantized(seg.sam, args.save_sam_path, {"info": {k: v for k, v in info.items()

@@ -44,8 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (debugging)")
     p.add_argument("--save_sam_path", "--save-sam-path", dest="save_sam_path", default=None)
     p.add_argument("--load_sam_path", "--load-sam-path", dest="load_sam_path", default=None)
-    p.add_argument("--legacy-eval-drop", action="store_true",
-                   help="reproduce the paper repo's evaluation bug: activation quantizers keep drop prob 0.5")
+    p.add_argument("--paper-eval-bugs", "--legacy-eval-drop", dest="paper_eval_bugs", action="store_true",
+                   help="reproduce the paper code's two evaluation leaks (to compare with its numbers): layer-input "
+                        "quantizers left at QDrop's drop probability 0.5 and only the first AdaRound layer of each "
+                        "reconstruction unit hardened (the others keep soft rounding); recorded in metrics.json")
     p.add_argument("--compile-agq", action="store_true",
                    help="evaluate AGQ with a torch.compile-fused kernel on CUDA (faster; last-bit differences possible)")
     args = p.parse_args(argv)
