@@ -58,11 +58,11 @@ def test_per_channel_quant_any_axis():
     assert torch.allclose(q(x.requires_grad_(True)).detach(), ref, atol=1e-6)
 
 
-def test_mse_observer_equals_brute_force():
+def test_shrink_mse_observer_equals_brute_force():
     torch.manual_seed(1)
     w = torch.randn(6, 40) * torch.linspace(0.1, 3, 6)[:, None]
     w[2, 3] = 9.0  # an outlier the search should clip
-    obs = MSEObserver(bit=4, symmetric=False, ch_axis=0, p=2.4, num_candidates=50)
+    obs = MSEObserver(bit=4, symmetric=False, ch_axis=0, p=2.4, num_candidates=50, search="shrink")
     obs(w)
     qmin, qmax = qrange(4, False)
     for c in range(6):
@@ -230,8 +230,8 @@ def test_quantized_values_are_on_the_grid(bit, sym):
 def test_mse_observer_histogram_path_agrees_with_exact_search():
     torch.manual_seed(0)
     x = torch.cat([torch.randn(200000), torch.tensor([25.0, -18.0])])
-    exact = MSEObserver(bit=4, max_samples=1 << 30)
-    fast = MSEObserver(bit=4, max_samples=1 << 12)  # histogram path
+    exact = MSEObserver(bit=4, max_samples=1 << 30, search="shrink")
+    fast = MSEObserver(bit=4, max_samples=1 << 12, search="shrink")  # histogram path
     exact(x)
     fast(x)
     assert fast.max_val.item() == pytest.approx(exact.max_val.item(), rel=0.03)
@@ -257,13 +257,13 @@ def test_mse_observer_per_channel_histograms_agree_with_exact_search():
     x = torch.nn.functional.gelu(x)
     x[0, 3, 5, 5], x[1, 7, 0, 0] = 40.0, -9.0  # outliers
     for bit in (4, 6, 8):
-        exact = MSEObserver(bit=bit, ch_axis=1, max_samples=1 << 30)
-        fast = MSEObserver(bit=bit, ch_axis=1)  # 8192 samples per channel > max_samples: histograms
+        exact = MSEObserver(bit=bit, ch_axis=1, max_samples=1 << 30, search="shrink")
+        fast = MSEObserver(bit=bit, ch_axis=1, search="shrink")  # 8192 samples per channel: histograms
         exact(x)
         fast(x)
         assert torch.allclose(fast.max_val, exact.max_val, rtol=0.03, atol=1e-6)
         assert torch.allclose(fast.min_val, exact.min_val, rtol=0.03, atol=1e-6)
-    w = MSEObserver(bit=8, ch_axis=1, exact=True)  # weights (observed once) always take the exact search
+    w = MSEObserver(bit=8, ch_axis=1, exact=True, search="shrink")  # weights (observed once): the exact search
     w(x)
     assert torch.equal(w.max_val, exact.max_val) and torch.equal(w.min_val, exact.min_val)
 

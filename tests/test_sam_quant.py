@@ -241,9 +241,68 @@ def test_reconstruction_beats_round_to_nearest_and_evaluates_fully_quantized(lit
     assert all(q.hard for q in sam.modules() if hasattr(q, "hard"))
 
 
-def test_legacy_eval_drop_is_explicit(lite):
-    sam, info = _decoder_ptq(lite, calib_samples(1), ["recon.iters=0"], legacy=True)
+def test_paper_eval_bugs_are_explicit_and_reproduce_both_leaks(lite):
+    from ptq4sam.quantization import AdaRoundFakeQuantize
+
+    s1 = calib_samples(1)
+    sam, info = _decoder_ptq(lite, s1, ["recon.iters=2", "recon.max_boxes=2"], legacy=True)
     assert info["paper_eval_bugs"] and min_drop_prob(sam) == 0.5
+    units = recon_units(sam, False)  # the paper's units: only the first AdaRound layer of each is hard
+    for u in units:
+        ada = [q for q in u.modules() if isinstance(q, AdaRoundFakeQuantize)]
+        assert ada[0].hard and not any(q.hard for q in ada[1:])
+    assert info["adaround_hardened"] == len(units) < info["adaround_layers"]
+    sam, info = _decoder_ptq(lite, s1, ["recon.iters=2", "recon.max_boxes=2"])
+    assert not info["paper_eval_bugs"] and min_drop_prob(sam) == 1.0
+    assert info["adaround_hardened"] == info["adaround_layers"]
+
+
+def test_module_units_log_both_gradient_norms_and_match_the_paper_granularity(lite):
+    sam, info = _decoder_ptq(lite, calib_samples(1), ["recon.iters=3", "recon.warm_up=0", "recon.max_boxes=2"])
+    names = [u["unit"].split()[-1] for u in info["recon"]]
+    assert names == ["QuantDecoderAttention"] * 2 + ["MLPBlock"] + ["QuantDecoderAttention"] * 3 + ["MLPBlock"] + \
+        ["QuantDecoderAttention"] * 2
+    assert all(u["grad_norm_rec"] > 0 and u["grad_norm_round"] > 0 for u in info["recon"])
+    _, blk = _decoder_ptq(lite, calib_samples(1), ["recon.iters=1", "recon.units=block", "recon.max_boxes=2"])
+    assert [u["unit"].split()[-1] for u in blk["recon"]] == ["TwoWayAttentionBlock"] * 2 + ["QuantDecoderAttention"]
+
+
+def test_calibration_images_without_boxes_are_skipped_by_the_decoder(lite):
+    from ptq4sam.ptq import CalibSample
+
+    s = calib_samples(2)
+    empty = CalibSample(s[0].image, np.zeros((0, 4), np.float32))
+    sam, info = _decoder_ptq(lite, [empty, s[1], empty], ["recon.iters=1", "recon.max_boxes=2"])
+    assert info["calib_images_without_boxes"] == 2 and len(info["recon"]) == 9
+    q = load_qconfig(ROOT_EXP, ["recon.iters=0"])
+    with pytest.raises(ValueError, match="none of the 2 calibration images has a box"):
+        quantize_segmenter(BoxPromptSegmenter(copy.deepcopy(lite)), [empty, empty], q, quant_encoder=True,
+                           device=torch.device("cpu"), log=lambda *a: None)
+
+
+def test_float_modules_edits_are_honoured_or_refused(lite, monkeypatch):
+    from ptq4sam import quant_sam
+    from ptq4sam.quantization import QuantConvTranspose2d
+
+    cfg = QConfig(float_modules=["patch_embed", "iou_prediction_head", "output_hypernetworks_mlps"])
+    q = _quantized_copy(lite, cfg)
+    ups = [m for m in q.mask_decoder.output_upscaling.modules() if isinstance(m, QuantConvTranspose2d)]
+    assert len(ups) == 2 and all(u.weight_quantizer.ch_axis == 1 for u in ups)
+    rep = quant_sam.quantization_report(q)
+    assert "mask_decoder.output_upscaling.0" in rep["quantized"]
+    assert any(n.startswith("image_encoder.patch_embed") for n in rep["float"])
+    # quantized ConvTranspose2d = the float one on fake-quantized weight and input
+    u = ups[0]
+    for qq in (u.weight_quantizer, u.input_quant.quantizer):
+        qq.observer(u.weight if qq is u.weight_quantizer else torch.randn(1, 256, 8, 8))
+        qq.init_from_observer()
+        qq.fake_quant_enabled = True
+    x = torch.randn(1, 256, 8, 8)
+    ref = torch.nn.functional.conv_transpose2d(u.input_quant(x), u.weight_quantizer(u.weight), u.bias, stride=2)
+    assert torch.equal(u(x), ref)
+    monkeypatch.delitem(quant_sam.QUANT_MODULE_REGISTRY, torch.nn.ConvTranspose2d)
+    with pytest.raises(ValueError, match="'output_upscaling' is not listed as float.*ConvTranspose2d"):
+        _quantized_copy(lite, cfg)
 
 
 @pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])

@@ -68,6 +68,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ablation", nargs="*", type=int, default=[],
                    help="also run QDrop+BIG and QDrop+AGQ at these bit widths (GT prompts)")
+    p.add_argument("--fp-from", default=None, metavar="JSON",
+                   help="take the FP row from this accuracy.json (same split and device) instead of re-evaluating")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="no runs: merge these accuracy.json files into one JSON + markdown + PNG (--out-dir/--markdown)")
     a = p.parse_args(argv)
@@ -98,9 +100,17 @@ def main(argv=None):
         ev_prompts = prompts_for(kind, eval_ann, "eval96")
         cal_prompts = prompts_for(kind, calib_ann, "calib32")
         t = time.time()
-        fp = coco_eval.evaluate(BoxPromptSegmenter(base), eval_ann_file, DATA / "train2017", ev_prompts,
-                                max_images=a.eval_images, desc=f"{kind} FP")
-        runs.append({"prompts": kind, "method": "fp", "bits": 32, **fp, "eval_s": round(time.time() - t, 1)})
+        prev = [r for r in json.loads(Path(a.fp_from).read_text())["runs"]
+                if r["method"] == "fp" and r["prompts"] == kind] if a.fp_from else []
+        if a.fp_from and not prev:
+            raise SystemExit(f"--fp-from {a.fp_from}: no FP row for {kind} prompts")
+        if prev:
+            fp = {k: v for k, v in prev[0].items() if k not in ("prompts", "method", "bits", "eval_s")}
+            runs.append({**prev[0], "fp_from": a.fp_from})
+        else:
+            fp = coco_eval.evaluate(BoxPromptSegmenter(base), eval_ann_file, DATA / "train2017", ev_prompts,
+                                    max_images=a.eval_images, desc=f"{kind} FP")
+            runs.append({"prompts": kind, "method": "fp", "bits": 32, **fp, "eval_s": round(time.time() - t, 1)})
         print(json.dumps(runs[-1]))
         save()
         grid = [(b, m) for b in a.bits for m in a.methods]
@@ -125,6 +135,7 @@ def main(argv=None):
             run = {"prompts": kind, "method": method, "bits": bits, **m, "q_config": str(qpath.relative_to(ROOT)),
                    "q_options": opts, "seed": qcfg.seed, "calibrate": qcfg.calibrate, "recon_iters": qcfg.recon.iters,
                    "calibration_s": info["calibration_s"], "reconstruction_s": info["reconstruction_s"],
+                   "recon_units": info.get("recon_units"), "agq_s": info.get("agq_search_s"),
                    "quantize_s": round(t_q, 1), "eval_s": round(time.time() - t, 1),
                    "pct_of_fp": round(100 * m["segm_mAP"] / max(fp["segm_mAP"], 1e-9), 1),
                    **({"big_flipped": [e["layer"] for e in info["big"] if e["bimodal"]]} if "big" in info else {}),
