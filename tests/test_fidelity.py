@@ -108,7 +108,7 @@ def test_mse_fast_observer_minimises_on_a_known_case():
     obs = MSEFastObserver(bit=4)
     obs(x)
     lo, hi = float(obs.min_val), float(obs.max_val)
-    assert hi < 3 and lo > -2
+    assert hi < 9 and lo > -6  # both outliers clipped
 
     def err(a, b):
         s, zp = qparams_from_range(torch.tensor([a]), torch.tensor([b]), 4, False)
@@ -185,3 +185,32 @@ def test_lsq_plus_clamps_the_zero_point_in_training_and_evaluation_alike():
     assert torch.allclose(train.detach(), ev) and float(train.detach().min()) == pytest.approx(-1.5)  # zp clamped to 15
     train.sum().backward()
     assert q.zero_point.grad is not None
+
+
+def test_weight_range_cache_returns_the_search_result(tmp_path, monkeypatch):
+    from ptq4sam.quantization import weight_cache
+
+    monkeypatch.setenv("PTQ4SAM_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    w = torch.randn(8, 32) + 0.3
+    ref = MSEObserver(bit=4, ch_axis=0, exact=True)
+    ref(w)
+    first, second = MSEObserver(bit=4, ch_axis=0, exact=True), MSEObserver(bit=4, ch_axis=0, exact=True)
+    weight_cache.observe_weight(first, w)
+    files = list((tmp_path / "weight_ranges").glob("*.pt"))
+    assert len(files) == 1
+    calls = []
+    monkeypatch.setattr(MSEObserver, "batch_range", lambda *a: calls.append(1))  # a cache hit must not search
+    weight_cache.observe_weight(second, w)
+    assert not calls
+    for o in (first, second):
+        assert torch.equal(o.min_val, ref.min_val) and torch.equal(o.max_val, ref.max_val) and o.num_batches == 1
+    other = MSEObserver(bit=3, ch_axis=0, exact=True)  # another bit width is another key
+    monkeypatch.undo()
+    monkeypatch.setenv("PTQ4SAM_CACHE_DIR", str(tmp_path))
+    weight_cache.observe_weight(other, w)
+    assert len(list((tmp_path / "weight_ranges").glob("*.pt"))) == 2
+    files[0].write_bytes(b"damaged")  # a damaged file is recomputed
+    again = MSEObserver(bit=4, ch_axis=0, exact=True)
+    weight_cache.observe_weight(again, w)
+    assert torch.equal(again.min_val, ref.min_val)

@@ -64,9 +64,9 @@ def main(argv=None):
         entry = {"layer": att.role}
         if "token_to_image" in att.role:
             k = torch.cat(kposts[id(att)]["k_post"]).float()
-            det = detect_bimodal(k)
+            det = detect_bimodal(k, max_samples=1 << 16)
             gamma = channel_signs(k)
-            after = detect_bimodal(k * gamma)
+            after = detect_bimodal(k * gamma, max_samples=1 << 16)
             entry.update(bimodal=det["bimodal"], peaks=det["peaks"], peaks_after=after["peaks"])
             fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
             for axis, vals, d, title in ((ax[0], k, det, "before BIG"), (ax[1], k * gamma, after, "after BIG (gamma folded)")):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .fake_quant import AdaRoundFakeQuantize, FakeQuantizeBase
 from .qconfig import QuantizerConfig, build_quantizer
+from .weight_cache import observe_weight
 
 
 class QuantPoint(nn.Module):
@@ -64,7 +65,7 @@ class _QuantWeightMixin:
         wq = self.weight_quantizer
         if wq is None:
             return
-        wq.observer(self.weight)
+        observe_weight(wq.observer, self.weight)  # cached: the 2-D range search is the costly part of calibration
         wq.init_from_observer()
         if isinstance(wq, AdaRoundFakeQuantize) and wq.learnable:
             wq.init_alpha(self.weight)

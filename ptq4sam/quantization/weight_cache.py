@@ -1,0 +1,63 @@
+"""Cache of weight ranges: a weight is observed once, and its MSE range search (the paper's 2-D search over ranges x
+zero points) is the most expensive part of calibration on a CPU. The chosen (min, max) per channel is a deterministic
+function of the weight's bytes and the observer's settings, so it is stored under a hash of both and reused by any
+later run (another bit width or observer is another key).
+
+Location: ``$PTQ4SAM_CACHE_DIR/weight_ranges`` (default ``~/.cache/ptq4sam/weight_ranges``);
+``PTQ4SAM_WEIGHT_CACHE=off`` disables it. Files are written atomically and read with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .observer import ObserverBase
+
+VERSION = "2d-walk-1"  # bump when a search changes its result
+
+
+def cache_dir() -> Optional[Path]:
+    if os.environ.get("PTQ4SAM_WEIGHT_CACHE", "on").lower() in ("off", "0", "false", "no"):
+        return None
+    root = os.environ.get("PTQ4SAM_CACHE_DIR") or str(Path.home() / ".cache" / "ptq4sam")
+    return Path(root) / "weight_ranges"
+
+
+def _key(obs: ObserverBase, w: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    wc = w.detach().to("cpu", torch.float32).contiguous()
+    h.update(wc.numpy().tobytes())
+    settings = {k: v for k, v in sorted(vars(obs).items()) if not k.startswith("_") and k not in ("training",)
+                and isinstance(v, (int, float, str, bool, type(None)))}
+    settings.pop("num_batches", None)
+    settings.pop("one_side", None)
+    h.update(repr((VERSION, type(obs).__name__, tuple(wc.shape), settings)).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def observe_weight(obs: ObserverBase, w: torch.Tensor) -> None:
+    """``obs(w)``, or its cached outcome (min_val, max_val) when the same weight was observed the same way before."""
+    d = cache_dir()
+    path = d / f"{_key(obs, w)}.pt" if d is not None else None
+    if path is not None and path.is_file():
+        try:
+            saved = torch.load(path, map_location=w.device, weights_only=True)
+            obs.min_val, obs.max_val = saved["min_val"], saved["max_val"]
+            obs.num_batches = 1
+            return
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed and rewritten
+            pass
+    obs(w)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save({"min_val": obs.min_val.cpu(), "max_val": obs.max_val.cpu()}, tmp)
+            os.replace(tmp, path)
+        except OSError:  # a read-only home: no cache, same result
+            pass
