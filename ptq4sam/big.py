@@ -91,7 +91,7 @@ def big_sample(k_posts: List[torch.Tensor], mode: str = "first_prompt", max_samp
     if not k_posts:
         raise ValueError("BIG: no post-k_proj activations recorded (no calibration image with a box?)")
     if mode == "first_prompt":
-        first = k_posts[0]
+        first = k_posts[0] if k_posts[0].dim() >= 3 else k_posts[0][None]  # (tokens, channels): one prompt
         return first[0].reshape(-1, first.shape[-1]), first.reshape(-1, first.shape[-1])
     rows = torch.cat([k.reshape(-1, k.shape[-1]) for k in k_posts])
     return subsample(rows.reshape(1, -1), max_samples)[0], rows
