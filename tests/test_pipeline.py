@@ -172,7 +172,9 @@ def test_distributed_equals_single_process(tmp_path, fp_gt4):
 
 def test_quantized_runs_are_repeatable_and_save_load_identical(tmp_path):
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "3",
-              "--q-options", "calibrate=2", "recon.iters=4", "ptq4sam.agq_images=1"]
+              "--q-options", "calibrate=2", "recon.iters=4", "ptq4sam.agq_images=1",
+              # repeatability, not the algorithms (tests/test_fidelity.py): the cheaper AGQ grid and block units
+              "ptq4sam.agq_search=grid", "recon.units=block"]
     a = run_cli(common + ["--work-dir", str(tmp_path / "a"), "--save_sam_path", str(tmp_path / "q.pth")])
     assert a.returncode == 0, a.stderr[-3000:]
     b = run_cli(common + ["--work-dir", str(tmp_path / "b")])
