@@ -21,6 +21,13 @@ def candidate_grid(amax: float, taus: Sequence[int], scale_ratios: Sequence[floa
     return t, s
 
 
+def _quantize_log2(log_attn: torch.Tensor, tau: float, s: float, levels: int, work: torch.Tensor) -> torch.Tensor:
+    """The AGQ formula of :func:`agq_quantize` from log2 of the softmax map (log2(x/s) split), in ``work``."""
+    t = torch.sub(log_attn, math.log2(s), out=work).mul_(-tau).round_().clamp_(min=0)
+    drop = t >= levels
+    return t.div_(-tau).exp2_().mul_(s).masked_fill_(drop, 0.0)
+
+
 @torch.no_grad()
 def agq_errors(pairs: List[Tuple[torch.Tensor, torch.Tensor]], taus: torch.Tensor, scales: torch.Tensor, bit: int,
                p: float = 2.4) -> torch.Tensor:
@@ -35,10 +42,7 @@ def agq_errors(pairs: List[Tuple[torch.Tensor, torch.Tensor]], taus: torch.Tenso
         log_attn = attn.clamp(min=1e-30).log2_()
         work = torch.empty_like(log_attn)
         for k in range(taus.numel()):
-            tau, s = float(taus[k]), float(scales[k])
-            t = torch.sub(log_attn, math.log2(s), out=work).mul_(-tau).round_().clamp_(min=0)
-            drop = t >= levels
-            q = t.div_(-tau).exp2_().mul_(s).masked_fill_(drop, 0.0)
+            q = _quantize_log2(log_attn, float(taus[k]), float(scales[k]), levels, work)
             err[k] += float((q @ v - ref).abs_().pow_(p).sum())
     return err
 
@@ -57,10 +61,7 @@ def search_tau(pairs, bit: int, taus=(1, 2, 4), scale_ratios=(1.0, 0.9, 0.8, 0.7
 def agq_error(attn: torch.Tensor, log_attn: torch.Tensor, v: torch.Tensor, ref: torch.Tensor, tau: float, s: float,
               bit: int, p: float, work: torch.Tensor) -> float:
     """Mean |Q(attn; s, tau) @ v - attn @ v|^p, computed in the work buffer ``work`` (``log_attn`` = log2 attn)."""
-    levels = 2 ** bit
-    t = torch.sub(log_attn, math.log2(s), out=work).mul_(-tau).round_().clamp_(min=0)
-    drop = t >= levels
-    q = t.div_(-tau).exp2_().mul_(s).masked_fill_(drop, 0.0)
+    q = _quantize_log2(log_attn, tau, s, 2 ** bit, work)
     return float((q @ v - ref).abs_().pow_(p).mean())
 
 

@@ -166,14 +166,18 @@ class UnitCache:
     def load(self, x):
         return _map_tensors(x, lambda t: t.to(self.compute))
 
-    def capture_inputs(self, seg, samples, idx: List[int], i: int, mode: str):
-        """Inputs (args, kwargs) of stage i for the samples ``idx``, with earlier stages replaced by stubs."""
-        captured = []
-        stage = self.stages[i]
-
+    def _grabber(self, captured: List[Any]):
+        """A forward that stores its inputs (args, kwargs) in ``captured`` and stops the forward pass."""
         def grab(*args, **kwargs):
             captured.append(self.store((args, kwargs)))
             raise _Stop
+        return grab
+
+    def capture_inputs(self, seg, samples, idx: List[int], i: int, mode: str):
+        """Inputs (args, kwargs) of stage i for the samples ``idx``, with earlier stages replaced by stubs."""
+        captured: List[Any] = []
+        stage = self.stages[i]
+        grab = self._grabber(captured)
 
         stubs = {}
         for j in range(i):
@@ -203,13 +207,8 @@ class UnitCache:
 
     def capture_within(self, stage: nn.Module, unit: nn.Module, stage_inputs):
         """Inputs of ``unit`` (a module inside ``stage``) from the stage's cached inputs, in the current state."""
-        captured = []
-
-        def grab(*args, **kwargs):
-            captured.append(self.store((args, kwargs)))
-            raise _Stop
-
-        unit.forward = grab
+        captured: List[Any] = []
+        unit.forward = self._grabber(captured)
         try:
             with torch.no_grad():
                 for args, kwargs in stage_inputs:
