@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import InputError, InputNotFound
+from .images import read_rgb
 from .progress import progress
 
 Prompt = Tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4) xyxy, scores (N,), category ids (N,)
@@ -21,11 +23,11 @@ Prompt = Tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (N,4) xyxy, scores (
 def load_ann(path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise InputNotFound(f"annotation file not found: {path}")
     ann = json.loads(p.read_text())
     for key in ("images", "annotations", "categories"):
         if key not in ann:
-            raise ValueError(f"{path}: COCO annotation file has no '{key}' list")
+            raise InputError(f"{path}: COCO annotation file has no '{key}' list")
     return ann
 
 
@@ -56,15 +58,6 @@ def json_prompts(ann: dict, dets_file, score_thr=0.05, max_boxes: Optional[int] 
         out[im["id"]] = (xywh_to_xyxy([d["bbox"] for d in ds]), np.array([d["score"] for d in ds], np.float32),
                          np.array([d["category_id"] for d in ds], np.int64))
     return out
-
-
-def read_rgb(path) -> np.ndarray:
-    import cv2  # noqa: PLC0415  (same decoder as mmcv.imread)
-
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise FileNotFoundError(f"image not found or unreadable: {path}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def first_images(ann: dict, n: Optional[int] = None) -> List[dict]:

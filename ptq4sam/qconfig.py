@@ -19,11 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from .errors import InputNotFound, UserError
 from .quantization import OBSERVERS, QUANTIZERS, QuantizerConfig
 
 
-class QConfigError(ValueError):
-    pass
+class QConfigError(UserError, ValueError):
+    """A q_config yaml or --q-options value that is not valid (names the file, key and value)."""
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _merge(base: Dict, over: Dict) -> Dict:
 
 def _read_yaml(path: Path, seen=()) -> Dict:
     if not path.is_file():
-        raise FileNotFoundError(f"q_config not found: {path}")
+        raise InputNotFound(f"q_config not found: {path}")
     if path.resolve() in seen:
         raise QConfigError(f"{path}: 'root' inheritance loops back to itself")
     try:

@@ -16,6 +16,7 @@ from segment_anything.modeling import image_encoder as vit
 from segment_anything.modeling import transformer as twoway
 from torch import nn
 
+from .errors import InputError
 from .models.sam_builder import fuse_conv_bn
 from .quantization import (
     AGQFakeQuantize,
@@ -241,7 +242,7 @@ def quantize_sam(sam, ctx: QuantContext, quant_encoder: bool, float_modules=DEFA
     comps = sam_components(sam)
     unknown = sorted(set(float_modules) - set(comps))
     if unknown:
-        raise ValueError(f"float_modules: unknown component(s) {unknown}; expected some of {sorted(comps)}")
+        raise InputError(f"float_modules: unknown component(s) {unknown}; expected some of {sorted(comps)}")
     skip = {id(comps[n]) for n in float_modules}
     ctx.roles = decoder_roles(sam.mask_decoder.transformer)
     dec = sam.mask_decoder
@@ -262,9 +263,12 @@ def quantize_sam(sam, ctx: QuantContext, quant_encoder: bool, float_modules=DEFA
         left = [(n or name, type(m).__name__) for n, m in mod.named_modules()
                 if isinstance(m, WEIGHTED) and not _is_quantized(m)]
         if left:
-            raise ValueError(f"float_modules: '{name}' is not listed as float, but its layers {[n for n, _ in left][:4]}"
+            raise InputError(f"float_modules: '{name}' is not listed as float, but its layers {[n for n, _ in left][:4]}"
                              f" cannot be quantized (no registry entry for {sorted({t for _, t in left})}); add "
                              f"'{name}' to float_modules or register a quantized module for that type")
+    for qname, q in sam.named_modules():  # errors about a quantizer name it (e.g. NaN during calibration)
+        if isinstance(q, FakeQuantizeBase):
+            q.qname = qname
     return sam
 
 

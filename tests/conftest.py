@@ -48,8 +48,8 @@ def calib_samples(n: int, ann_file=CALIB_ANN):
     return out
 
 
-def run_cli(args, timeout=900):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_cli(args, timeout=900, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     p = subprocess.run([sys.executable, str(ROOT / "ptq4sam/solver/test_quant.py"), *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout)
     return p

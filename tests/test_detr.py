@@ -1,4 +1,5 @@
 """H-Deformable-DETR / DINO prompt detectors: ops, configs, checkpoint conversion (random weights, CPU)."""
+import argparse
 import json
 
 import numpy as np
@@ -133,7 +134,7 @@ def test_checkpoint_round_trip_through_official_layout_is_strict(kind, tmp_path)
         assert "backbone.0.body.layer1.0.bn1.running_var" in official
         assert not any(k.endswith("num_batches_tracked") for k in official)
     path = tmp_path / "release.pth"
-    torch.save({"model": official, "args": None, "epoch": 35}, path)
+    torch.save({"model": official, "args": argparse.Namespace(lr=2e-4, backbone=kind), "epoch": 35}, path)
     torch.manual_seed(2)
     dst = build_detr(cfg).eval()
     load_official(dst, str(path), kind)

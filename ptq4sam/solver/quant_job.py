@@ -1,13 +1,16 @@
 """mmdet side of quantization: calibration images + their prompts from the config, then the torch-only PTQ."""
 from __future__ import annotations
 
+import hashlib
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ptq4sam.ptq import CalibSample, load_quantized, quantize_segmenter, save_quantized
+from ptq4sam.errors import ImageReadError, InputError, InputNotFound, UnknownName
+from ptq4sam.ptq import CalibSample, ReconCheckpoint, load_quantized, quantize_segmenter, save_quantized
 from ptq4sam.quant_sam import quantize_sam
 
 from .data import build_eval_dataset, collate_one
@@ -15,23 +18,34 @@ from .data import build_eval_dataset, collate_one
 
 def calibration_samples(model, cfg, qcfg, device, seed: int):
     if "calib" not in cfg.data:
-        raise KeyError("config has no data.calib (the calibration images); see projects/configs/_base_/")
+        raise UnknownName("config has no data.calib (the calibration images); see projects/configs/_base_/")
     ds = build_eval_dataset(cfg.data.calib, "data.calib")
     ids = [info["id"] for info in ds.data_infos]
     if qcfg.calibrate > len(ds):
-        raise ValueError(f"calibrate: {qcfg.calibrate} images asked, {cfg.data.calib.ann_file} has {len(ds)}")
+        raise InputError(f"calibrate: {qcfg.calibrate} images asked, {cfg.data.calib.ann_file} has {len(ds)}")
     if qcfg.calibrate_mode == "first":
         order = list(np.argsort(ids, kind="stable"))
     else:
         order = list(np.random.default_rng(seed).permutation(len(ds)))
-    samples, names = [], []
+    samples, names, skipped = [], [], []
     with torch.no_grad():
-        for idx in order[: qcfg.calibrate]:
-            img, metas = collate_one(ds, int(idx), device)
+        for idx in order:
+            if len(samples) == qcfg.calibrate:
+                break
+            try:
+                img, metas = collate_one(ds, int(idx), device)
+                image = model.load_image(metas[0])
+            except ImageReadError as e:  # the next image by the same order takes its place
+                print(f"warning: calibration: skipping image {e.path}: {e.reason}", file=sys.stderr)
+                skipped.append({"file": e.path, "reason": e.reason})
+                continue
             prompts = model.prompt_source(img, metas)[0]
-            samples.append(CalibSample(model.load_image(metas[0]), prompts.boxes))
+            samples.append(CalibSample(image, prompts.boxes))
             names.append(metas[0]["ori_filename"])
-    return samples, names
+    if len(samples) < qcfg.calibrate:
+        raise InputError(f"calibrate: {qcfg.calibrate} images asked, only {len(samples)} of the {len(ds)} in "
+                         f"{cfg.data.calib.ann_file} can be read ({len(skipped)} skipped, e.g. {skipped[0]['file']})")
+    return samples, names, skipped
 
 
 def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dict:
@@ -44,27 +58,51 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
         from ptq4sam.ptq import build_context  # noqa: PLC0415
 
         if not Path(args.load_sam_path).is_file():
-            raise FileNotFoundError(f"--load_sam_path: {args.load_sam_path} not found")
+            raise InputNotFound(f"--load_sam_path: {args.load_sam_path} not found")
         for p in seg.sam.parameters():
             p.requires_grad_(False)
         quantize_sam(seg.sam, build_context(qcfg), args.quant_encoder, float_modules=tuple(qcfg.float_modules))
-        saved = load_quantized(seg.sam, args.load_sam_path, device)
+        saved = load_quantized(seg.sam, args.load_sam_path, device, qcfg, args.quant_encoder)
         info.update(saved.get("info", {}))
         info["loaded_from"] = args.load_sam_path
         info["load_s"] = round(time.time() - t, 2)
         return info
     torch.manual_seed(qcfg.seed if args.seed is None else args.seed)
     t = time.time()
-    samples, names = calibration_samples(model, cfg, qcfg, device, qcfg.seed)
+    samples, names, skipped = calibration_samples(model, cfg, qcfg, device, qcfg.seed)
     info["calibration_images"] = names
+    info["calibration_skipped_images"] = skipped
     info["calibration_boxes"] = int(sum(len(s.boxes) for s in samples))
     info["prompt_calibration_s"] = round(time.time() - t, 2)
-    info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device,
-                                   paper_eval_bugs=args.paper_eval_bugs, log=print if rank == 0 else (lambda *a: 0)))
+    # every rank resumes from the same file; rank 0 writes it
+    checkpoint = ReconCheckpoint(recon_state_path(args), fingerprint(args, qcfg, names, samples), resume=args.resume,
+                                 write=rank == 0, log=print if rank == 0 else (lambda *a: 0))
+    info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device, paper_eval_bugs=args.paper_eval_bugs,
+                                   log=print if rank == 0 else (lambda *a: 0), checkpoint=checkpoint))
     if args.save_sam_path and rank == 0:
-        Path(args.save_sam_path).parent.mkdir(parents=True, exist_ok=True)
         save_quantized(seg.sam, args.save_sam_path, {"info": {k: v for k, v in info.items()
                                                                 if k != "calibration_images"},
                                                        "q_config": qcfg.to_dict(), "quant_encoder": args.quant_encoder})
         info["saved_to"] = args.save_sam_path
     return info
+
+
+def recon_state_path(args) -> Path:
+    """Where the crash-safe reconstruction state lives: the run's work dir."""
+    return Path(args.work_dir_resolved) / "recon_state.pt"
+
+
+def fingerprint(args, qcfg, names, samples) -> dict:
+    """What must be equal for --resume to continue a run: q_config, flags, seed, calibration images and prompts."""
+    boxes = hashlib.sha256()
+    for s in samples:
+        boxes.update(np.ascontiguousarray(np.asarray(s.boxes, np.float32)).tobytes())
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            elif k != "source":
+                yield f"q_config.{prefix}{k}", v
+    return {**dict(flat(qcfg.to_dict())), "quant_encoder": bool(args.quant_encoder),
+            "seed": int(qcfg.seed if args.seed is None else args.seed), "paper_eval_bugs": bool(args.paper_eval_bugs),
+            "config": str(args.config), "calibration_images": names, "calibration_boxes_sha256": boxes.hexdigest()[:16]}

@@ -5,12 +5,24 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ptq4sam.errors import (
+    ImageReadError,
+    InputError,
+    InputNotFound,
+    UnknownName,
+    UserError,
+    WorkDirError,
+    atomic_write,
+    atomic_write_text,
+    check_writable_dir,
+)
 from ptq4sam.progress import PhaseTimer, progress
 from ptq4sam.solver.data import build_eval_dataset, collate_one
 
@@ -48,6 +60,10 @@ def parse_args(argv=None):
                    help="reproduce the paper code's two evaluation leaks (to compare with its numbers): layer-input "
                         "quantizers left at QDrop's drop probability 0.5 and only the first AdaRound layer of each "
                         "reconstruction unit hardened (the others keep soft rounding); recorded in metrics.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted quantization from <work-dir>/recon_state.pt (saved after calibration "
+                        "and after every reconstruction unit); the result is identical to an uninterrupted run")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors too (they print one line)")
     p.add_argument("--compile-agq", action="store_true",
                    help="evaluate AGQ with a torch.compile-fused kernel on CUDA (faster; last-bit differences possible)")
     args = p.parse_args(argv)
@@ -85,9 +101,14 @@ def load_config(path: str, options: dict):
     from mmcv import Config  # noqa: PLC0415
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    cfg = Config.fromfile(path)
+        raise InputNotFound(f"config not found: {path}")
+    try:
+        cfg = Config.fromfile(path)
+    except SyntaxError as e:  # mmcv re-raises the parser's error with its own message (and no line number)
+        where = f"line {e.lineno}: " if e.lineno else ""
+        raise InputError(f"{path}: {where}not valid Python ({e.msg})") from None
     if options:
+        check_cfg_options(cfg, options, path)
         cfg.merge_from_dict(options)
     import projects.instance_segment_anything  # noqa: F401,PLC0415  (registers the plugin)
 
@@ -98,34 +119,77 @@ def load_config(path: str, options: dict):
     return cfg
 
 
+def check_cfg_options(cfg, options: dict, path: str) -> None:
+    """Every ``--cfg-options`` key must name an existing config key (mmcv would silently add a misspelt one), except
+    a new argument inside a dict with a ``type`` (the keyword arguments of what it builds) that is not a near-miss of
+    a key already there (``ann_fil`` for ``ann_file``)."""
+    import difflib  # noqa: PLC0415
+
+    for key in options:
+        node, parts = cfg._cfg_dict, key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+                continue
+            near = difflib.get_close_matches(part, list(node) if isinstance(node, dict) else [], n=3)
+            if last and isinstance(node, dict) and "type" in node and not difflib.get_close_matches(
+                    part, list(node), n=1, cutoff=0.8):
+                break  # a new keyword argument of a built object (a wrong one fails when it is built)
+            where = ".".join(parts[:depth]) or "the top level"
+            raise UnknownName(f"--cfg-options {key}: {path} has no key '{part}' under {where}"
+                              + (f" (did you mean {', '.join(near)}?)" if near else
+                                 f" (keys there: {sorted(node)[:12]})" if isinstance(node, dict) else ""))
+
+
 @torch.no_grad()
 def run_inference(model, dataset, device, indices, show_dir=None, show_score_thr=0.3, desc="eval", show=False):
+    """Results per dataset index, and the images skipped because they cannot be read ({index, file, reason})."""
     import mmcv  # noqa: PLC0415
     from mmdet.core import encode_mask_results  # noqa: PLC0415
 
-    results = {}
+    results, skipped = {}, []
     for idx in progress(indices, desc=desc):
-        img, metas = collate_one(dataset, idx, device)
-        bbox_res, segm_res = model.simple_test(img, metas, rescale=True)[0]
+        try:
+            img, metas = collate_one(dataset, idx, device)
+            bbox_res, segm_res = model.simple_test(img, metas, rescale=True)[0]
+        except ImageReadError as e:
+            print(f"warning: skipping image {e.path}: {e.reason} (counted in metrics.json 'skipped_images')",
+                  file=sys.stderr)
+            skipped.append({"index": idx, "file": e.path, "reason": e.reason})
+            continue
         if show_dir or show:
             out_file = os.path.join(show_dir, Path(metas[0]["ori_filename"]).stem + ".png") if show_dir else None
-            model.show_result(mmcv.imread(metas[0]["filename"]), (bbox_res, segm_res), score_thr=show_score_thr,
-                              show=show, out_file=out_file)
+            image = mmcv.imread(metas[0]["filename"])
+            if out_file:  # written whole or not at all
+                atomic_write(out_file, lambda tmp, _im=image, _r=(bbox_res, segm_res): model.show_result(
+                    _im, _r, score_thr=show_score_thr, show=False, out_file=tmp))
+            if show:
+                model.show_result(image, (bbox_res, segm_res), score_thr=show_score_thr, show=True)
         results[idx] = (bbox_res, encode_mask_results(segm_res))
-    return results
+    return results, skipped
 
 
-def gather_results(results: dict, world: int):
+def gather(obj, world: int) -> list:
+    """Every rank's ``obj`` (a list of one item on a single process)."""
     if world == 1:
-        return [results[i] for i in sorted(results)]
+        return [obj]
     import torch.distributed as dist  # noqa: PLC0415
 
     parts = [None] * world
-    dist.all_gather_object(parts, results)
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def gather_results(results: dict, skipped: list, world: int):
+    """All ranks' results (dict index -> result, merged) and skipped images (sorted by index)."""
     merged = {}
-    for part in parts:
+    for part in gather(results, world):
         merged.update(part)
-    return [merged[i] for i in sorted(merged)]
+    return merged, sorted((s for part in gather(skipped, world) for s in part), key=lambda s: s["index"])
 
 
 def evaluate(dataset, results, metrics):
@@ -170,27 +234,61 @@ def print_table(rows: dict, keys=("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbo
         print(f"{name:<28}" + "".join(f"{m.get(k, float('nan')):>13.4f}" for k in keys))
 
 
+KNOWN_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv=None):
+    """The CLI: known input errors are one line on stderr and exit status 2 (``--debug``: with the traceback)."""
     args = parse_args(argv)
+    try:
+        return run(args)
+    except KNOWN_USER_ERRORS as e:
+        if args.debug:
+            raise
+        msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())  # one line, even for key lists
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def run(args):
     cfg = load_config(args.config, args.cfg_options)
-    rank, world = init_dist(args.launcher)
-    device = pick_device(args.gpu_id, args.launcher)
     qcfg = None
     if args.q_config and not args.fp:
         from ptq4sam.qconfig import load_qconfig  # noqa: PLC0415
 
         qcfg = load_qconfig(args.q_config, args.q_options)
+    if args.resume and qcfg is None:
+        raise InputError("--resume continues a quantization: give --q_config (not --fp)")
+    if args.resume and args.load_sam_path:
+        raise InputError("--resume and --load_sam_path exclude each other (a loaded model is not reconstructed)")
+    # outputs are checked before any work: a folder that cannot be written fails now, not after hours
+    work_dir = check_writable_dir(args.work_dir or REPO_ROOT / "work_dirs" / Path(args.config).stem, "--work-dir")
+    args.work_dir_resolved = str(work_dir)
+    if args.show_dir:
+        check_writable_dir(args.show_dir, "--show-dir")
+    for flag, out in (("--save_sam_path", args.save_sam_path), ("--out", args.out)):
+        if out:
+            if Path(out).is_dir():
+                raise WorkDirError(f"{flag} {out}: is a folder; give a file path")
+            check_writable_dir(Path(out).parent, f"{flag} folder")
+    rank, world = init_dist(args.launcher)
+    device = pick_device(args.gpu_id, args.launcher)
     seed = args.seed if args.seed is not None else (qcfg.seed if qcfg is not None else 0)
     set_seed(seed)
-    work_dir = Path(args.work_dir or REPO_ROOT / "work_dirs" / Path(args.config).stem)
-    work_dir.mkdir(parents=True, exist_ok=True)
     timer = PhaseTimer()
 
     from mmdet.models import build_detector  # noqa: PLC0415
 
     with timer.phase("setup"):
         dataset = build_eval_dataset(cfg.data.test, "data.test")
-        model = build_detector(cfg.model)
+        if len(dataset) == 0:
+            raise InputError(f"data.test: {cfg.data.test.ann_file} lists no images: nothing to evaluate")
+        try:
+            model = build_detector(cfg.model)
+        except TypeError as e:  # mmcv's build_from_cfg: a config argument the class does not take, or lacks
+            if "argument" not in str(e):
+                raise
+            raise InputError(f"{args.config}: model: {e}") from None
         model.CLASSES = dataset.CLASSES
         model.to(device).eval()
     n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
@@ -202,19 +300,26 @@ def main(argv=None):
 
     def evaluate_model(name):
         with timer.phase(f"eval_{name}"):
-            res = gather_results(run_inference(model, dataset, device, indices, args.show_dir if name != "fp_baseline"
-                                               else None, args.show_score_thr, desc=name, show=args.show), world)
+            res, skipped = run_inference(model, dataset, device, indices, args.show_dir if name != "fp_baseline"
+                                         else None, args.show_score_thr, desc=name, show=args.show)
+            res, skipped = gather_results(res, skipped, world)
         metrics[f"images_per_s_{name}"] = round(len(indices) / max(timer.times[f"eval_{name}"], 1e-9), 3)
         if rank != 0:
             return None, None
-        subset = dataset
-        if n < len(dataset):
-            subset = _subset_dataset(dataset, n)
-        ev, log = evaluate(subset, res, args.eval)
-        return ev, res
+        keep = [i for i in range(n) if i in res]
+        if not keep:
+            raise InputError(f"data.test: none of the {n} images could be read ({skipped[0]['file']}: "
+                             f"{skipped[0]['reason']}, ...)")
+        metrics["skipped_images" if name != "fp_baseline" else "skipped_images_fp_baseline"] = skipped
+        subset = dataset if len(keep) == len(dataset) else _subset_dataset(dataset, keep)
+        ev, log = evaluate(subset, [res[i] for i in keep], args.eval)
+        if skipped:
+            print(f"warning: {len(skipped)} of {n} images could not be read and are left out of the evaluation "
+                  f"(metrics.json 'skipped_images'): {', '.join(s['file'] for s in skipped[:5])}", file=sys.stderr)
+        return ev, [res[i] for i in keep]
 
     if qcfg is not None:
-        from ptq4sam.solver.quant_job import quantize_model  # noqa: PLC0415
+        from ptq4sam.solver.quant_job import quantize_model, recon_state_path  # noqa: PLC0415
 
         if args.fp_baseline:
             cache = None if args.no_fp_cache else fp_cache_path(model, dataset, cfg, args, n, device, world)
@@ -225,17 +330,15 @@ def main(argv=None):
             else:
                 ev, _ = evaluate_model("fp_baseline")
                 if rank == 0 and cache is not None:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"fp": ev, "config": args.config, "num_images": n}, indent=1))
-                    tmp.replace(cache)
+                    atomic_write_text(cache, json.dumps({"fp": ev, "config": args.config, "num_images": n}, indent=1))
             if rank == 0:
                 rows["FP"] = ev
                 metrics["fp"] = ev
         t = time.time()
         qinfo = quantize_model(model, cfg, qcfg, args, device, rank, world)
         metrics.update(qinfo)
-        phases = qinfo.get("ptq_phases_s", {})
+        # recon_state_saves is part of reconstruction (shown apart in metrics.json): not a phase of its own here
+        phases = {k: v for k, v in qinfo.get("ptq_phases_s", {}).items() if k != "recon_state_saves"}
         if "prompt_calibration_s" in qinfo:
             timer.add("calibration_prompts", qinfo["prompt_calibration_s"])
         for k, v in phases.items():
@@ -253,11 +356,13 @@ def main(argv=None):
         metrics.update(ev)
         rows[name] = ev
         metrics["quantized"] = qcfg is not None
-        (work_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         if args.out:
             import mmcv  # noqa: PLC0415
 
-            mmcv.dump(res, args.out)
+            atomic_write(args.out, lambda tmp: mmcv.dump(res, tmp, file_format="pkl"))
+        atomic_write_text(work_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+        if qcfg is not None and not args.load_sam_path:  # the run is complete: its resume state is not needed
+            recon_state_path(args).unlink(missing_ok=True)
         print(f"config={args.config} q_config={args.q_config} seed={seed} images={n} split={cfg.data.test.ann_file}")
         print_table(rows)
         print(timer.summary())
@@ -270,11 +375,12 @@ def main(argv=None):
     return 0
 
 
-def _subset_dataset(dataset, n: int):
-    """A shallow copy of an mmdet CocoDataset restricted to its first n images (for --max-images)."""
+def _subset_dataset(dataset, keep):
+    """A shallow copy of an mmdet CocoDataset restricted to the images at the indices ``keep`` (--max-images,
+    unreadable images left out)."""
     import copy  # noqa: PLC0415
 
     sub = copy.copy(dataset)
-    sub.data_infos = dataset.data_infos[:n]
-    sub.img_ids = dataset.img_ids[:n]
+    sub.data_infos = [dataset.data_infos[i] for i in keep]
+    sub.img_ids = [dataset.img_ids[i] for i in keep]
     return sub

@@ -10,6 +10,7 @@ from mmdet.core import bbox2result
 from mmdet.models import DETECTORS
 from mmdet.models.detectors.base import BaseDetector
 
+from ptq4sam.errors import ImageReadError, InputError
 from ptq4sam.models import BoxPromptSegmenter, build_sam
 
 from .prompt_sources import PROMPT_SOURCES, Prompts
@@ -33,7 +34,7 @@ class DetWrapperInstanceSAM(BaseDetector):
                  box_batch: Optional[int] = None, random_init: bool = False, init_cfg=None, train_cfg=None, test_cfg=None):
         super().__init__(init_cfg)
         if not isinstance(prompt, dict) or "type" not in prompt:
-            raise ValueError(f"model.prompt must be a dict with a 'type' in {sorted(PROMPT_SOURCES.module_dict)}, "
+            raise InputError(f"model.prompt must be a dict with a 'type' in {sorted(PROMPT_SOURCES.module_dict)}, "
                              f"got {prompt!r}")
         self.prompt_source = PROMPT_SOURCES.build(prompt)
         self.sam = build_sam(model_type, sam_checkpoint, random_init=random_init)
@@ -53,7 +54,10 @@ class DetWrapperInstanceSAM(BaseDetector):
         raise NotImplementedError("test-time augmentation is not supported")
 
     def load_image(self, meta: dict) -> np.ndarray:
-        return mmcv.imread(meta["filename"], channel_order="rgb")
+        img = mmcv.imread(meta["filename"], channel_order="rgb")
+        if img is None:
+            raise ImageReadError(meta["filename"], "cannot be decoded as an image (not an image file, or corrupt)")
+        return img
 
     def segment(self, image: np.ndarray, prompts: Prompts):
         out = self.segmenter(image, prompts.boxes)

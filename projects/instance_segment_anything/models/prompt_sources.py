@@ -5,7 +5,9 @@ Every source returns, per image, ``Prompts(boxes (N,4) xyxy in original-image pi
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ from mmcv.utils import Registry
 from torch import nn
 
 from ptq4sam.coco_eval import xywh_to_xyxy
+from ptq4sam.errors import InputError, InputNotFound, UnknownName
+from ptq4sam.models.sam_builder import CheckpointError, load_state_dict_strict, load_weights_file
 
 PROMPT_SOURCES = Registry("prompt source")
 
@@ -45,7 +49,7 @@ def _coco_prompts(records: List[dict], scores: np.ndarray, label_of_cat: Dict[in
 def _resolve(path: str, what: str, hint: str = "") -> Path:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}{(' — ' + hint) if hint else ''}")
+        raise InputNotFound(f"{what} not found: {path}{(' — ' + hint) if hint else ''}")
     return p
 
 
@@ -55,12 +59,12 @@ def load_coco_json(path: str) -> dict:
     try:
         ann = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise InputError(f"{path}: not valid JSON ({e})") from None
     for key in ("images", "annotations", "categories"):
         if key not in ann or not isinstance(ann[key], list):
-            raise ValueError(f"{path}: COCO annotation file has no '{key}' list (keys: {sorted(ann)})")
+            raise InputError(f"{path}: COCO annotation file has no '{key}' list (keys: {sorted(ann)})")
     if not ann["categories"]:
-        raise ValueError(f"{path}: 'categories' is empty")
+        raise InputError(f"{path}: 'categories' is empty")
     return ann
 
 
@@ -68,12 +72,12 @@ def load_coco_jsons(paths) -> dict:
     """One or several COCO files (e.g. the evaluation and the calibration split) merged into one."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
-        raise ValueError("no annotation file given")
+        raise InputError("no annotation file given")
     anns = [load_coco_json(str(p)) for p in paths]
     merged = {"images": [], "annotations": [], "categories": anns[0]["categories"]}
     for p, a in zip(paths, anns):
         if [c["id"] for c in a["categories"]] != [c["id"] for c in merged["categories"]]:
-            raise ValueError(f"{p}: categories differ from those of {paths[0]}")
+            raise InputError(f"{p}: categories differ from those of {paths[0]}")
         merged["images"] += a["images"]
         merged["annotations"] += a["annotations"]
     return merged
@@ -89,7 +93,7 @@ class _ByFileName:
     def image_id(self, meta: dict) -> int:
         name = os.path.basename(meta["ori_filename"])
         if name not in self.ids:
-            raise KeyError(f"image {name} is not in the prompt source's annotation file")
+            raise UnknownName(f"image {name} is not in the prompt source's annotation file")
         return self.ids[name]
 
 
@@ -128,22 +132,70 @@ class JsonPrompts(nn.Module):
         p = _resolve(result_file, "detection results JSON", "run the detector once with --out or tools/ to make it")
         dets = json.loads(p.read_text())
         if not isinstance(dets, list):
-            raise ValueError(f"{result_file}: expected a COCO results list, got {type(dets).__name__}")
+            raise InputError(f"{result_file}: expected a COCO results list, got {type(dets).__name__}")
         self.per_image: Dict[int, List[dict]] = defaultdict(list)
+        known = set(self.index.ids.values())
+        degenerate, unknown = 0, set()
         for i, d in enumerate(dets):
+            if not isinstance(d, dict):
+                raise InputError(f"{result_file}: entry {i} is {type(d).__name__}, expected an object with image_id, "
+                                 "bbox, score, category_id")
             missing = {"image_id", "bbox", "score", "category_id"} - set(d)
             if missing:
-                raise ValueError(f"{result_file}: entry {i} lacks {sorted(missing)}")
+                raise InputError(f"{result_file}: entry {i} lacks {sorted(missing)}")
+            box, score = d["bbox"], d["score"]
+            if (not isinstance(box, list) or len(box) != 4
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                raise InputError(f"{result_file}: entry {i} (image {d['image_id']}): bbox must be 4 finite numbers "
+                                 f"[x, y, w, h], got {box!r}")
+            if not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise InputError(f"{result_file}: entry {i} (image {d['image_id']}): score must be a finite number, "
+                                 f"got {score!r}")
+            if d["category_id"] not in self.index.label_of_cat:
+                raise InputError(f"{result_file}: entry {i}: category_id {d['category_id']!r} is not a category of "
+                                 f"the annotation file (ids {sorted(self.index.label_of_cat)[:8]}...)")
+            if d["image_id"] not in known:
+                unknown.add(d["image_id"])
+                continue
+            if box[2] <= 0 or box[3] <= 0:  # no area: SAM has nothing to segment
+                degenerate += 1
+                continue
             self.per_image[d["image_id"]].append(d)
+        if dets and len(unknown) == len({d["image_id"] for d in dets}):
+            raise InputError(f"{result_file}: none of its image ids (e.g. {sorted(unknown)[:5]}) is an image of the "
+                             f"annotation file(s) {ann_file}: detections of another split?")
+        if unknown:
+            warnings.warn(f"{result_file}: detections for {len(unknown)} image id(s) not in the annotation file(s) are "
+                          f"ignored (e.g. {sorted(unknown)[:5]})", stacklevel=2)
+        if degenerate:
+            warnings.warn(f"{result_file}: {degenerate} detection(s) with width or height <= 0 are ignored",
+                          stacklevel=2)
         self.score_thr, self.max_boxes = score_thr, max_boxes
+        self.outside = 0  # boxes wholly outside their image (dropped)
 
     def forward(self, img: torch.Tensor, img_metas: List[dict]) -> List[Prompts]:
         out = []
         for meta in img_metas:
             dets = self.per_image.get(self.index.image_id(meta), [])
             scores = np.array([d["score"] for d in dets], np.float32)
-            out.append(_coco_prompts(dets, scores, self.index.label_of_cat).top(self.score_thr, self.max_boxes))
+            p = _coco_prompts(dets, scores, self.index.label_of_cat).top(self.score_thr, self.max_boxes)
+            out.append(drop_outside(p, meta["ori_shape"][:2], self))
         return out
+
+
+def drop_outside(p: Prompts, hw, counter=None) -> Prompts:
+    """Boxes with no area inside the image are dropped (counted on ``counter.outside``, warned once). Boxes reaching
+    partly outside are kept as they are: detectors give such boxes and SAM takes them (the JSON path then equals the
+    detector path exactly)."""
+    h, w = hw
+    b = p.boxes
+    inside = (np.minimum(b[:, 2], w) > np.maximum(b[:, 0], 0)) & (np.minimum(b[:, 3], h) > np.maximum(b[:, 1], 0))
+    if counter is not None and not inside.all():
+        if counter.outside == 0:
+            warnings.warn(f"prompt boxes wholly outside their image are dropped (first: {b[~inside][0].tolist()} in "
+                          f"a {w}x{h} image)", stacklevel=2)
+        counter.outside += int((~inside).sum())
+    return Prompts(b[inside], p.scores[inside], p.labels[inside])
 
 
 @PROMPT_SOURCES.register_module(name="mmdet")
@@ -154,7 +206,6 @@ class DetectorPrompts(nn.Module):
                  max_boxes: Optional[int] = 100, download: str = "", random_init: bool = False):
         super().__init__()
         from mmcv import Config  # noqa: PLC0415
-        from mmcv.runner import load_checkpoint  # noqa: PLC0415
         from mmdet.models import build_detector  # noqa: PLC0415
 
         cfg = Config.fromfile(str(_resolve(config, "detector config")))
@@ -164,9 +215,15 @@ class DetectorPrompts(nn.Module):
         self.detector = build_detector(cfg.model, test_cfg=None if "test_cfg" in cfg.model else cfg.get("test_cfg"))
         if not random_init:
             if checkpoint is None:
-                raise ValueError(f"detector {config}: 'checkpoint' is required (or random_init=True for tests)")
+                raise InputError(f"detector {config}: 'checkpoint' is required (or random_init=True for tests)")
             _resolve(checkpoint, "detector checkpoint", download or "see ckpt/README.md")
-            load_checkpoint(self.detector, checkpoint, map_location="cpu", strict=True, logger="silent")
+            # tensors only (weights_only=True: a checkpoint from elsewhere runs no code), then a strict load
+            ckpt = load_weights_file(checkpoint, "mmdet detector checkpoint")
+            state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{checkpoint}: expected a state dict (or a dict with 'state_dict')")
+            load_state_dict_strict(self.detector, {k[7:] if k.startswith("module.") else k: v
+                                                   for k, v in state.items()}, str(checkpoint))
         self.detector.eval()
         self.detector.CLASSES = None
         self.score_thr, self.max_boxes = score_thr, max_boxes

@@ -12,6 +12,7 @@ A key that does not match, or a shape that differs, is an error listing the keys
 """
 from __future__ import annotations
 
+import argparse
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional
@@ -19,14 +20,14 @@ from typing import Dict, Optional
 import torch
 from mmdet.models.utils.ckpt_convert import swin_converter
 
-from ptq4sam.models.sam_builder import key_mismatch_report
+from ptq4sam.errors import InputNotFound, UnknownName
+from ptq4sam.models.sam_builder import CheckpointError, key_mismatch_report, load_weights_file
 
 OFFICIAL_PREFIX = {"resnet": "backbone.0.body.", "swin": "backbone.0.body.", "focalnet": "backbone.0."}
 
 
-class CheckpointKeyError(KeyError):
-    def __str__(self):  # KeyError quotes its message; keep it readable
-        return str(self.args[0])
+class CheckpointKeyError(UnknownName):
+    """Keys of a release checkpoint that do not match the model (KeyError without the quotes; a user error)."""
 
 
 def _swin_unreorder(x: torch.Tensor) -> torch.Tensor:
@@ -98,15 +99,16 @@ def load_official(model: torch.nn.Module, path: str, backbone: str, download: Op
     """Load a release checkpoint (``{'model': state_dict, ...}`` or a bare state dict) strictly into ``model``."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"detector checkpoint not found: {path} — download {download or 'it'} and put it "
+        raise InputNotFound(f"detector checkpoint not found: {path} — download {download or 'it'} and put it "
                                 "there (see ckpt/README.md)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    # tensors only (no code runs); the release files also hold their training arguments as an argparse.Namespace
+    ckpt = load_weights_file(p, "detector release checkpoint", allow=(argparse.Namespace,))
     if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
         ckpt = ckpt["model"]
     elif isinstance(ckpt, dict) and "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
         ckpt = ckpt["state_dict"]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path}: expected a state dict (or a dict with a 'model' state dict)")
+        raise CheckpointError(f"{path}: expected a state dict (or a dict with a 'model' state dict)")
     state = from_official(ckpt, backbone)
     check_keys(model, state, path)
     model.load_state_dict(state, strict=True)
