@@ -46,7 +46,7 @@ from .quantization import (
 )
 from .quantization.fake_quant import qdrop_mask
 from .quantization.qmodules import _QuantWeightMixin
-from .quantization.state import count_hard
+from .quantization.state import count_hard, quant_meta, restore_quantizers
 
 
 @dataclass
@@ -647,7 +647,6 @@ def _agq(seg, sam, samples, pt, device) -> List[Dict]:
 
 
 # ---- save / load ----------------------------------------------------------------------------------------------
-QUANT_ATTRS = ("initialized", "observer_enabled", "fake_quant_enabled", "drop_prob", "hard", "tau")
 # q_config keys that decide which quantizers exist and what they compute: a checkpoint made with other values cannot be
 # loaded into this model (recon / calibration keys only decide how the saved values were found)
 STRUCTURAL_KEYS = ("a_qconfig", "w_qconfig", "float_modules", "depthwise_act_per_channel", "ptq4sam.BIG",
@@ -656,15 +655,14 @@ STRUCTURAL_KEYS = ("a_qconfig", "w_qconfig", "float_modules", "depthwise_act_per
 
 def quant_state(sam) -> Dict:
     """Everything that defines the quantized model: its state dict and each quantizer's switches."""
-    meta = {n: {a: getattr(q, a) for a in QUANT_ATTRS if hasattr(q, a)}
-            for n, q in sam.named_modules() if isinstance(q, FakeQuantizeBase)}
-    return {"state_dict": sam.state_dict(), "quant_meta": meta}
+    return {"state_dict": sam.state_dict(), "quant_meta": quant_meta(sam)}
 
 
-def save_quantized(sam, path, extra: Dict) -> None:
-    """Atomically (temporary file + rename): an interrupted save never leaves a truncated checkpoint."""
-    obj = {**quant_state(sam), **extra}
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def save_quantized(sam, path, q_config: Dict, quant_encoder: bool, info: Optional[Dict] = None):
+    """The compact integer checkpoint (:mod:`ptq4sam.deploy.compact`), written atomically; returns its sizes."""
+    from .deploy import save_compact  # noqa: PLC0415
+
+    return save_compact(sam, path, q_config, quant_encoder, info)
 
 
 def _get(d: Dict, dotted: str):
@@ -695,42 +693,34 @@ def restore_quant_state(sam, ckpt: Dict, path) -> None:
         raise CheckpointError(f"{path}: its quantizers do not match this model's (in the file only: {missing[:3]}, "
                               f"in the model only: {extra[:3]}); was it saved with another q_config or "
                               "--quant-encoder setting?")
-    for name, attrs in meta.items():
-        q = mods[name]
-        q.set_qparams(state[f"{name}.scale"], state[f"{name}.zero_point"])
-        if f"{name}.alpha" in state:
-            q.alpha = nn.Parameter(state[f"{name}.alpha"].clone(), requires_grad=False)
-        for a, v in attrs.items():
-            setattr(q, a, v)
-        for bname in ("min_val", "max_val"):  # observer buffers may be per-channel
-            key = f"{name}.observer.{bname}"
-            if key in state:
-                setattr(q.observer, bname, state[key].clone())
+    for name in meta:
+        if f"{name}.alpha" in state:  # AdaRound's learned rounding (mid-reconstruction states keep it)
+            mods[name].alpha = nn.Parameter(state[f"{name}.alpha"].clone(), requires_grad=False)
+    restore_quantizers(sam, state, meta)
     load_state_dict_strict(sam, state, str(path))
 
 
 def load_quantized(sam, path, device, qcfg: Optional[QConfig] = None, quant_encoder: Optional[bool] = None) -> Dict:
     """Restore a model saved by :func:`save_quantized` into ``sam`` already converted with the same q_config.
 
-    Read with ``weights_only=True`` (a file needing pickled objects is refused, never executed). With ``qcfg`` /
-    ``quant_encoder``, a checkpoint saved with other structural q_config values is refused naming them."""
-    ckpt = load_weights_file(path, "quantized SAM checkpoint (--save_sam_path)")
-    if not isinstance(ckpt, dict) or not {"state_dict", "quant_meta"} <= set(ckpt):
-        got = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a quantized SAM checkpoint (expected the keys 'state_dict' and "
-                              f"'quant_meta' written by --save_sam_path, got {got})")
+    Read with ``weights_only=True`` (a file needing pickled objects is refused, never executed); another format is
+    refused. With ``qcfg`` / ``quant_encoder``, a checkpoint saved with other structural q_config values is refused
+    naming them. Returns the saved run's info."""
+    from .deploy.compact import load_compact, read_compact  # noqa: PLC0415
+
+    obj = read_compact(path)
     diffs = []
-    if qcfg is not None and isinstance(ckpt.get("q_config"), dict):
-        diffs = qconfig_differences(ckpt["q_config"], qcfg.to_dict())
-    if quant_encoder is not None and "quant_encoder" in ckpt and ckpt["quant_encoder"] != quant_encoder:
-        diffs.append(f"--quant-encoder: {ckpt['quant_encoder']} -> {quant_encoder}")
+    if qcfg is not None:
+        diffs = qconfig_differences(json.loads(obj["q_config"]), qcfg.to_dict())
+    if quant_encoder is not None and obj["quant_encoder"] != quant_encoder:
+        diffs.append(f"--quant-encoder: {obj['quant_encoder']} -> {quant_encoder}")
     if diffs:
         raise CheckpointError(f"{path} was saved with another quantization setting ({'; '.join(diffs)}; saved -> "
                               "given): load it with the q_config and flags it was made with")
-    restore_quant_state(sam, ckpt, path)
+    info = load_compact(sam, obj, path)
     sam.to(device)
     freeze(sam)
-    return {k: v for k, v in ckpt.items() if k not in ("state_dict", "quant_meta")}
+    return info
 
 
 # ---- crash-safe reconstruction ---------------------------------------------------------------------------------

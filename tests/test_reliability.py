@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import CALIB_ANN, DATA, EVAL_ANN, calib_samples, needs_mmdet
 
+from ptq4sam.deploy import COMPACT_FORMAT
 from ptq4sam.errors import InputError, UserError, atomic_write, atomic_write_text
 from ptq4sam.models import BoxPromptSegmenter, build_sam
 from ptq4sam.ptq import quantize_segmenter
@@ -131,8 +132,12 @@ def _case(tmp, name):
     if name == "load_sam_path_other_qconfig":
         f = tmp / "q44.pth"
         q44 = load_qconfig("exp/demo/config44.yaml")
-        torch.save({"state_dict": {}, "quant_meta": {}, "q_config": q44.to_dict(), "quant_encoder": False}, f)
+        torch.save({"format": COMPACT_FORMAT, "q_config": json.dumps(q44.to_dict()), "quant_encoder": False,
+                    "info": "{}", "int_weights": {}, "state": {}, "quant_meta": {}}, f)
         return q + ["--load_sam_path", str(f)], ["q44.pth", "a_qconfig.bit: 4 -> 6", "w_qconfig.bit: 4 -> 6"]
+    if name == "load_sam_path_old_format":
+        torch.save({"state_dict": {}, "quant_meta": {}}, tmp / "old.pth")
+        return q + ["--load_sam_path", str(tmp / "old.pth")], ["old.pth", "ptq4sam-compact-1", "older toolkit"]
     if name == "resume_with_fp":
         return base + ["--resume"], ["--resume", "--q_config"]
     if name == "prompts_json_other_split":
@@ -177,8 +182,8 @@ CLI_ERRORS = [
     "detector_checkpoint_missing", "unknown_sam_type", "sam_checkpoint_not_torch", "sam_checkpoint_other_size",
     "qconfig_missing", "qconfig_malformed_yaml", "qconfig_wrong_type", "q_option_unknown_key", "q_option_bad_value",
     "work_dir_unwritable", "show_dir_unwritable", "save_path_is_folder", "load_sam_path_missing",
-    "load_sam_path_pickle", "load_sam_path_other_qconfig", "resume_with_fp", "prompts_json_other_split",
-    "prompts_json_nan_score", "prompts_json_bad_bbox", "prompts_json_unknown_category"]
+    "load_sam_path_pickle", "load_sam_path_other_qconfig", "load_sam_path_old_format", "resume_with_fp",
+    "prompts_json_other_split", "prompts_json_nan_score", "prompts_json_bad_bbox", "prompts_json_unknown_category"]
 
 
 @needs_mmdet

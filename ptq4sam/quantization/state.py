@@ -70,3 +70,27 @@ def min_drop_prob(model: nn.Module) -> float:
     """Smallest drop probability over quantizers that are enabled."""
     return min((q.drop_prob for q in model.modules() if isinstance(q, FakeQuantizeBase) and q.fake_quant_enabled),
                default=1.0)
+
+
+QUANT_ATTRS = ("initialized", "observer_enabled", "fake_quant_enabled", "drop_prob", "hard", "tau")
+
+
+def quant_meta(model: nn.Module) -> dict:
+    """Each quantizer's switches (plain values), by module name: with the state dict, the whole quantized state."""
+    return {n: {a: getattr(q, a) for a in QUANT_ATTRS if hasattr(q, a)}
+            for n, q in model.named_modules() if isinstance(q, FakeQuantizeBase)}
+
+
+def restore_quantizers(model: nn.Module, state: dict, meta: dict) -> None:
+    """Scale / zero point (as parameters or buffers, per the quantizer's kind), switches and observer ranges of the
+    quantizers named in ``meta`` from ``state``; the caller then loads the state dict strictly."""
+    mods = dict(model.named_modules())
+    for name, attrs in meta.items():
+        q = mods[name]
+        q.set_qparams(state[f"{name}.scale"], state[f"{name}.zero_point"])
+        for a, v in attrs.items():
+            setattr(q, a, v)
+        for bname in ("min_val", "max_val"):  # observer buffers may be per-channel
+            key = f"{name}.observer.{bname}"
+            if key in state:
+                setattr(q.observer, bname, state[key].clone())

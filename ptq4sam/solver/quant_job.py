@@ -63,7 +63,7 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
             p.requires_grad_(False)
         quantize_sam(seg.sam, build_context(qcfg), args.quant_encoder, float_modules=tuple(qcfg.float_modules))
         saved = load_quantized(seg.sam, args.load_sam_path, device, qcfg, args.quant_encoder)
-        info.update(saved.get("info", {}))
+        info.update(saved)
         info["loaded_from"] = args.load_sam_path
         info["load_s"] = round(time.time() - t, 2)
         return info
@@ -80,10 +80,14 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
     info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device, paper_eval_bugs=args.paper_eval_bugs,
                                    log=print if rank == 0 else (lambda *a: 0), checkpoint=checkpoint))
     if args.save_sam_path and rank == 0:
-        save_quantized(seg.sam, args.save_sam_path, {"info": {k: v for k, v in info.items()
-                                                                if k != "calibration_images"},
-                                                       "q_config": qcfg.to_dict(), "quant_encoder": args.quant_encoder})
+        size = save_quantized(seg.sam, args.save_sam_path, qcfg.to_dict(), args.quant_encoder,
+                              {k: v for k, v in info.items() if k != "calibration_images"})
         info["saved_to"] = args.save_sam_path
+        info["saved_checkpoint"] = {"bytes": size.bytes, "fp_state_dict_bytes": size.fp_bytes,
+                                    "ratio": round(size.ratio, 4), "int_layers": size.int_layers,
+                                    "off_grid_layers_kept_float": size.float_layers}
+        print(f"saved {args.save_sam_path}: {size.bytes / 2**20:.2f} MB, {size.int_layers} layers as "
+              f"W{qcfg.w_qconfig.bit} integers ({size.ratio:.3f}x the FP state dict's {size.fp_bytes / 2**20:.2f} MB)")
     return info
 
 
