@@ -380,6 +380,14 @@ def _has_boxes(s: CalibSample) -> bool:
     return np.asarray(s.boxes).reshape(-1, 4).shape[0] > 0
 
 
+def global_rng() -> Dict[str, Any]:
+    """torch's global generator state(s), which QDrop inside a unit draws from."""
+    out: Dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
 def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool = False,
                 done: Optional[List[Dict]] = None, rng: Optional[Dict] = None,
                 on_unit: Optional[Callable[[List[Dict], Dict], None]] = None) -> List[Dict]:
@@ -398,9 +406,10 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
     storage = device if recon.keep_gpu else torch.device("cpu")
     cache = UnitCache([s for s, _ in stages], storage, device, seed)
     gen = torch.Generator().manual_seed(seed)
-    if rng is not None:  # the states after the last finished unit (the replayed forwards draw no random numbers)
-        gen.set_state(rng["gen"])
-        cache.mask_gen.set_state(rng["mask_gen"])
+    if rng:  # the states after the last finished unit (the replayed forwards draw no random numbers)
+        if "gen" in rng:  # absent when resuming before the first unit
+            gen.set_state(rng["gen"])
+            cache.mask_gen.set_state(rng["mask_gen"])
         torch.set_rng_state(rng["torch"])  # QDrop inside a unit draws from the global generator
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng["cuda"]))
@@ -469,11 +478,7 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
                     for q, f in zip(quant_out, fp_out)]))
                 infos[-1]["unit_s"] = round(time.time() - t_unit, 2)  # captures + optimisation + outputs
                 if on_unit is not None:
-                    rng_now = {"gen": gen.get_state(), "mask_gen": cache.mask_gen.get_state(),
-                               "torch": torch.get_rng_state()}
-                    if torch.cuda.is_available():
-                        rng_now["cuda"] = torch.cuda.get_rng_state_all()
-                    on_unit(infos, rng_now)
+                    on_unit(infos, {"gen": gen.get_state(), "mask_gen": cache.mask_gen.get_state(), **global_rng()})
             if units == [stage] and trained:
                 f_stage_out, q_stage_out = fp_out, quant_out
             else:  # several units, or a stage finished before a resume (replayed: the same forwards)
@@ -532,7 +537,7 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
         info["recon_units"] = n_units
         info["pre_recon_phases_s"] = dict(timer.times)
         if checkpoint is not None and qcfg.recon.iters > 0:
-            checkpoint.save(sam, 0, n_units, info, [], {})
+            checkpoint.save(sam, 0, n_units, info, [], global_rng())
     for k, v in info["pre_recon_phases_s"].items():
         timer.add(k, v)
     with timer.phase("reconstruction"):
