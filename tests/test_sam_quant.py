@@ -1,5 +1,6 @@
 """SAM adapter, BIG, reconstruction: exact-equivalence checks on random and real (LiteMedSAM) weights."""
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,6 +213,18 @@ def test_non_checkpoint_sam_file_is_refused_without_running_it(tmp_path, kind):
     msg = str(e.value)
     assert str(f) in msg and "weights_only=False" not in msg and "state dict" in msg
     assert not marker.exists()
+
+
+def test_every_shipped_yaml_loads_and_tuned_differs_from_its_root_only_in_the_activation_observer():
+    root = Path(__file__).resolve().parents[1] / "exp"
+    for f in sorted(root.rglob("*.yaml")):
+        load_qconfig(f)  # validates every key
+    for b in ("44", "66"):
+        tuned, demo = load_qconfig(root / f"tuned/demo/config{b}.yaml").to_dict(), load_qconfig(
+            root / f"demo/config{b}.yaml").to_dict()
+        diff = {k for k in tuned if k != "source" and tuned[k] != demo[k]}
+        assert diff == {"a_qconfig"} and tuned["a_qconfig"]["observer"] == "AvgMSEObserver"
+        assert {k for k in tuned["a_qconfig"] if tuned["a_qconfig"][k] != demo["a_qconfig"][k]} == {"observer"}
 
 
 def test_bits_off():
