@@ -729,6 +729,18 @@ def load_quantized(sam, path, device, qcfg: Optional[QConfig] = None, quant_enco
 
 
 # ---- crash-safe reconstruction ---------------------------------------------------------------------------------
+RUN_BOOKKEEPING = ("timings", "ptq_phases_s", "pre_recon_phases_s", "resumed_after_unit", "saved_to")
+
+
+def without_wall_times(metrics: Dict) -> Dict:
+    """A run's metrics / info without wall times and resume bookkeeping: what must be identical between an
+    uninterrupted run and a resumed one (or two runs with the same seed)."""
+    out = {k: v for k, v in metrics.items()
+           if not (k.endswith("_s") or k.startswith("images_per_s") or k in RUN_BOOKKEEPING)}
+    out["recon"] = [{k: v for k, v in u.items() if not k.endswith("_s")} for u in metrics.get("recon", [])]
+    return out
+
+
 RECON_STATE_FORMAT = "ptq4sam-recon-state-1"
 CRASH_ENV = "PTQ4SAM_CRASH_AFTER_UNIT"  # testing hook: raise right after unit k's state is saved
 

@@ -152,14 +152,6 @@ def test_distributed_equals_single_process(tmp_path, fp_gt4):
         assert multi[k] == single[k]
 
 
-def _strip_times(m: dict) -> dict:
-    """metrics.json without wall times and the resume bookkeeping (what must be identical between runs)."""
-    out = {k: v for k, v in m.items() if not (k.endswith("_s") or k.startswith("images_per_s") or k in (
-        "timings", "ptq_phases_s", "pre_recon_phases_s", "resumed_after_unit", "saved_to"))}
-    out["recon"] = [{k: v for k, v in u.items() if not k.endswith("_s")} for u in m.get("recon", [])]
-    return out
-
-
 def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_path):
     """One run (a); the same run crashed after reconstruction unit 4 of 9 (inside the second decoder block) and
     resumed (b): metrics.json and the saved quantized state are identical to a's; a's checkpoint loaded (c)
@@ -167,6 +159,7 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
     import torch
 
     from ptq4sam.deploy.compact import same_checkpoint
+    from ptq4sam.ptq import without_wall_times
 
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "3",
               "--q-options", "calibrate=2", "recon.iters=2", "recon.max_boxes=2", "ptq4sam.agq_images=1",
@@ -185,10 +178,10 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
     assert "4 of 9 reconstruction units done" in b.stdout
     assert not (tmp_path / "b" / "recon_state.pt").exists()  # the finished run removes its resume state
     ma, mb, mc = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "abc")
-    assert mb["resumed_after_unit"] == 4 and _strip_times(ma) == _strip_times(mb)
+    assert mb["resumed_after_unit"] == 4 and without_wall_times(ma) == without_wall_times(mb)
     assert len(ma["recon"]) == 9 and "final_rec_loss" in ma["recon"][0]
     sa, sb = (torch.load(tmp_path / f"{x}.pth", weights_only=True) for x in "ab")
-    assert _strip_times(json.loads(sa.pop("info"))) == _strip_times(json.loads(sb.pop("info")))
+    assert without_wall_times(json.loads(sa.pop("info"))) == without_wall_times(json.loads(sb.pop("info")))
     assert same_checkpoint(sa, sb) and len(sa["int_weights"]) > 0  # every tensor, bit for bit
     keys = [k for k in ma if k.startswith(("segm_", "bbox_"))]
     assert keys and all(ma[k] == mc[k] for k in keys) and mc["loaded_from"].endswith("a.pth")

@@ -34,13 +34,6 @@ def run(args, work: Path, extra, env=None):
     return p, time.time() - t
 
 
-def strip_times(m: dict) -> dict:
-    out = {k: v for k, v in m.items() if not (k.endswith("_s") or k.startswith("images_per_s") or k in (
-        "timings", "ptq_phases_s", "pre_recon_phases_s", "resumed_after_unit", "saved_to"))}
-    out["recon"] = [{k: v for k, v in u.items() if not k.endswith("_s")} for u in m.get("recon", [])]
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="projects/configs/lite_medsam/gt-box_lite-medsam.py")
@@ -55,6 +48,7 @@ def main(argv=None):
 
     sys.path.insert(0, str(ROOT))
     from ptq4sam.deploy.compact import same_checkpoint  # noqa: PLC0415
+    from ptq4sam.ptq import without_wall_times  # noqa: PLC0415
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,7 +66,7 @@ def main(argv=None):
     ma, mb = (json.loads((work / x / "metrics.json").read_text()) for x in "ab")
     sa, sb = (torch.load(work / f"{x}.pth", weights_only=True) for x in "ab")
     info_a, info_b = sa.pop("info"), sb.pop("info")  # the saved run records differ in wall times only
-    same_state = same_checkpoint(sa, sb) and strip_times(json.loads(info_a)) == strip_times(json.loads(info_b))
+    same_state = same_checkpoint(sa, sb) and without_wall_times(json.loads(info_a)) == without_wall_times(json.loads(info_b))
     k, units = args.crash_after, ma["recon"]
     pre = ma["pre_recon_phases_s"]
     res = {
@@ -88,7 +82,7 @@ def main(argv=None):
         "resumed": {"wall_s": round(t_b, 1), "reconstruction_s": mb["reconstruction_s"],
                     "remaining_units_s_in_uninterrupted": round(sum(u["unit_s"] for u in units[k:]), 1)},
         "state_file_mb": round(state_mb, 1),
-        "identical": {"metrics": strip_times(ma) == strip_times(mb), "quantized_state": same_state},
+        "identical": {"metrics": without_wall_times(ma) == without_wall_times(mb), "quantized_state": same_state},
     }
     res["resumed"]["replay_and_load_overhead_s"] = round(
         res["resumed"]["reconstruction_s"] - res["resumed"]["remaining_units_s_in_uninterrupted"], 1)

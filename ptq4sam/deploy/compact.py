@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import atomic_write
 from ..models.sam_builder import CheckpointError, load_state_dict_strict, load_weights_file
 from ..quantization import AdaRoundFakeQuantize, FakeQuantizeBase
+from ..quantization.fake_quant import _bshape
 from ..quantization.qmodules import _QuantWeightMixin
 from ..quantization.state import quant_meta, restore_quantizers
 
@@ -69,9 +70,7 @@ def _int_weight(layer, name: str):
     wq = layer.weight_quantizer
     w_q = wq(layer.weight).detach()
     scale, zp = wq._eval_params()
-    shape = [1] * w_q.dim()
-    if wq.ch_axis != -1:
-        shape[wq.ch_axis % w_q.dim()] = -1
+    shape = _bshape(w_q, wq.ch_axis % w_q.dim()) if wq.ch_axis != -1 else [1] * w_q.dim()
     s, z = scale.reshape(shape).to(w_q), zp.reshape(shape).to(w_q)
     q = torch.round(w_q / s + z).clamp(wq.quant_min, wq.quant_max)
     if not torch.equal((q - z) * s, w_q):
@@ -140,9 +139,7 @@ def load_compact(sam: nn.Module, obj: Dict, path) -> Dict:
         q = unpack(rec["q"], rec["bits"], numel).reshape(rec["shape"]).to(torch.float32) + wq.quant_min
         scale = state[f"{name}.weight_quantizer.scale"].float()
         zp = state[f"{name}.weight_quantizer.zero_point"].round()
-        shape = [1] * q.dim()
-        if wq.ch_axis != -1:
-            shape[wq.ch_axis % q.dim()] = -1
+        shape = _bshape(q, wq.ch_axis % q.dim()) if wq.ch_axis != -1 else [1] * q.dim()
         state[f"{name}.weight"] = (q - zp.reshape(shape)) * scale.reshape(shape)
         if isinstance(wq, AdaRoundFakeQuantize):
             wq.alpha = None  # the weight is on its grid: nearest rounding maps it onto itself

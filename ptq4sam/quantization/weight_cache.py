@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..errors import atomic_write
 from .observer import ObserverBase
 
 VERSION = "2d-walk-1"  # bump when a search changes its result
@@ -55,9 +56,7 @@ def observe_weight(obs: ObserverBase, w: torch.Tensor) -> None:
     obs(w)
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"min_val": obs.min_val.cpu(), "max_val": obs.max_val.cpu()}, tmp)
-            os.replace(tmp, path)
+            ranges = {"min_val": obs.min_val.cpu(), "max_val": obs.max_val.cpu()}
+            atomic_write(path, lambda tmp: torch.save(ranges, tmp))
         except OSError:  # a read-only home: no cache, same result
             pass
