@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -726,6 +726,23 @@ def load_quantized(sam, path, device, qcfg: Optional[QConfig] = None, quant_enco
     sam.to(device)
     freeze(sam)
     return info
+
+
+def load_quantized_file(sam, path, device) -> Tuple[QConfig, bool, Dict]:
+    """Convert the float ``sam`` with the q_config and flags a compact checkpoint was saved with, and load it.
+    Returns (q_config, quant_encoder, the saved run's info)."""
+    from .deploy.compact import load_compact, read_compact  # noqa: PLC0415
+    from .qconfig import qconfig_from_dict  # noqa: PLC0415
+
+    obj = read_compact(path)
+    qcfg = qconfig_from_dict(json.loads(obj["q_config"]), f"{path} (its q_config)")
+    for p in sam.parameters():
+        p.requires_grad_(False)
+    quantize_sam(sam, build_context(qcfg), obj["quant_encoder"], float_modules=tuple(qcfg.float_modules))
+    info = load_compact(sam, obj, path)
+    sam.to(device)
+    freeze(sam)
+    return qcfg, bool(obj["quant_encoder"]), info
 
 
 # ---- crash-safe reconstruction ---------------------------------------------------------------------------------

@@ -257,6 +257,11 @@ def validate(q: QConfig, src: str) -> QConfig:
     return q
 
 
+def qconfig_from_dict(data: Dict, src: str) -> QConfig:
+    """A resolved q_config (``QConfig.to_dict()``, e.g. the one a compact checkpoint holds), checked again."""
+    return validate(_build(QConfig, dict(data), "", src), src)
+
+
 def load_qconfig(path: Union[str, Path], overrides: Sequence[str] = ()) -> QConfig:
     path = Path(path)
     data = _merge(_read_yaml(path), parse_overrides(overrides))

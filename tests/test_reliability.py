@@ -160,6 +160,12 @@ def _case(tmp, name):
         im = _ann(1)["images"][0]["id"]
         f.write_text(json.dumps([{"image_id": im, "bbox": [1, 2, 30, 40], "score": 0.5, "category_id": 4242}]))
         return _json_cfg(f), ["dets.json", "category_id 4242"]
+    if name == "backend_without_onnx":
+        return ["--config", GT_CFG, "--backend", "ort"], ["--backend ort", "--onnx DIR"]
+    if name == "backend_with_q_config":
+        return q + ["--backend", "ort", "--onnx", str(tmp)], ["--backend ort", "drop --q_config"]
+    if name == "onnx_dir_without_export":
+        return ["--config", GT_CFG, "--backend", "openvino", "--onnx", str(tmp)], [str(tmp), "no export.json"]
     raise KeyError(name)
 
 
@@ -183,7 +189,8 @@ CLI_ERRORS = [
     "qconfig_missing", "qconfig_malformed_yaml", "qconfig_wrong_type", "q_option_unknown_key", "q_option_bad_value",
     "work_dir_unwritable", "show_dir_unwritable", "save_path_is_folder", "load_sam_path_missing",
     "load_sam_path_pickle", "load_sam_path_other_qconfig", "load_sam_path_old_format", "resume_with_fp",
-    "prompts_json_other_split", "prompts_json_nan_score", "prompts_json_bad_bbox", "prompts_json_unknown_category"]
+    "prompts_json_other_split", "prompts_json_nan_score", "prompts_json_bad_bbox", "prompts_json_unknown_category",
+    "backend_without_onnx", "backend_with_q_config", "onnx_dir_without_export"]
 
 
 @needs_mmdet

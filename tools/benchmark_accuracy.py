@@ -70,6 +70,9 @@ def main(argv=None):
                    help="also run QDrop+BIG and QDrop+AGQ at these bit widths (GT prompts)")
     p.add_argument("--fp-from", default=None, metavar="JSON",
                    help="take the FP row from this accuracy.json (same split and device) instead of re-evaluating")
+    p.add_argument("--save-dir", default=None, metavar="DIR",
+                   help="also save each quantized model as a compact checkpoint DIR/<prompts>_w<b>a<b>_<method>.pth "
+                        "(for tools/export_onnx.py / tools/benchmark_deploy.py)")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="no runs: merge these accuracy.json files into one JSON + markdown + PNG (--out-dir/--markdown)")
     a = p.parse_args(argv)
@@ -129,6 +132,13 @@ def main(argv=None):
             t = time.time()
             info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None)
             t_q = time.time() - t
+            saved = None
+            if a.save_dir:
+                from ptq4sam.ptq import save_quantized  # noqa: PLC0415
+
+                saved = Path(a.save_dir) / f"{kind}_w{bits}a{bits}_{method.replace('+', '_')}.pth"
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                save_quantized(seg.sam, saved, qcfg.to_dict(), not a.decoder_only, {"command": env["command"]})
             t = time.time()
             m = coco_eval.evaluate(seg, eval_ann_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
                                    desc=f"{kind} W{bits}A{bits} {method}")
@@ -139,7 +149,7 @@ def main(argv=None):
                    "quantize_s": round(t_q, 1), "eval_s": round(time.time() - t, 1),
                    "pct_of_fp": round(100 * m["segm_mAP"] / max(fp["segm_mAP"], 1e-9), 1),
                    **({"big_flipped": [e["layer"] for e in info["big"] if e["bimodal"]]} if "big" in info else {}),
-                   "agq_tau": [e["tau"] for e in info.get("agq", [])]}
+                   "agq_tau": [e["tau"] for e in info.get("agq", [])], "saved_to": str(saved) if saved else None}
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "q_options"}))
             save()

@@ -63,12 +63,17 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted quantization from <work-dir>/recon_state.pt (saved after calibration "
                         "and after every reconstruction unit); the result is identical to an uninterrupted run")
+    p.add_argument("--backend", choices=["torch", "ort", "openvino"], default="torch",
+                   help="run SAM as exported ONNX graphs (--onnx DIR, tools/export_onnx.py) with ONNX Runtime or "
+                        "OpenVINO instead of the torch model")
+    p.add_argument("--onnx", default=None, help="folder of tools/export_onnx.py (with --backend ort|openvino)")
+    p.add_argument("--threads", type=int, default=0, help="backend threads (--backend ort|openvino; 0: its default)")
     p.add_argument("--debug", action="store_true", help="show the traceback of input errors too (they print one line)")
     p.add_argument("--compile-agq", action="store_true",
                    help="evaluate AGQ with a torch.compile-fused kernel on CUDA (faster; last-bit differences possible)")
     args = p.parse_args(argv)
-    if not args.fp and not args.q_config:
-        p.error("give --q_config for quantization, or --fp to evaluate the float model")
+    if not args.fp and not args.q_config and args.backend == "torch":
+        p.error("give --q_config for quantization, --fp to evaluate the float model, or --backend ort|openvino --onnx DIR")
     return args
 
 
@@ -257,6 +262,14 @@ def run(args):
         from ptq4sam.qconfig import load_qconfig  # noqa: PLC0415
 
         qcfg = load_qconfig(args.q_config, args.q_options)
+    if args.backend != "torch":
+        if not args.onnx:
+            raise InputError(f"--backend {args.backend} runs exported graphs: give --onnx DIR (tools/export_onnx.py)")
+        if qcfg is not None or args.load_sam_path or args.fp_baseline:
+            raise InputError(f"--backend {args.backend}: the exported graphs carry their own quantization; drop "
+                             "--q_config / --load_sam_path / --fp-baseline (evaluate the FP export as another run)")
+    elif args.onnx:
+        raise InputError("--onnx is read by --backend ort|openvino only")
     if args.resume and qcfg is None:
         raise InputError("--resume continues a quantization: give --q_config (not --fp)")
     if args.resume and args.load_sam_path:
@@ -291,11 +304,20 @@ def run(args):
             raise InputError(f"{args.config}: model: {e}") from None
         model.CLASSES = dataset.CLASSES
         model.to(device).eval()
+        if args.backend != "torch":
+            from ptq4sam.deploy.runtime import OnnxSegmenter  # noqa: PLC0415
+
+            model.segmenter = OnnxSegmenter(model.segmenter, args.onnx, args.backend, args.threads)
     n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     indices = list(range(rank, n, world))
     metrics = {"config": args.config, "q_config": args.q_config, "seed": seed, "num_images": n,
                "world_size": world, "device": str(device), "model_type": model.model_type,
-               "prompt": cfg.model.prompt.get("type"), "split": cfg.data.test.ann_file}
+               "prompt": cfg.model.prompt.get("type"), "split": cfg.data.test.ann_file, "backend": args.backend}
+    if args.backend != "torch":
+        man = model.segmenter.manifest
+        metrics.update({"onnx": args.onnx, "threads": args.threads, "quantized_export": man["quantized"],
+                        "export_q_config": man["q_config"], "export_quant_encoder": man["quant_encoder"],
+                        "export_file_bytes": man["file_bytes"], "export_emulated": man["emulated"]})
     rows = {}
 
     def evaluate_model(name):
@@ -350,12 +372,15 @@ def run(args):
             use_compiled_agq(True)
         metrics["compile_agq"] = args.compile_agq
     name = "FP" if qcfg is None else f"W{qcfg.w_qconfig.bit}A{qcfg.a_qconfig.bit}"
-    ev, res = evaluate_model("fp" if qcfg is None else "quant")
+    if args.backend != "torch":
+        eq = model.segmenter.manifest["q_config"]
+        name = (f"W{eq['w_qconfig']['bit']}A{eq['a_qconfig']['bit']}" if eq else "FP") + f" ({args.backend})"
+    ev, res = evaluate_model(args.backend if args.backend != "torch" else "fp" if qcfg is None else "quant")
     metrics["timings"] = {f"{k}_s": v for k, v in timer.times.items()}
     if rank == 0:
         metrics.update(ev)
         rows[name] = ev
-        metrics["quantized"] = qcfg is not None
+        metrics["quantized"] = qcfg is not None or bool(metrics.get("quantized_export"))
         if args.out:
             import mmcv  # noqa: PLC0415
 

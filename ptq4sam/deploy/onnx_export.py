@@ -1,0 +1,366 @@
+"""QDQ ONNX export of a quantized SAM: QuantizeLinear / DequantizeLinear exactly where our quantizers are.
+
+Two graphs (the split SAM's own ONNX export and every SAM runtime uses):
+
+* ``encoder.onnx``: ``image`` (1, 3, S, S), prepared as :meth:`BoxPromptSegmenter.prepare_image` does ->
+  ``image_embeddings`` (1, C, h, w);
+* ``decoder.onnx``: ``image_embeddings`` and ``boxes`` (N, 4, xyxy in the resized input frame, N dynamic) -> prompt
+  encoder + mask decoder -> ``low_res_masks`` (N, 1, 4h, 4w) and ``iou`` (N, 1).
+
+What each quantizer becomes (the manifest ``export.json`` lists them by name and kind):
+
+* a uniform activation quantizer (LSQ / LSQ+ / fixed; per tensor or per channel): ``QuantizeLinear`` ->
+  ``DequantizeLinear`` with its scale and integer zero point (uint8 when asymmetric, int8 when symmetric); below 8 bits
+  a ``Clip`` to the quantizer's float range goes first, so the integer values stay on the b-bit grid
+  (``clamp(round(x / s) + z, qmin, qmax)``, what the fake quantizer computes) while int8 kernels run them;
+* a quantized weight: the integer weight as an int8 / uint8 initializer -> ``DequantizeLinear`` (per output channel,
+  ``axis`` = the quantizer's channel axis); AdaRound's learned rounding is in the integers, BIG's sign folds are in the
+  float weights it quantized. When ``q - z`` fits int8 (always for W <= 7 bits) it is stored as that with zero point 0
+  (symmetric form: the U8S8 kernels of ONNX Runtime and OpenVINO need it); else as uint8 with per-channel zero points;
+* the AGQ log2 softmax quantizer has no integer ONNX operator: it is emulated in float (``Log``, ``Round``, ``Pow``;
+  the same numbers as our quantizer up to the last bit of log2), marked ``emulated`` in the manifest.
+
+The legacy TorchScript exporter is used (``dynamo=False``): it runs the model's Python forward once, so our quantized
+modules export as they compute, and an ``autograd.Function.symbolic`` emits each QDQ pair.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..errors import InputError, atomic_write_text
+from ..quantization import AdaRoundFakeQuantize, AGQFakeQuantize, FakeQuantizeBase
+from ..quantization.fake_quant import _bshape
+from ..quantization.qmodules import QuantLinear, _QuantWeightMixin
+
+EXPORT_FORMAT = "ptq4sam-onnx-1"
+OPSET = 17
+ENCODER_FILE, DECODER_FILE, MANIFEST_FILE = "encoder.onnx", "decoder.onnx", "export.json"
+
+
+# ---- the ONNX pieces ---------------------------------------------------------------------------------------------
+class _ActQDQ(torch.autograd.Function):
+    """Forward: our fake quantizer's evaluation formula. ONNX: [Clip] -> QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp, qmin: int, qmax: int, axis: int, clip: bool):
+        zp32 = zp.to(torch.int32)
+        if axis == -1:
+            return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zp32.reshape(()), qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zp32, axis, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, scale, zp, qmin, qmax, axis, clip):
+        s_val, z_val = _const_of(scale), _const_of(zp)
+        kw = {} if axis == -1 else {"axis_i": axis}
+        s = g.op("Constant", value_t=s_val.reshape(()) if axis == -1 else s_val)
+        z = g.op("Constant", value_t=z_val.reshape(()) if axis == -1 else z_val)
+        if clip:
+            lo = (qmin - z_val.to(torch.float32)) * s_val
+            hi = (qmax - z_val.to(torch.float32)) * s_val
+            if axis == -1:
+                x = g.op("Clip", x, g.op("Constant", value_t=lo.reshape(())), g.op("Constant", value_t=hi.reshape(())))
+            else:
+                shape = [1] * _rank(x)
+                shape[axis] = -1
+                x = g.op("Max", x, g.op("Constant", value_t=lo.reshape(shape)))
+                x = g.op("Min", x, g.op("Constant", value_t=hi.reshape(shape)))
+        q = g.op("QuantizeLinear", x, s, z, **kw)
+        return g.op("DequantizeLinear", q, s, z, **kw)
+
+
+class _WeightDQ(torch.autograd.Function):
+    """Forward: the dequantized integer weight. ONNX: integer initializer -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, q, scale, zp, axis: int):
+        shape = _bshape(q, axis) if axis != -1 else [1] * q.dim()
+        return (q.to(torch.float32) - zp.to(torch.float32).reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, q, scale, zp, axis):
+        kw = {} if axis == -1 else {"axis_i": axis}
+        s_val, z_val = _const_of(scale), _const_of(zp)
+        s = g.op("Constant", value_t=s_val.reshape(()) if axis == -1 else s_val)
+        z = g.op("Constant", value_t=z_val.reshape(()) if axis == -1 else z_val)
+        return g.op("DequantizeLinear", q, s, z, **kw)
+
+
+def _const_of(value) -> torch.Tensor:
+    """The tensor behind a traced constant (``prim::Constant`` / ``onnx::Constant``)."""
+    node = value.node()
+    if node.kind() in ("prim::Constant", "onnx::Constant"):
+        return node.t("value")
+    raise RuntimeError(f"QDQ export: expected a constant scale / zero point, got {node.kind()}")
+
+
+def _rank(value) -> int:
+    t = value.type()
+    r = t.dim() if hasattr(t, "dim") else None
+    if r is None:
+        raise RuntimeError("QDQ export: the rank of a per-channel quantized activation is unknown")
+    return r
+
+
+def agq_float(x: torch.Tensor, scale: torch.Tensor, tau: int, levels: int) -> torch.Tensor:
+    """AGQ with ONNX-exportable ops (natural log and exp instead of log2 and exp2)."""
+    t = torch.round(torch.log(torch.clamp(x / scale, min=1e-30)) * (-tau / math.log(2.0)))
+    t = torch.clamp(t, min=0)
+    return (scale * torch.exp(t * (-math.log(2.0) / tau))).masked_fill(t >= levels, 0.0)
+
+
+# ---- what each quantizer exports as -------------------------------------------------------------------------------
+@dataclass
+class QuantizerExport:
+    name: str
+    kind: str  # "activation-qdq" | "weight-dq" | "emulated-agq"
+    bits: int
+    dtype: str  # "uint8" | "int8" | "float"
+    per_channel: bool
+
+
+def _int_dtype(qmin: int, qmax: int, name: str) -> torch.dtype:
+    if 0 <= qmin and qmax <= 255:
+        return torch.uint8
+    if -128 <= qmin and qmax <= 127:
+        return torch.int8
+    raise InputError(f"ONNX export: quantizer '{name}' has integer range [{qmin}, {qmax}]; QDQ export supports up to "
+                     "8 bits (uint8 / int8)")
+
+
+def _act_forward(q: FakeQuantizeBase, name: str, records: List[QuantizerExport]):
+    if isinstance(q, AGQFakeQuantize):
+        scale = q._eval_params()[0].reshape(())
+        records.append(QuantizerExport(name, "emulated-agq", q.bit, "float", False))
+        return lambda x: agq_float(x, scale, q.tau, q.levels)
+    if not q.uniform:
+        raise InputError(f"ONNX export: no QDQ form for quantizer '{name}' ({type(q).__name__})")
+    scale, zp = q._eval_params()
+    dt = _int_dtype(q.quant_min, q.quant_max, name)
+    scale, zp = scale.float().reshape(-1), zp.to(dt).reshape(-1)
+    clip = (q.quant_min, q.quant_max) != ((0, 255) if dt == torch.uint8 else (-128, 127))
+    records.append(QuantizerExport(name, "activation-qdq", q.bit, str(dt).replace("torch.", ""), q.ch_axis != -1))
+
+    def fwd(x):
+        axis = -1 if q.ch_axis == -1 else q.ch_axis % x.dim()
+        return _ActQDQ.apply(x, scale, zp, q.quant_min, q.quant_max, axis, clip)
+    return fwd
+
+
+@torch.no_grad()
+def integer_weight(layer: _QuantWeightMixin):
+    """(integers, scale, zero point, axis) with ``(q - zp) * scale`` == the weight our fake quantizer produces.
+
+    ``q - zp`` is stored as int8 with zero point 0 when it fits (symmetric form), else ``q`` as uint8 / int8."""
+    wq = layer.weight_quantizer
+    w_q = wq(layer.weight).detach().float()
+    scale, zp = wq._eval_params()
+    axis = -1 if wq.ch_axis == -1 else wq.ch_axis % w_q.dim()
+    shape = _bshape(w_q, axis) if axis != -1 else [1] * w_q.dim()
+    s, z = scale.reshape(shape).float(), zp.reshape(shape).float()
+    q = torch.round(w_q / s + z).clamp(wq.quant_min, wq.quant_max)
+    if not torch.equal((q - z) * s, w_q):
+        raise InputError(f"ONNX export: the quantized weight of '{getattr(wq, 'qname', '?')}' is not on its integer "
+                         "grid (AdaRound not hardened? quantize with the toolkit's evaluation state)")
+    d = q - z
+    if d.min() >= -128 and d.max() <= 127:
+        return d.to(torch.int8), scale.float().reshape(-1), torch.zeros_like(zp.reshape(-1), dtype=torch.int8), axis
+    dt = _int_dtype(wq.quant_min, wq.quant_max, getattr(wq, "qname", "?"))
+    return q.to(dt), scale.float().reshape(-1), zp.reshape(-1).to(dt), axis
+
+
+def _weight_forward(layer, name: str, records: List[QuantizerExport]):
+    q, scale, zp, axis = integer_weight(layer)
+    records.append(QuantizerExport(name, "weight-dq", layer.weight_quantizer.bit, str(q.dtype).replace("torch.", ""),
+                                   axis != -1))
+    return lambda w: _WeightDQ.apply(q, scale, zp, axis)
+
+
+def _linear_forward(layer: QuantLinear, records: List[QuantizerExport], name: str):
+    """Linear as ``MatMul(DQ(x), DQ(w^T)) + b`` with the integer weight stored transposed (the exporter's
+    ``MatMul(x, Transpose(DQ(w)))`` hides the weight's DQ from the runtimes' QDQ fusions)."""
+    q, scale, zp, axis = integer_weight(layer)
+    records.append(QuantizerExport(name, "weight-dq", layer.weight_quantizer.bit, str(q.dtype).replace("torch.", ""),
+                                   axis != -1))
+    q_t, axis_t = q.t().contiguous(), (-1 if axis == -1 else 1 - axis)
+    bias = layer.bias
+
+    def fwd(x):
+        y = torch.matmul(layer.input_quant(x), _WeightDQ.apply(q_t, scale, zp, axis_t))
+        return y if bias is None else y + bias
+    return fwd
+
+
+@contextmanager
+def export_mode(sam: nn.Module):
+    """Quantizers of ``sam`` (in its evaluation state) emit QDQ nodes while tracing; yields the list of
+    :class:`QuantizerExport` records, filled as the export traces them."""
+    records: List[QuantizerExport] = []
+    patched = []
+    weight_q = {}
+    for name, m in sam.named_modules():
+        if isinstance(m, _QuantWeightMixin):
+            m.unfreeze()  # the frozen-weight shortcut would bypass the weight quantizer's export form
+            if m.weight_quantizer is not None and m.weight_quantizer.fake_quant_enabled:
+                weight_q[id(m.weight_quantizer)] = (m, name)
+    try:
+        for name, q in sam.named_modules():
+            if not isinstance(q, FakeQuantizeBase) or not q.fake_quant_enabled:
+                continue
+            if q.drop_prob < 1.0 or q.observer_enabled:
+                raise InputError(f"ONNX export: quantizer '{name}' is not in the evaluation state (drop_prob="
+                                 f"{q.drop_prob}, observing={q.observer_enabled})")
+            if not q.initialized:
+                raise InputError(f"ONNX export: quantizer '{name}' was never calibrated")
+            if isinstance(q, AdaRoundFakeQuantize) and q.alpha is not None and not q.hard:
+                raise InputError(f"ONNX export: AdaRound quantizer '{name}' is not hardened")
+            if id(q) in weight_q:
+                layer = weight_q[id(q)][0]
+                if isinstance(layer, QuantLinear):
+                    layer.forward = _linear_forward(layer, records, name)
+                    patched.append(layer)
+                    continue
+                fwd = _weight_forward(layer, name, records)
+            else:
+                fwd = _act_forward(q, name, records)
+            q.forward = fwd  # instance attribute: nn.Module.__call__ uses it
+            patched.append(q)
+        yield records
+    finally:
+        for m in patched:
+            del m.forward
+
+
+# ---- the two graphs ------------------------------------------------------------------------------------------------
+class EncoderGraph(nn.Module):
+    def __init__(self, sam):
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+
+    def forward(self, image):
+        return self.image_encoder(image)
+
+
+class DecoderGraph(nn.Module):
+    """Prompt encoder (boxes only) + mask decoder with ``multimask_output=False``, written with ``expand`` instead of
+    ``repeat_interleave`` (one image per call), so the number of boxes is a dynamic axis. Computes what
+    ``BoxPromptSegmenter.decode`` computes (tested)."""
+
+    def __init__(self, sam):
+        super().__init__()
+        self.pe = sam.prompt_encoder
+        self.dec = sam.mask_decoder
+        self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+
+    def forward(self, image_embeddings, boxes):
+        pe, dec = self.pe, self.dec
+        n = boxes.shape[0]
+        coords = (boxes + 0.5).reshape(-1, 2, 2)
+        h_in, w_in = pe.input_image_size
+        coords = coords / torch.tensor([w_in, h_in], dtype=coords.dtype)
+        corners = pe.pe_layer._pe_encoding(coords)
+        sparse = torch.cat([corners[:, :1] + pe.point_embeddings[2].weight, corners[:, 1:] + pe.point_embeddings[3].weight],
+                           dim=1)
+        h, w = pe.image_embedding_size
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0).unsqueeze(0).expand(n, -1, -1)
+        tokens = torch.cat((tokens, sparse), dim=1)
+        src = image_embeddings.expand(n, -1, -1, -1) + dense
+        pos = self.image_pe.expand(n, -1, -1, -1)
+        b, c = src.shape[0], src.shape[1]
+        hs, src = dec.transformer(src, pos, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_token = hs[:, 1, :]  # multimask_output=False: the first mask token only
+        src = src.transpose(1, 2).reshape(b, c, h, w)
+        up = dec.output_upscaling(src)
+        hyper = dec.output_hypernetworks_mlps[0](mask_token).unsqueeze(1)
+        b2, c2, h2, w2 = up.shape
+        masks = (hyper @ up.reshape(b2, c2, h2 * w2)).reshape(b2, 1, h2, w2)
+        iou = dec.iou_prediction_head(iou_token_out)[:, :1]
+        return masks, iou
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: Dict
+
+
+def _export_one(module: nn.Module, args, path: Path, input_names, output_names, dynamic_axes):
+    import warnings  # noqa: PLC0415
+
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] = None,
+               quant_encoder: Optional[bool] = None, info: Optional[Dict] = None, parts=("encoder", "decoder"),
+               example_boxes: int = 2) -> ExportResult:
+    """Export ``sam`` (float, or quantized in its evaluation state) as ONNX graphs into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sam = sam.eval().cpu()
+    image = torch.zeros(1, 3, img_size, img_size)
+    t0 = time.time()
+    with export_mode(sam) as records:
+        files = {}
+        feats = sam.image_encoder(image)  # eager: the decoder's example input
+        if "encoder" in parts:
+            _export_one(EncoderGraph(sam), (image,), out_dir / ENCODER_FILE, ["image"], ["image_embeddings"], None)
+            files["encoder"] = ENCODER_FILE
+        n_enc = len(records)
+        if "decoder" in parts:
+            s = img_size
+            boxes = torch.tensor([[0.1 * s, 0.2 * s, 0.6 * s, 0.7 * s]] * example_boxes)
+            _export_one(DecoderGraph(sam), (feats, boxes), out_dir / DECODER_FILE, ["image_embeddings", "boxes"],
+                        ["low_res_masks", "iou"], {"boxes": {0: "num_boxes"}, "low_res_masks": {0: "num_boxes"},
+                                                   "iou": {0: "num_boxes"}})
+            files["decoder"] = DECODER_FILE
+    seen = {}
+    for r in records[:n_enc] + records[n_enc:]:  # a quantizer traced twice (eager run + export) is listed once
+        seen[r.name] = r
+    kinds: Dict[str, int] = {}
+    for r in seen.values():
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    manifest = {
+        "format": EXPORT_FORMAT, "opset": OPSET, "img_size": img_size, "files": files,
+        "file_bytes": {k: (out_dir / f).stat().st_size for k, f in files.items()},
+        "quantized": q_config is not None, "q_config": q_config, "quant_encoder": quant_encoder,
+        "quantizers": {k: v for k, v in sorted(kinds.items())},
+        "integer_kernels": "activations and weights of Linear / Conv layers and attention matmuls as QDQ pairs "
+                           "(the runtime fuses them into integer kernels)",
+        "emulated": sorted(r.name for r in seen.values() if r.kind.startswith("emulated")),
+        "quantizer_list": [r.__dict__ for r in seen.values()],
+        "info": info or {}, "torch": torch.__version__, "export_s": round(time.time() - t0, 2),
+    }
+    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+    return ExportResult(out_dir, manifest)
+
+
+def read_manifest(onnx_dir) -> Dict:
+    p = Path(onnx_dir) / MANIFEST_FILE
+    if not p.is_file():
+        raise InputError(f"--onnx {onnx_dir}: no {MANIFEST_FILE} there (export with tools/export_onnx.py)")
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not JSON ({e})") from None
+    if m.get("format") != EXPORT_FORMAT:
+        raise InputError(f"{p}: format {m.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    for part, f in m.get("files", {}).items():
+        if not (Path(onnx_dir) / f).is_file():
+            raise InputError(f"--onnx {onnx_dir}: the {part} graph {f} listed in {MANIFEST_FILE} is missing")
+    return m

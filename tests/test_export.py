@@ -1,0 +1,190 @@
+"""QDQ ONNX export (ptq4sam.deploy.onnx_export) run by ONNX Runtime and OpenVINO against our fake-quant forward."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import calib_samples
+
+from ptq4sam.deploy.onnx_export import DecoderGraph, agq_float, export_sam, integer_weight
+from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph
+from ptq4sam.errors import InputError
+from ptq4sam.models import BoxPromptSegmenter, build_sam
+from ptq4sam.ptq import CalibSample, quantize_segmenter
+from ptq4sam.qconfig import load_qconfig
+from ptq4sam.quantization import agq_quantize
+from ptq4sam.quantization.state import disable_all, enable_quantization
+
+CPU = torch.device("cpu")
+
+
+def _quantized_lite(opts):
+    q = load_qconfig("exp/demo/config66.yaml", ["recon.iters=0", "ptq4sam.BIG=false", "ptq4sam.agq_search=grid",
+                                                "ptq4sam.agq_images=1"] + opts)
+    s = calib_samples(1)[0]
+    sample = CalibSample(s.image, s.boxes[:4])
+    sam = build_sam("lite_medsam")
+    seg = BoxPromptSegmenter(sam)
+    quantize_segmenter(seg, [sample], q, quant_encoder=True, device=CPU, log=lambda *a: None)
+    return seg, sample, q
+
+
+@pytest.fixture(scope="module")
+def lite_w8a8(tmp_path_factory):
+    """LiteMedSAM W8A8 (symmetric weights: the deploy setting), AGQ softmax, encoder + decoder, exported once."""
+    seg, sample, q = _quantized_lite(["w_qconfig.bit=8", "a_qconfig.bit=8", "w_qconfig.symmetric=true"])
+    out = tmp_path_factory.mktemp("onnx_w8a8")
+    res = export_sam(seg.sam, out, 256, q.to_dict(), True)
+    return seg, sample, out, res.manifest
+
+
+def _reference(seg, sample):
+    with torch.no_grad():
+        x = seg.prepare_image(sample.image)
+        feats = seg.sam.image_encoder(x)
+        boxes = seg.transform.apply_boxes_torch(torch.as_tensor(sample.boxes), sample.image.shape[:2])
+        low, iou = seg.decode(feats, torch.as_tensor(sample.boxes), sample.image.shape[:2])
+    return x.contiguous().numpy(), feats.numpy(), boxes.numpy(), low.numpy(), iou.numpy()
+
+
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_exported_w8a8_lite_medsam_matches_the_fake_quant_model(lite_w8a8, backend):
+    """Same input: the backend's masks equal ours on >= 99 % of pixels (decoder alone, from our image embedding:
+    >= 99.9 %), and the backend's encoder is as close to the float model as ours (the remaining differences are
+    rounding ties that flip one way or the other and propagate, not a different quantization)."""
+    seg, sample, out, man = lite_w8a8
+    assert man["quantizers"] == {"activation-qdq": 150, "emulated-agq": 17, "weight-dq": 99}
+    x, feats, boxes, low, iou = _reference(seg, sample)
+    enc, dec = open_graph(out / "encoder.onnx", backend, 2), open_graph(out / "decoder.onnx", backend, 2)
+    f2 = enc({"image": x})[0]
+    m_dec, i_dec = dec({"image_embeddings": feats, "boxes": boxes})
+    assert ((m_dec > 0) == (low > 0)).mean() >= 0.999
+    assert np.abs(i_dec[:, 0] - iou).max() < 0.01
+    m_full, _ = dec({"image_embeddings": f2, "boxes": boxes})
+    agree = ((m_full > 0) == (low > 0)).mean()
+    print(f"{backend}: encoder max |diff| {np.abs(f2 - feats).max():.4f}, masks agree {agree:.5f}")
+    assert agree >= 0.99
+    disable_all(seg.sam)
+    with torch.no_grad():
+        fp = seg.sam.image_encoder(torch.from_numpy(x)).numpy()
+    enable_quantization(seg.sam)
+    ours, theirs = np.abs(feats - fp).mean(), np.abs(f2 - fp).mean()
+    assert theirs < 1.1 * ours, (ours, theirs)
+    assert np.abs(f2 - feats).mean() < 0.75 * ours
+
+
+def test_integer_kernels_in_onnx_runtime_and_openvino(lite_w8a8, tmp_path):
+    """ONNX Runtime's optimised graph runs the quantized Linear layers and attention matmuls as integer kernels
+    (MatMulIntegerToFloat / QLinearMatMul), OpenVINO runs the quantized convolutions and linears in u8."""
+    from ptq4sam.deploy.runtime import _OrtGraph
+
+    _, _, out, _ = lite_w8a8
+    opt = tmp_path / "opt.onnx"
+    _OrtGraph(out / "encoder.onnx", 2, optimized_path=opt)
+    ops = [n.op_type for n in onnx.load(opt).graph.node]
+    integer = sum(ops.count(k) for k in ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv",
+                                         "ConvInteger"))
+    # 40 quantized Linear layers + q @ k^T of the 10 attentions (attn @ v takes AGQ's float-emulated softmax)
+    assert integer == 40 + 10
+    assert "Gemm" not in ops  # no quantized Linear left as DequantizeLinear + float Gemm
+    prec = open_graph(out / "encoder.onnx", "openvino", 2).runtime_precisions()
+    assert prec.get("FullyConnected:u8", 0) == 40
+    assert prec.get("Convolution:u8", 0) >= 27 and prec.get("Convolution:f32", 0) <= 2  # patch_embed stays float
+
+
+def test_onnx_segmenter_reproduces_the_pipeline_interface(lite_w8a8):
+    """OnnxSegmenter (what test_quant.py --backend uses) gives the same masks as its graphs on the same input and
+    keeps the torch segmenter's output format."""
+    seg, sample, out, _ = lite_w8a8
+    ref = seg(sample.image, sample.boxes)
+    got = OnnxSegmenter(seg, out, "openvino", 2)(sample.image, sample.boxes)
+    assert got.masks.shape == ref.masks.shape and got.masks.dtype == torch.bool
+    assert (got.masks == ref.masks).float().mean() >= 0.99
+    with pytest.raises(InputError, match="no export.json"):
+        OnnxSegmenter(seg, out / "missing", "ort")
+
+
+def test_float_export_and_decoder_graph_equal_the_torch_model(tmp_path):
+    """No quantizer: the exported graphs compute SAM's own forward (float rounding only); the decoder graph with its
+    dynamic number of boxes equals BoxPromptSegmenter.decode."""
+    torch.manual_seed(0)
+    sam = build_sam("vit_b", random_init=True, image_size=64)
+    seg = BoxPromptSegmenter(sam)
+    img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    boxes = torch.tensor([[5, 5, 40, 30], [10, 0, 60, 47], [0, 0, 63, 47]], dtype=torch.float32)
+    with torch.no_grad():
+        feats, _, osz = seg.encode(img)
+        low, iou = seg.decode(feats, boxes, osz)
+        tb = seg.transform.apply_boxes_torch(boxes, osz)
+        low2, iou2 = DecoderGraph(sam)(feats, tb)
+    assert torch.allclose(low2, low, atol=1e-4) and torch.allclose(iou2[:, 0], iou, atol=1e-5)
+    export_sam(sam, tmp_path, 64)
+    x = seg.prepare_image(img).contiguous().numpy()
+    f2 = open_graph(tmp_path / "encoder.onnx", "ort")({"image": x})[0]
+    np.testing.assert_allclose(f2, feats.numpy(), atol=1e-4)
+    m2, _ = open_graph(tmp_path / "decoder.onnx", "ort")({"image_embeddings": feats.numpy(), "boxes": tb[:1].numpy()})
+    np.testing.assert_allclose(m2, low[:1].numpy(), atol=1e-3)  # another number of boxes than at export
+
+
+def test_vit_b_w4a4_export_matches_fake_quant(tmp_path):
+    """SAM ViT-B (random weights, 64 px), W4A4 with AGQ: below 8 bits the QDQ pairs carry a Clip to the b-bit grid."""
+    torch.manual_seed(0)
+    sam = build_sam("vit_b", random_init=True, image_size=64)
+    seg = BoxPromptSegmenter(sam)
+    img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    sample = CalibSample(img, np.array([[5, 5, 40, 30], [10, 0, 60, 47]], np.float32))
+    q = load_qconfig("exp/demo/config44.yaml", ["recon.iters=0", "w_qconfig.observer=MinMaxObserver",
+                                                "ptq4sam.agq_search=grid", "ptq4sam.agq_images=1"])
+    quantize_segmenter(seg, [sample], q, quant_encoder=True, device=CPU, log=lambda *a: None)
+    man = export_sam(sam, tmp_path, 64, q.to_dict(), True).manifest
+    assert man["quantizers"]["emulated-agq"] == 12 + 7  # 12 ViT blocks + 7 decoder attentions
+    assert all(r["dtype"] == "int8" for r in man["quantizer_list"] if r["kind"] == "weight-dq")  # W4 as int8
+    enc = onnx.load(tmp_path / "encoder.onnx")
+    assert sum(n.op_type == "Clip" for n in enc.graph.node) > 0
+    x, feats, boxes, low, _ = _reference(seg, sample)
+    m_dec, _ = open_graph(tmp_path / "decoder.onnx", "ort")({"image_embeddings": feats, "boxes": boxes})
+    assert ((m_dec > 0) == (low > 0)).mean() >= 0.99
+    f2 = open_graph(tmp_path / "encoder.onnx", "ort")({"image": x})[0]
+    assert np.corrcoef(f2.ravel(), feats.ravel())[0, 1] > 0.99
+
+
+def test_integer_weight_and_agq_forms_are_exact():
+    """The stored integers dequantize to exactly our quantized weight (symmetric form when q - z fits int8, else
+    uint8 with zero points); the exportable AGQ equals ours on values away from rounding ties."""
+    from ptq4sam.quantization import QuantizerConfig, QuantLinear
+
+    torch.manual_seed(0)
+    for bit, sym in ((4, False), (8, False), (8, True)):
+        lin = QuantLinear.from_float(torch.nn.Linear(16, 8), QuantizerConfig(
+            quantizer="FixedFakeQuantize", observer="MinMaxObserver", bit=bit, symmetric=sym, ch_axis=0), None)
+        lin.calibrate_weight()
+        lin.weight_quantizer.fake_quant_enabled = True
+        q, s, z, axis = integer_weight(lin)
+        assert axis == 0 and q.dtype == (torch.uint8 if (bit, sym) == (8, False) else torch.int8)
+        assert torch.equal((q.float() - z.float()[:, None]) * s[:, None], lin.qweight())
+    x = torch.rand(1000) ** 4
+    s = torch.tensor(0.9)
+    a, b = agq_float(x, s, 2, 16), agq_quantize(x, s, 2, 16)
+    diff = ~torch.isclose(a, b, rtol=1e-6, atol=0)
+    assert diff.float().mean() < 0.01  # log vs log2 in the last bit: a rounding tie may go the other way
+    lo, hi = torch.minimum(a[diff], b[diff]), torch.maximum(a[diff], b[diff])
+    assert bool(((lo == 0) | torch.isclose(hi / lo, torch.tensor(2 ** 0.5))).all())  # then one level apart
+
+
+def test_export_refuses_a_model_not_in_evaluation_state(tmp_path):
+    seg, _, _ = _quantized_lite_small()
+    from ptq4sam.quantization import set_drop_prob
+
+    set_drop_prob(seg.sam, 0.5)
+    with pytest.raises(InputError, match="not in the evaluation state"):
+        export_sam(seg.sam, tmp_path, 64, {}, True, parts=("decoder",))
+
+
+def _quantized_lite_small():
+    torch.manual_seed(0)
+    sam = build_sam("vit_b", random_init=True, image_size=64)
+    seg = BoxPromptSegmenter(sam)
+    img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    sample = CalibSample(img, np.array([[5, 5, 40, 30]], np.float32))
+    q = load_qconfig("exp/demo/config66.yaml", ["recon.iters=0", "ptq4sam.AGQ=false", "w_qconfig.observer=MinMaxObserver"])
+    quantize_segmenter(seg, [sample], q, quant_encoder=False, device=CPU, log=lambda *a: None)
+    return seg, sample, q

@@ -1,0 +1,185 @@
+"""Deploy benchmark: FP32 and W8A8 SAM as ONNX graphs on ONNX Runtime and OpenVINO, ours beside the peers.
+
+One run, same machine, same threads, same inputs: for every (model, backend) the encoder ms (one image), the decoder ms
+with 1 and 50 boxes (medians of --repeats after --warmup), the size on disk, and (unless --no-accuracy) the mask mAP on
+the LiteMedSAM GT-box evaluation split through the same evaluation code as tools/benchmark_accuracy.py.
+
+Models: the float export, ours (compact checkpoints from ``test_quant.py --save_sam_path`` or
+``benchmark_accuracy.py --save-dir``, exported here) and the peers, quantized here on the same calibration images (the
+first --calibrate images by id of instances_calib32.json with their GT boxes): ONNX Runtime ``quantize_static`` (QDQ,
+U8S8 per channel; --ort-methods) and NNCF ``nncf.quantize`` (OpenVINO, transformer model type, mixed preset).
+
+    python tools/benchmark_deploy.py --ours "W8A8 PTQ4SAM=work_dirs/w8a8.pth" --out-dir docs/results/deploy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.deploy.onnx_export import export_sam, read_manifest  # noqa: E402
+from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph  # noqa: E402
+from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
+
+DATA = ROOT / "data" / "coco128"
+
+
+def median_ms(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(ts), 2)
+
+
+def calibration_feeds(fp_dir: Path, n: int, max_boxes: int):
+    """Encoder inputs of the first n calibration images; decoder inputs = their FP embeddings (FP export, ORT) with
+    at most ``max_boxes`` GT boxes each."""
+    seg = BoxPromptSegmenter(build_sam("lite_medsam"))
+    ann = coco_eval.load_ann(DATA / "annotations/instances_calib32.json")
+    prompts = coco_eval.gt_prompts(ann)
+    enc = open_graph(fp_dir / "encoder.onnx", "ort")
+    feeds = {"encoder": [], "decoder": []}
+    for im in coco_eval.first_images(ann, n):
+        img = coco_eval.read_rgb(DATA / "train2017" / im["file_name"])
+        x = seg.prepare_image(img).contiguous().numpy()
+        feeds["encoder"].append({"image": x})
+        boxes = torch.as_tensor(prompts[im["id"]][0][:max_boxes])
+        if len(boxes):
+            tb = seg.transform.apply_boxes_torch(boxes, img.shape[:2]).numpy()
+            feeds["decoder"].append({"image_embeddings": enc({"image": x})[0], "boxes": tb})
+    return feeds
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ours", nargs="*", default=[], metavar="NAME=CKPT", help="compact checkpoints to export and run")
+    p.add_argument("--peers", nargs="*", default=["ort_static", "nncf"], choices=["ort_static", "nncf"])
+    p.add_argument("--ort-methods", nargs="+", default=["MinMax"], choices=["MinMax", "Entropy", "Percentile"])
+    p.add_argument("--calibrate", type=int, default=16)
+    p.add_argument("--calib-boxes", type=int, default=16, help="boxes per calibration image for the decoders")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--eval-images", type=int, default=None, help="first N evaluation images (default: all 96)")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--out-dir", default=str(ROOT / "docs" / "results" / "deploy"))
+    p.add_argument("--models-dir", default=str(ROOT / "work_dirs" / "deploy_models"),
+                   help="where the exported / peer-quantized graphs go")
+    a = p.parse_args(argv)
+    out, mdir = Path(a.out_dir), Path(a.models_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(a.threads)
+    env = {"command": "python tools/benchmark_deploy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "cpu": platform.processor() or platform.machine(), "threads": a.threads, "torch": torch.__version__,
+           "split": "eval = data/coco128 instances_eval96.json, GT boxes; calibration = first "
+                    f"{a.calibrate} images by id of instances_calib32.json"}
+    import onnxruntime  # noqa: PLC0415
+    import openvino  # noqa: PLC0415
+
+    env.update(onnxruntime=onnxruntime.__version__, openvino=openvino.__version__)
+    sam = build_sam("lite_medsam")
+    models = []  # (name, dir, backends)
+    fp_dir = mdir / "fp32"
+    export_sam(sam, fp_dir, 256, info={"model": "lite_medsam float"})
+    models.append(("FP32", fp_dir, ("ort", "openvino")))
+    from ptq4sam.ptq import load_quantized_file  # noqa: PLC0415
+
+    for spec in a.ours:
+        name, _, ckpt = spec.partition("=")
+        d = mdir / ("ours_" + "".join(c if c.isalnum() else "_" for c in name))
+        qsam = build_sam("lite_medsam")
+        qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
+        export_sam(qsam, d, 256, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
+        models.append((f"ours {name}", d, ("ort", "openvino")))
+    if a.peers:
+        from ptq4sam.deploy import peers  # noqa: PLC0415
+
+        feeds = calibration_feeds(fp_dir, a.calibrate, a.calib_boxes)
+        if "ort_static" in a.peers:
+            for method in a.ort_methods:
+                d = mdir / f"ort_static_{method.lower()}"
+                peers.ort_quantize_static(fp_dir, d, feeds, method)
+                models.append((f"ORT quantize_static W8A8 ({method})", d, ("ort", "openvino")))
+        if "nncf" in a.peers:
+            d = mdir / "nncf"
+            peers.nncf_quantize(fp_dir, d, feeds)
+            models.append(("NNCF W8A8 (transformer, mixed)", d, ("openvino",)))
+
+    like = BoxPromptSegmenter(sam)
+    rng = np.random.default_rng(0)
+    x = like.prepare_image((rng.random((256, 256, 3)) * 255).astype(np.uint8)).contiguous().numpy()
+    boxes = {n: np.tile(np.array([[20, 30, 180, 200]], np.float32), (n, 1)) + rng.random((n, 4)).astype(np.float32)
+             for n in (1, 50)}
+    ev_file = DATA / "annotations/instances_eval96.json"
+    prompts = coco_eval.gt_prompts(coco_eval.load_ann(ev_file))
+    rows = []
+    for name, d, backends in models:
+        man = read_manifest(d)
+        for backend in backends:
+            try:
+                enc = open_graph(d / man["files"]["encoder"], backend, a.threads)
+                dec = open_graph(d / man["files"]["decoder"], backend, a.threads)
+            except RuntimeError as e:  # e.g. OpenVINO failing to compile another tool's QDQ graph: a row says so
+                msg = " ".join(str(e).split())[:300]
+                rows.append({"model": name, "backend": backend, "dir": str(d), "error": msg})
+                print(f"{name} on {backend}: cannot run: {msg}", file=sys.stderr)
+                write(out, env, rows)
+                continue
+            feats = enc({"image": x})[0]
+            row = {"model": name, "backend": backend, "dir": str(d), "bytes": sum(man["file_bytes"].values()),
+                   "encoder_ms": median_ms(lambda: enc({"image": x}), a.warmup, a.repeats)}
+            for n, b in boxes.items():
+                row[f"decoder_ms_{n}"] = median_ms(lambda b=b: dec({"image_embeddings": feats, "boxes": b}),
+                                                   a.warmup, a.repeats)
+            if backend == "openvino":
+                row["ov_precisions"] = {k: v for k, v in enc.runtime_precisions().items()
+                                        if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
+            if not a.no_accuracy:
+                t = time.time()
+                seg = OnnxSegmenter(like, d, backend, a.threads)
+                row.update(coco_eval.evaluate(seg, ev_file, DATA / "train2017", prompts, max_images=a.eval_images,
+                                              desc=f"{name} {backend}"))
+                row["eval_s"] = round(time.time() - t, 1)
+            rows.append(row)
+            print(json.dumps(row))
+            write(out, env, rows)
+    print(f"wrote {out / 'deploy.json'}, {out / 'deploy.md'}")
+
+
+def write(out: Path, env, rows):
+    (out / "deploy.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    fp = {r["backend"]: r for r in rows if r["model"] == "FP32"}
+    lines = [f"Command: `{env['command']}`  ", f"CPU: {env['cpu']}, {env['threads']} threads; onnxruntime "
+             f"{env['onnxruntime']}, openvino {env['openvino']}  ", f"Split: {env['split']}", "",
+             "| model | backend | mask mAP | % of FP | encoder ms | decoder ms (1 / 50 boxes) | encoder speedup vs FP32 "
+             "(same backend) | size MB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['backend']} | fails to compile: {r['error'][:120]} | | | | | |")
+            continue
+        f = fp.get(r["backend"])
+        acc = f"{r['segm_mAP']:.4f}" if "segm_mAP" in r else "-"
+        pct = (f"{100 * r['segm_mAP'] / f['segm_mAP']:.1f}" if f and "segm_mAP" in r and "segm_mAP" in f else "-")
+        sp = f"{f['encoder_ms'] / r['encoder_ms']:.2f}x" if f else "-"
+        lines.append(f"| {r['model']} | {r['backend']} | {acc} | {pct} | {r['encoder_ms']:.1f} | "
+                     f"{r['decoder_ms_1']:.1f} / {r['decoder_ms_50']:.1f} | {sp} | {r['bytes'] / 2**20:.1f} |")
+    (out / "deploy.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
