@@ -123,6 +123,17 @@ def test_float_export_and_decoder_graph_equal_the_torch_model(tmp_path):
     np.testing.assert_allclose(f2, feats.numpy(), atol=1e-4)
     m2, _ = open_graph(tmp_path / "decoder.onnx", "ort")({"image_embeddings": feats.numpy(), "boxes": tb[:1].numpy()})
     np.testing.assert_allclose(m2, low[:1].numpy(), atol=1e-3)  # another number of boxes than at export
+    # the peers quantize this float export; their folders run like ours
+    from ptq4sam.deploy import peers
+
+    calib = {"encoder": [{"image": x}], "decoder": [{"image_embeddings": feats.numpy(), "boxes": tb.numpy()}]}
+    for make, backend in ((lambda d: peers.ort_quantize_static(tmp_path, d, calib), "ort"),
+                          (lambda d: peers.nncf_quantize(tmp_path, d, calib), "openvino")):
+        d = tmp_path / backend
+        man = make(d)
+        assert man["quantized"] and set(man["files"]) == {"encoder", "decoder"}
+        got = OnnxSegmenter(seg, d, backend)(img, boxes.numpy())
+        assert got.masks.shape == (3, 48, 64)
 
 
 def test_vit_b_w4a4_export_matches_fake_quant(tmp_path):

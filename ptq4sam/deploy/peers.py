@@ -52,10 +52,16 @@ def ort_quantize_static(fp_dir, out_dir, calib: Dict[str, List[Dict[str, np.ndar
             return next(self.it, None)
 
     for part, f in ((("encoder", ENCODER_FILE), ("decoder", DECODER_FILE))):
+        n = len(calib[part])
+        # ranges / histograms merged every k samples (ORT otherwise keeps every intermediate output of all samples:
+        # the decoder's Entropy calibration ran out of 24 GB); k must not divide n (ORT 1.31 raises "No data is
+        # collected" when nothing is left over for its last merge)
+        k = next((k for k in range(3, 64) if n % k), None) if n > 2 else None
         quantize_static(str(fp_dir / f), str(out / f), Reader(calib[part]), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method),
-                        extra_options={"CalibMovingAverage": False})
+                        extra_options={"CalibMovingAverage": False,
+                                       **({"CalibMaxIntermediateOutputs": k} if k else {})})
     return _manifest(out, fp_man, {"encoder": ENCODER_FILE, "decoder": DECODER_FILE},
                      "onnxruntime.quantization.quantize_static", {"calibrate_method": method, "per_channel": True,
                                                                   "format": "QDQ U8S8"}, t)
