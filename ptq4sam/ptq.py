@@ -711,7 +711,7 @@ def load_quantized(sam, path, device, qcfg: Optional[QConfig] = None, quant_enco
     Read with ``weights_only=True`` (a file needing pickled objects is refused, never executed); another format is
     refused. With ``qcfg`` / ``quant_encoder``, a checkpoint saved with other structural q_config values is refused
     naming them. Returns the saved run's info."""
-    from .deploy.compact import load_compact, read_compact  # noqa: PLC0415
+    from .deploy.compact import read_compact  # noqa: PLC0415
 
     obj = read_compact(path)
     diffs = []
@@ -722,6 +722,13 @@ def load_quantized(sam, path, device, qcfg: Optional[QConfig] = None, quant_enco
     if diffs:
         raise CheckpointError(f"{path} was saved with another quantization setting ({'; '.join(diffs)}; saved -> "
                               "given): load it with the q_config and flags it was made with")
+    return _load_compact_into(sam, obj, path, device)
+
+
+def _load_compact_into(sam, obj: Dict, path, device) -> Dict:
+    """Load a read compact checkpoint into ``sam`` (converted with its q_config), move it, freeze it for evaluation."""
+    from .deploy.compact import load_compact  # noqa: PLC0415
+
     info = load_compact(sam, obj, path)
     sam.to(device)
     freeze(sam)
@@ -731,7 +738,7 @@ def load_quantized(sam, path, device, qcfg: Optional[QConfig] = None, quant_enco
 def load_quantized_file(sam, path, device) -> Tuple[QConfig, bool, Dict]:
     """Convert the float ``sam`` with the q_config and flags a compact checkpoint was saved with, and load it.
     Returns (q_config, quant_encoder, the saved run's info)."""
-    from .deploy.compact import load_compact, read_compact  # noqa: PLC0415
+    from .deploy.compact import read_compact  # noqa: PLC0415
     from .qconfig import qconfig_from_dict  # noqa: PLC0415
 
     obj = read_compact(path)
@@ -739,10 +746,7 @@ def load_quantized_file(sam, path, device) -> Tuple[QConfig, bool, Dict]:
     for p in sam.parameters():
         p.requires_grad_(False)
     quantize_sam(sam, build_context(qcfg), obj["quant_encoder"], float_modules=tuple(qcfg.float_modules))
-    info = load_compact(sam, obj, path)
-    sam.to(device)
-    freeze(sam)
-    return qcfg, bool(obj["quant_encoder"]), info
+    return qcfg, bool(obj["quant_encoder"]), _load_compact_into(sam, obj, path, device)
 
 
 # ---- crash-safe reconstruction ---------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def main(argv=None):
     sam = build_sam("lite_medsam")
     models = []  # (name, dir, backends)
     fp_dir = mdir / "fp32"
-    export_sam(sam, fp_dir, 256, info={"model": "lite_medsam float"})
+    img_size = sam.image_encoder.img_size
+    export_sam(sam, fp_dir, img_size, info={"model": "lite_medsam float"})
     models.append(("FP32", fp_dir, ("ort", "openvino")))
     from ptq4sam.ptq import load_quantized_file  # noqa: PLC0415
 
@@ -105,7 +106,7 @@ def main(argv=None):
         d = mdir / ("ours_" + "".join(c if c.isalnum() else "_" for c in name))
         qsam = build_sam("lite_medsam")
         qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
-        export_sam(qsam, d, 256, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
+        export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
         models.append((f"ours {name}", d, ("ort", "openvino")))
     if a.peers:
         from ptq4sam.deploy import peers  # noqa: PLC0415
@@ -123,7 +124,7 @@ def main(argv=None):
 
     like = BoxPromptSegmenter(sam)
     rng = np.random.default_rng(0)
-    x = like.prepare_image((rng.random((256, 256, 3)) * 255).astype(np.uint8)).contiguous().numpy()
+    x = like.prepare_image((rng.random((img_size, img_size, 3)) * 255).astype(np.uint8)).contiguous().numpy()
     boxes = {n: np.tile(np.array([[20, 30, 180, 200]], np.float32), (n, 1)) + rng.random((n, 4)).astype(np.float32)
              for n in (1, 50)}
     ev_file = DATA / "annotations/instances_eval96.json"

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam.errors import InputError, InputNotFound, check_writable_dir  # noqa: E402
-from ptq4sam.solver.runner import KNOWN_USER_ERRORS, load_config  # noqa: E402
+from ptq4sam.solver.runner import load_config, run_cli  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,15 +33,7 @@ def main(argv=None) -> int:
     g.add_argument("--fp", action="store_true", help="export the float model")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--debug", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except KNOWN_USER_ERRORS as e:
-        if args.debug:
-            raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, p.parse_args(argv))
 
 
 def run(args) -> None:

@@ -65,17 +65,27 @@ def fp_state_bytes(sam: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _int_weight(layer, name: str):
-    """(grid index tensor, bits) of a layer's quantized weight, or None if the weight is not exactly on its grid."""
+def integer_grid(layer):
+    """(q, scale, zero point, axis) with ``(q - zp) * scale`` == the layer's quantized weight, q integers in
+    [quant_min, quant_max] (float tensor; axis -1: per tensor), or None if the weight is not exactly on its grid."""
     wq = layer.weight_quantizer
     w_q = wq(layer.weight).detach()
     scale, zp = wq._eval_params()
-    shape = _bshape(w_q, wq.ch_axis % w_q.dim()) if wq.ch_axis != -1 else [1] * w_q.dim()
+    axis = -1 if wq.ch_axis == -1 else wq.ch_axis % w_q.dim()
+    shape = _bshape(w_q, axis) if axis != -1 else [1] * w_q.dim()
     s, z = scale.reshape(shape).to(w_q), zp.reshape(shape).to(w_q)
     q = torch.round(w_q / s + z).clamp(wq.quant_min, wq.quant_max)
     if not torch.equal((q - z) * s, w_q):
         return None
-    return (q - wq.quant_min).to(torch.int32), wq.bit
+    return q, scale, zp, axis
+
+
+def _int_weight(layer):
+    """(grid index tensor, bits) of a layer's quantized weight, or None if the weight is not exactly on its grid."""
+    got = integer_grid(layer)
+    if got is None:
+        return None
+    return (got[0] - layer.weight_quantizer.quant_min).to(torch.int32), layer.weight_quantizer.bit
 
 
 def save_compact(sam: nn.Module, path, q_config: Dict, quant_encoder: bool, info: Optional[Dict] = None) -> CompactInfo:
@@ -88,7 +98,7 @@ def save_compact(sam: nn.Module, path, q_config: Dict, quant_encoder: bool, info
         wq = layer.weight_quantizer
         if wq is None or not (wq.fake_quant_enabled and wq.initialized):
             continue
-        got = _int_weight(layer, name)
+        got = _int_weight(layer)
         if got is None:
             n_float += 1
             continue

@@ -36,10 +36,11 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..errors import InputError, atomic_write_text
+from ..errors import InputError, atomic_write, atomic_write_text
 from ..quantization import AdaRoundFakeQuantize, AGQFakeQuantize, FakeQuantizeBase
 from ..quantization.fake_quant import _bshape
 from ..quantization.qmodules import QuantLinear, _QuantWeightMixin
+from .compact import integer_grid
 
 EXPORT_FORMAT = "ptq4sam-onnx-1"
 OPSET = 17
@@ -59,10 +60,7 @@ class _ActQDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zp, qmin, qmax, axis, clip):
-        s_val, z_val = _const_of(scale), _const_of(zp)
-        kw = {} if axis == -1 else {"axis_i": axis}
-        s = g.op("Constant", value_t=s_val.reshape(()) if axis == -1 else s_val)
-        z = g.op("Constant", value_t=z_val.reshape(()) if axis == -1 else z_val)
+        s, z, kw, s_val, z_val = _qparam_nodes(g, scale, zp, axis)
         if clip:
             lo = (qmin - z_val.to(torch.float32)) * s_val
             hi = (qmax - z_val.to(torch.float32)) * s_val
@@ -87,11 +85,18 @@ class _WeightDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, scale, zp, axis):
-        kw = {} if axis == -1 else {"axis_i": axis}
-        s_val, z_val = _const_of(scale), _const_of(zp)
-        s = g.op("Constant", value_t=s_val.reshape(()) if axis == -1 else s_val)
-        z = g.op("Constant", value_t=z_val.reshape(()) if axis == -1 else z_val)
+        s, z, kw, _, _ = _qparam_nodes(g, scale, zp, axis)
         return g.op("DequantizeLinear", q, s, z, **kw)
+
+
+def _qparam_nodes(g, scale, zp, axis: int):
+    """ONNX constants of a QDQ pair's scale and zero point (scalars per tensor, vectors with ``axis`` per channel):
+    (scale node, zero-point node, the ``axis`` attribute, scale tensor, zero-point tensor)."""
+    s_val, z_val = _const_of(scale), _const_of(zp)
+    if axis == -1:
+        return (g.op("Constant", value_t=s_val.reshape(())), g.op("Constant", value_t=z_val.reshape(())), {},
+                s_val, z_val)
+    return g.op("Constant", value_t=s_val), g.op("Constant", value_t=z_val), {"axis_i": axis}, s_val, z_val
 
 
 def _const_of(value) -> torch.Tensor:
@@ -161,35 +166,36 @@ def integer_weight(layer: _QuantWeightMixin):
 
     ``q - zp`` is stored as int8 with zero point 0 when it fits (symmetric form), else ``q`` as uint8 / int8."""
     wq = layer.weight_quantizer
-    w_q = wq(layer.weight).detach().float()
-    scale, zp = wq._eval_params()
-    axis = -1 if wq.ch_axis == -1 else wq.ch_axis % w_q.dim()
-    shape = _bshape(w_q, axis) if axis != -1 else [1] * w_q.dim()
-    s, z = scale.reshape(shape).float(), zp.reshape(shape).float()
-    q = torch.round(w_q / s + z).clamp(wq.quant_min, wq.quant_max)
-    if not torch.equal((q - z) * s, w_q):
+    got = integer_grid(layer)
+    if got is None:
         raise InputError(f"ONNX export: the quantized weight of '{getattr(wq, 'qname', '?')}' is not on its integer "
                          "grid (AdaRound not hardened? quantize with the toolkit's evaluation state)")
-    d = q - z
+    q, scale, zp, axis = got
+    d = q - zp.reshape(_bshape(q, axis) if axis != -1 else [1] * q.dim()).to(q)
+    scale = scale.float().reshape(-1)
     if d.min() >= -128 and d.max() <= 127:
-        return d.to(torch.int8), scale.float().reshape(-1), torch.zeros_like(zp.reshape(-1), dtype=torch.int8), axis
+        return d.to(torch.int8), scale, torch.zeros_like(zp.reshape(-1), dtype=torch.int8), axis
     dt = _int_dtype(wq.quant_min, wq.quant_max, getattr(wq, "qname", "?"))
-    return q.to(dt), scale.float().reshape(-1), zp.reshape(-1).to(dt), axis
+    return q.to(dt), scale, zp.reshape(-1).to(dt), axis
+
+
+def _integer_weight_recorded(layer, name: str, records: List[QuantizerExport]):
+    """:func:`integer_weight`, listed in ``records``."""
+    q, scale, zp, axis = integer_weight(layer)
+    records.append(QuantizerExport(name, "weight-dq", layer.weight_quantizer.bit, str(q.dtype).replace("torch.", ""),
+                                   axis != -1))
+    return q, scale, zp, axis
 
 
 def _weight_forward(layer, name: str, records: List[QuantizerExport]):
-    q, scale, zp, axis = integer_weight(layer)
-    records.append(QuantizerExport(name, "weight-dq", layer.weight_quantizer.bit, str(q.dtype).replace("torch.", ""),
-                                   axis != -1))
+    q, scale, zp, axis = _integer_weight_recorded(layer, name, records)
     return lambda w: _WeightDQ.apply(q, scale, zp, axis)
 
 
-def _linear_forward(layer: QuantLinear, records: List[QuantizerExport], name: str):
+def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport]):
     """Linear as ``MatMul(DQ(x), DQ(w^T)) + b`` with the integer weight stored transposed (the exporter's
     ``MatMul(x, Transpose(DQ(w)))`` hides the weight's DQ from the runtimes' QDQ fusions)."""
-    q, scale, zp, axis = integer_weight(layer)
-    records.append(QuantizerExport(name, "weight-dq", layer.weight_quantizer.bit, str(q.dtype).replace("torch.", ""),
-                                   axis != -1))
+    q, scale, zp, axis = _integer_weight_recorded(layer, name, records)
     q_t, axis_t = q.t().contiguous(), (-1 if axis == -1 else 1 - axis)
     bias = layer.bias
 
@@ -202,15 +208,15 @@ def _linear_forward(layer: QuantLinear, records: List[QuantizerExport], name: st
 @contextmanager
 def export_mode(sam: nn.Module):
     """Quantizers of ``sam`` (in its evaluation state) emit QDQ nodes while tracing; yields the list of
-    :class:`QuantizerExport` records, filled as the export traces them."""
+    :class:`QuantizerExport` records, one per quantizer."""
     records: List[QuantizerExport] = []
     patched = []
-    weight_q = {}
-    for name, m in sam.named_modules():
+    weight_q = {}  # id(weight quantizer) -> its layer
+    for m in sam.modules():
         if isinstance(m, _QuantWeightMixin):
             m.unfreeze()  # the frozen-weight shortcut would bypass the weight quantizer's export form
             if m.weight_quantizer is not None and m.weight_quantizer.fake_quant_enabled:
-                weight_q[id(m.weight_quantizer)] = (m, name)
+                weight_q[id(m.weight_quantizer)] = m
     try:
         for name, q in sam.named_modules():
             if not isinstance(q, FakeQuantizeBase) or not q.fake_quant_enabled:
@@ -223,9 +229,9 @@ def export_mode(sam: nn.Module):
             if isinstance(q, AdaRoundFakeQuantize) and q.alpha is not None and not q.hard:
                 raise InputError(f"ONNX export: AdaRound quantizer '{name}' is not hardened")
             if id(q) in weight_q:
-                layer = weight_q[id(q)][0]
+                layer = weight_q[id(q)]
                 if isinstance(layer, QuantLinear):
-                    layer.forward = _linear_forward(layer, records, name)
+                    layer.forward = _linear_forward(layer, name, records)
                     patched.append(layer)
                     continue
                 fwd = _weight_forward(layer, name, records)
@@ -297,12 +303,11 @@ class ExportResult:
 def _export_one(module: nn.Module, args, path: Path, input_names, output_names, dynamic_axes):
     import warnings  # noqa: PLC0415
 
-    tmp = path.with_name(path.name + ".tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-        torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.onnx.export(
+            module, args, tmp, dynamo=False, opset_version=OPSET, input_names=input_names, output_names=output_names,
+            dynamic_axes=dynamic_axes, do_constant_folding=True))
 
 
 @torch.no_grad()
@@ -317,37 +322,41 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
     t0 = time.time()
     with export_mode(sam) as records:
         files = {}
-        feats = sam.image_encoder(image)  # eager: the decoder's example input
         if "encoder" in parts:
             _export_one(EncoderGraph(sam), (image,), out_dir / ENCODER_FILE, ["image"], ["image_embeddings"], None)
             files["encoder"] = ENCODER_FILE
-        n_enc = len(records)
         if "decoder" in parts:
+            feats = sam.image_encoder(image)  # eager: the decoder's example input
             s = img_size
             boxes = torch.tensor([[0.1 * s, 0.2 * s, 0.6 * s, 0.7 * s]] * example_boxes)
             _export_one(DecoderGraph(sam), (feats, boxes), out_dir / DECODER_FILE, ["image_embeddings", "boxes"],
                         ["low_res_masks", "iou"], {"boxes": {0: "num_boxes"}, "low_res_masks": {0: "num_boxes"},
                                                    "iou": {0: "num_boxes"}})
             files["decoder"] = DECODER_FILE
-    seen = {}
-    for r in records[:n_enc] + records[n_enc:]:  # a quantizer traced twice (eager run + export) is listed once
-        seen[r.name] = r
     kinds: Dict[str, int] = {}
-    for r in seen.values():
+    for r in records:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1
-    manifest = {
-        "format": EXPORT_FORMAT, "opset": OPSET, "img_size": img_size, "files": files,
-        "file_bytes": {k: (out_dir / f).stat().st_size for k, f in files.items()},
-        "quantized": q_config is not None, "q_config": q_config, "quant_encoder": quant_encoder,
-        "quantizers": {k: v for k, v in sorted(kinds.items())},
-        "integer_kernels": "activations and weights of Linear / Conv layers and attention matmuls as QDQ pairs "
-                           "(the runtime fuses them into integer kernels)",
-        "emulated": sorted(r.name for r in seen.values() if r.kind.startswith("emulated")),
-        "quantizer_list": [r.__dict__ for r in seen.values()],
-        "info": info or {}, "torch": torch.__version__, "export_s": round(time.time() - t0, 2),
-    }
-    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+    manifest = write_manifest(
+        out_dir, files, img_size, q_config, quant_encoder, quantizers=dict(sorted(kinds.items())),
+        integer_kernels="activations and weights of Linear / Conv layers and attention matmuls as QDQ pairs "
+                        "(the runtime fuses them into integer kernels)",
+        emulated=sorted(r.name for r in records if r.kind.startswith("emulated")),
+        quantizer_list=[r.__dict__ for r in records], info=info or {}, torch=torch.__version__,
+        export_s=round(time.time() - t0, 2))
     return ExportResult(out_dir, manifest)
+
+
+def write_manifest(out_dir: Path, files: Dict[str, str], img_size: int, q_config: Optional[Dict],
+                   quant_encoder: Optional[bool], **fields) -> Dict:
+    """``export.json`` of a folder of graphs (ours or a peer's): format, graph files and their size on disk (an
+    OpenVINO ``.xml`` counts with its ``.bin``), the quantization that made them and ``fields``."""
+    manifest = {"format": EXPORT_FORMAT, "opset": OPSET, "img_size": img_size, "files": files,
+                "file_bytes": {k: sum(p.stat().st_size for p in out_dir.glob(Path(f).stem + ".*")
+                                      if p.suffix in (".onnx", ".xml", ".bin")) for k, f in files.items()},
+                "quantized": q_config is not None, "q_config": q_config, "quant_encoder": quant_encoder,
+                "quantizers": {}, "emulated": [], **fields}
+    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
 
 
 def read_manifest(onnx_dir) -> Dict:

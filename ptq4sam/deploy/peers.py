@@ -4,27 +4,21 @@ folder with the same layout as :func:`ptq4sam.deploy.onnx_export.export_sam` (``
 so ``test_quant.py --backend ... --onnx DIR`` and the deploy benchmark run them like ours."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-from ..errors import atomic_write_text
-from .onnx_export import DECODER_FILE, ENCODER_FILE, EXPORT_FORMAT, MANIFEST_FILE, read_manifest
+from .onnx_export import DECODER_FILE, ENCODER_FILE, read_manifest, write_manifest
 
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
 
 def _manifest(out: Path, fp_manifest: Dict, files: Dict[str, str], producer: str, settings: Dict, t: float) -> Dict:
-    m = {"format": EXPORT_FORMAT, "opset": fp_manifest["opset"], "img_size": fp_manifest["img_size"], "files": files,
-         "file_bytes": {k: sum(p.stat().st_size for p in out.glob(Path(f).stem + ".*")) for k, f in files.items()},
-         "quantized": True, "q_config": {"producer": producer, **settings,
-                                         "w_qconfig": {"bit": 8}, "a_qconfig": {"bit": 8}},
-         "quant_encoder": True, "quantizers": {}, "emulated": [], "quantize_s": round(time.time() - t, 1)}
-    atomic_write_text(out / MANIFEST_FILE, json.dumps(m, indent=1, sort_keys=True))
-    return m
+    return write_manifest(out, files, fp_manifest["img_size"], {"producer": producer, **settings,
+                                                                "w_qconfig": {"bit": 8}, "a_qconfig": {"bit": 8}},
+                          True, quantize_s=round(time.time() - t, 1))
 
 
 def ort_quantize_static(fp_dir, out_dir, calib: Dict[str, List[Dict[str, np.ndarray]]], method: str = "MinMax") -> Dict:

@@ -244,9 +244,14 @@ KNOWN_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectory
 
 def main(argv=None):
     """The CLI: known input errors are one line on stderr and exit status 2 (``--debug``: with the traceback)."""
-    args = parse_args(argv)
+    return run_cli(run, parse_args(argv))
+
+
+def run_cli(fn, args) -> int:
+    """``fn(args)``; a known input error becomes one line ``error: ...`` on stderr and exit status 2 (``--debug``:
+    raised with its traceback)."""
     try:
-        return run(args)
+        return fn(args) or 0
     except KNOWN_USER_ERRORS as e:
         if args.debug:
             raise
