@@ -20,6 +20,7 @@ from torch import nn
 
 from . import agq as agq_mod
 from . import big as big_mod
+from . import smooth as smooth_mod
 from .errors import InputError, atomic_write
 from .models.sam_builder import CheckpointError, load_state_dict_strict, load_weights_file
 from .progress import PhaseTimer
@@ -37,6 +38,7 @@ from .quantization import (
     AdaRoundFakeQuantize,
     AGQFakeQuantize,
     FakeQuantizeBase,
+    QuantizerConfig,
     disable_all,
     enable_calibration,
     enable_quantization,
@@ -69,10 +71,17 @@ def forward_sample(seg, sample: CalibSample, feats: Optional[torch.Tensor] = Non
 
 def build_context(qcfg: QConfig) -> QuantContext:
     wkw = {"round_mode": qcfg.recon.round_mode} if qcfg.w_qconfig.quantizer == "AdaRoundFakeQuantize" else {}
+    a = qcfg.ahcptq
+    hluq = None
+    if a.HLUQ and qcfg.a_qconfig.bit is not None:
+        hluq = QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", qcfg.a_qconfig.bit, False, -1,
+                               observer_kwargs={"range_rates": list(a.range_rates), "grid_rates": list(a.grid_rates)})
     return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
                         agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, big=qcfg.ptq4sam.BIG,
                         dw_act_per_channel=qcfg.depthwise_act_per_channel,
-                        big_k_observer=qcfg.ptq4sam.big_k_observer)
+                        big_k_observer=qcfg.ptq4sam.big_k_observer, hluq_cfg=hluq,
+                        cag_groups=a.groups if a.CAG else 0, cag_observer=a.cag_observer,
+                        overrides=list(qcfg.overrides))
 
 
 def quantized_layers(model: nn.Module):
@@ -282,13 +291,13 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
                      desc: str) -> Dict:
     adarounds = [q for q in unit.modules() if isinstance(q, AdaRoundFakeQuantize) and q.learnable
                  and q.fake_quant_enabled]
-    scales = [q.scale for q in unit.modules() if isinstance(q, FakeQuantizeBase) and not q.is_weight
-              and q.learnable and q.fake_quant_enabled and isinstance(q.scale, nn.Parameter)]
+    scales = [s for q in unit.modules() if isinstance(q, FakeQuantizeBase) and not q.is_weight
+              and q.learnable and q.fake_quant_enabled for s in q.learnable_params()]
     if recon.scale_lr == 0:  # activation ranges stay as calibrated (no optimizer, no gradients for them)
         scales = []
     for q in unit.modules():  # parameters not learned here need no gradient (the quantizers then run fused)
         if isinstance(q, FakeQuantizeBase) and not q.is_weight:
-            for t in (q.scale, q.zero_point):
+            for t in (q.scale, q.zero_point, *q.learnable_params()):
                 t.requires_grad_(False)
     iters = recon.iters
     t_start = time.time()
@@ -299,8 +308,11 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
     opts, scheds = [], []
     if adarounds:
         opts.append(torch.optim.Adam([q.alpha for q in adarounds], lr=recon.round_lr))
+    log_scales = []
+    if scales and recon.scale_space == "log":  # Adam on log(s): each step is relative to its scale
+        log_scales = [nn.Parameter(s.detach().abs().clamp(min=1e-8).log()) for s in scales]
     if scales:
-        o = torch.optim.Adam(scales, lr=recon.scale_lr)
+        o = torch.optim.Adam(log_scales or scales, lr=recon.scale_lr)
         opts.append(o)
         scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=iters, eta_min=0.0))
     for p in adarounds:
@@ -352,8 +364,13 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
                 g_rec = _grad_norm([a.grad - g for a, g in zip(alphas, gr)])
             else:
                 g_round, g_rec = 0.0, _grad_norm([a.grad for a in alphas])
+        for ls, s in zip(log_scales, scales):  # chain rule: dL/dlog(s) = dL/ds * s
+            ls.grad = None if s.grad is None else s.grad * s.detach().abs()
         for o in opts:
             o.step()
+        with torch.no_grad():
+            for ls, s in zip(log_scales, scales):
+                s.copy_(ls.exp() * torch.where(s < 0, -1.0, 1.0))
         for s in scheds:
             s.step()
         if first is None:
@@ -516,6 +533,17 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
             "encoder only (the decoder, BIG, AGQ's decoder attentions and decoder reconstruction skip them)")
     for p in sam.parameters():
         p.requires_grad_(False)
+    if qcfg.smooth.enabled:  # (on --resume too: deterministic, and the saved state's weights replace them anyway)
+        with timer.phase("smoothing"):
+            sam.to(device)
+
+            def run():
+                with torch.no_grad():
+                    for s in _progress(samples, desc="smoothing: statistics"):
+                        forward_sample(seg, s)
+            n_sites, info["smooth"] = smooth_mod.smooth_sam(sam, quant_encoder, run, qcfg.smooth.alpha,
+                                                          tuple(qcfg.smooth.folds))
+        log(f"smoothing: {len(info['smooth'])} of {n_sites} sites folded (alpha={qcfg.smooth.alpha})")
     ctx = build_context(qcfg)
     quantize_sam(sam, ctx, quant_encoder, float_modules=tuple(qcfg.float_modules))
     stages = recon_stages(sam, quant_encoder, qcfg.recon.units)
@@ -655,7 +683,8 @@ def _agq(seg, sam, samples, pt, device) -> List[Dict]:
 # q_config keys that decide which quantizers exist and what they compute: a checkpoint made with other values cannot be
 # loaded into this model (recon / calibration keys only decide how the saved values were found)
 STRUCTURAL_KEYS = ("a_qconfig", "w_qconfig", "float_modules", "depthwise_act_per_channel", "ptq4sam.BIG",
-                   "ptq4sam.AGQ", "ptq4sam.big_k_observer", "recon.round_mode")
+                   "ptq4sam.AGQ", "ptq4sam.big_k_observer", "recon.round_mode", "ahcptq.HLUQ", "ahcptq.CAG",
+                   "ahcptq.groups", "ahcptq.cag_observer", "overrides")
 
 
 def quant_state(sam) -> Dict:

@@ -65,6 +65,7 @@ class ReconSection:
     units: str = "module"  # 'module': each attention / MLP / lone layer (the paper); 'block': whole blocks (old)
     loss: str = "paper"  # 'paper': |q - f|^p summed over dim 1, mean over the rest; 'mean': mean over all (old)
     b_decay: str = "linear"  # AdaRound temperature: 'linear' (the paper's LinearTempDecay) or 'cosine' (old)
+    scale_space: str = "linear"  # learned activation scales: Adam on s ('linear', the paper) or on log(s) ('log')
 
 
 @dataclass
@@ -86,6 +87,23 @@ class PTQ4SAMSection:
 
 
 @dataclass
+class AHCPTQSection:
+    HLUQ: bool = False  # post-GELU linear inputs: hybrid log-uniform quantizer (HLUQFakeQuantize)
+    CAG: bool = False  # other linear inputs: channel-aware groups sharing scale / zero point (CAGFakeQuantize)
+    groups: int = 4  # CAG groups per layer (AHCPTQ's `group: 4`); 1 = per tensor
+    cag_observer: str = "AvgMinMaxObserver"  # per-channel ranges the CAG groups are built from (AHCPTQ's choice)
+    range_rates: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])  # HLUQ split-point candidates
+    grid_rates: List[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # HLUQ share of log levels
+
+
+@dataclass
+class SmoothSection:
+    enabled: bool = False
+    alpha: float = 0.5  # migration strength: s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
+    folds: List[str] = field(default_factory=lambda: ["norm", "v_out"])  # LayerNorm -> linear; v -> output proj.
+
+
+@dataclass
 class QConfig:
     a_qconfig: QuantizerSection = field(default_factory=QuantizerSection)
     w_qconfig: QuantizerSection = field(default_factory=lambda: QuantizerSection(
@@ -97,6 +115,9 @@ class QConfig:
     float_modules: List[str] = field(default_factory=lambda: [
         "patch_embed", "output_upscaling", "iou_prediction_head", "output_hypernetworks_mlps"])
     depthwise_act_per_channel: bool = True  # inputs of depthwise convs (TinyViT) per channel; see quant_sam
+    ahcptq: AHCPTQSection = field(default_factory=AHCPTQSection)
+    smooth: SmoothSection = field(default_factory=SmoothSection)
+    overrides: List[Dict[str, Any]] = field(default_factory=list)  # [{pattern: glob on module names, w_bit, a_bit}]
     seed: int = 1005
     source: str = ""
 
@@ -105,7 +126,7 @@ class QConfig:
 
 
 SECTIONS = {"a_qconfig": QuantizerSection, "w_qconfig": QuantizerSection, "recon": ReconSection,
-            "ptq4sam": PTQ4SAMSection}
+            "ptq4sam": PTQ4SAMSection, "ahcptq": AHCPTQSection, "smooth": SmoothSection}
 
 
 def _check_type(key: str, value, typ, src: str):
@@ -244,6 +265,7 @@ def validate(q: QConfig, src: str) -> QConfig:
         bad("ptq4sam.agq_images", f"must be >= 0 (0 = all calibration images), got {p.agq_images}")
     for key, val, allowed in (("recon.units", r.units, ("module", "block")), ("recon.loss", r.loss, ("paper", "mean")),
                               ("recon.b_decay", r.b_decay, ("linear", "cosine")),
+                              ("recon.scale_space", r.scale_space, ("linear", "log")),
                               ("ptq4sam.agq_search", p.agq_search, ("paper", "grid")),
                               ("ptq4sam.big_sample", p.big_sample, ("first_prompt", "pooled")),
                               ("ptq4sam.big_bandwidth", p.big_bandwidth, ("scott", "silverman")),
@@ -252,6 +274,32 @@ def validate(q: QConfig, src: str) -> QConfig:
                               ("a_qconfig.grad_scale", q.a_qconfig.grad_scale, ("paper", "numel"))):
         if val not in allowed:
             bad(key, f"must be one of {list(allowed)}, got {val!r}")
+    a = q.ahcptq
+    if a.groups < 1:
+        bad("ahcptq.groups", f"must be >= 1, got {a.groups}")
+    if not a.range_rates or any(not 0 < r < 1 for r in a.range_rates):
+        bad("ahcptq.range_rates", f"must be a list of numbers in (0, 1), got {a.range_rates}")
+    if not a.grid_rates or any(not 0 < r < 1 for r in a.grid_rates):
+        bad("ahcptq.grid_rates", f"must be a list of numbers in (0, 1), got {a.grid_rates}")
+    if a.cag_observer not in OBSERVERS:
+        bad("ahcptq.cag_observer", f"unknown '{a.cag_observer}', expected one of {sorted(OBSERVERS)}")
+    if (a.HLUQ or a.CAG) and q.a_qconfig.bit is None:
+        bad("ahcptq", "HLUQ / CAG quantize activations: a_qconfig.bit must not be off")
+    if not 0 <= q.smooth.alpha <= 1:
+        bad("smooth.alpha", f"must be in [0, 1], got {q.smooth.alpha}")
+    unknown = sorted(set(q.smooth.folds) - {"norm", "v_out"})
+    if unknown:
+        bad("smooth.folds", f"unknown {unknown}, expected some of ['norm', 'v_out']")
+    for i, o in enumerate(q.overrides):
+        key = f"overrides[{i}]"
+        if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
+            bad(key, f"must be a mapping with a 'pattern' (glob on module names), got {o!r}")
+        extra = sorted(set(o) - {"pattern", "w_bit", "a_bit"})
+        if extra:
+            bad(key, f"unknown key(s) {extra}; expected pattern, w_bit, a_bit")
+        for b in ("w_bit", "a_bit"):
+            if b in o and not (isinstance(o[b], int) and not isinstance(o[b], bool) and 2 <= o[b] <= 16):
+                bad(f"{key}.{b}", f"must be an integer in 2..16, got {o[b]!r}")
     if p.big_k_observer and p.big_k_observer not in OBSERVERS:
         bad("ptq4sam.big_k_observer", f"unknown '{p.big_k_observer}', expected '' or one of {sorted(OBSERVERS)}")
     return q

@@ -7,11 +7,13 @@ upscaling, IoU head and hypernetwork MLPs stay float unless ``float_modules`` sa
 """
 from __future__ import annotations
 
+import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from segment_anything.modeling import common
 from segment_anything.modeling import image_encoder as vit
 from segment_anything.modeling import transformer as twoway
 from torch import nn
@@ -44,6 +46,38 @@ class QuantContext:
     dw_act_per_channel: bool = True
     big_k_observer: str = ""  # observer of the decoder attentions' key quantizers when BIG is on ('' = a_cfg's)
     roles: Dict[int, str] = field(default_factory=dict)  # id(decoder Attention) -> role
+    hluq_cfg: Optional[QuantizerConfig] = None  # inputs of the MLPs' second linear (post-GELU), when HLUQ is on
+    cag_groups: int = 0  # >0: inputs of the other linear layers grouped per channel (CAG)
+    cag_observer: str = "AvgMinMaxObserver"
+    overrides: List[Dict] = field(default_factory=list)  # [{pattern, w_bit, a_bit}]: bits by module-name pattern
+    post_gelu: bool = False  # set by convert_module for the layer being converted
+
+    def for_module(self, parent: nn.Module, child_name: str, full_name: str) -> "QuantContext":
+        """This context for the module ``full_name`` (child ``child_name`` of ``parent``): its bit overrides (the
+        last matching pattern wins) and whether it is an MLP's post-GELU linear."""
+        post = any(isinstance(parent, t) and child_name == n for t, n in POST_GELU_LINEARS)
+        ov = [o for o in self.overrides if fnmatch.fnmatchcase(full_name, o["pattern"])]
+        if not ov and not post and not self.post_gelu:
+            return self
+        c = replace(self, post_gelu=post)
+        if ov:
+            w_bit, a_bit = ov[-1].get("w_bit", self.w_cfg.bit), ov[-1].get("a_bit", self.a_cfg.bit)
+            c.w_cfg, c.a_cfg = self.w_cfg.with_(bit=w_bit), self.a_cfg.with_(bit=a_bit)
+            c.agq_bit = a_bit if self.agq_bit is None else self.agq_bit
+            if self.hluq_cfg is not None:
+                c.hluq_cfg = self.hluq_cfg.with_(bit=a_bit)
+        return c
+
+    def linear_input_cfg(self) -> QuantizerConfig:
+        """Input quantizer of a Linear: HLUQ after a GELU, CAG groups elsewhere, else the activation config."""
+        if self.post_gelu and self.hluq_cfg is not None:
+            return self.hluq_cfg
+        if self.cag_groups:
+            kw = {k: v for k, v in self.a_cfg.quantizer_kwargs.items() if k == "grad_scale_mode"}
+            okw = {"p": self.a_cfg.observer_kwargs.get("p", 2.4)} if "MSE" in self.cag_observer else {}
+            return self.a_cfg.with_(quantizer="CAGFakeQuantize", quantizer_kwargs={**kw, "groups": self.cag_groups},
+                                    observer=self.cag_observer, observer_kwargs=okw)
+        return self.a_cfg
 
     def conv_input_cfg(self, conv: nn.Conv2d) -> QuantizerConfig:
         """Depthwise convs process each channel alone, so a per-channel input scale folds exactly into their
@@ -167,13 +201,16 @@ class QuantTinyViTAttention(QuantAttentionBase):
 
 # ---- the registry: module type -> quantized replacement ---------------------------------------------------
 QUANT_MODULE_REGISTRY: Dict[type, Callable[[nn.Module, QuantContext], nn.Module]] = {
-    nn.Linear: lambda m, ctx: QuantLinear.from_float(m, ctx.w_cfg, ctx.a_cfg),
+    nn.Linear: lambda m, ctx: QuantLinear.from_float(m, ctx.w_cfg, ctx.linear_input_cfg()),
     nn.Conv2d: lambda m, ctx: QuantConv2d.from_float(m, ctx.w_cfg, ctx.conv_input_cfg(m)),
     nn.ConvTranspose2d: lambda m, ctx: QuantConvTranspose2d.from_float(m, ctx.w_cfg, ctx.a_cfg),
     twoway.Attention: QuantDecoderAttention,
     vit.Attention: QuantViTAttention,
 }
+# (parent type, child name) of the linear layers that take a GELU's output (HLUQ's target)
+POST_GELU_LINEARS: List[Tuple[type, str]] = [(common.MLPBlock, "lin2")]
 if tinyvit is not None:
+    POST_GELU_LINEARS.append((tinyvit.Mlp, "fc2"))
     QUANT_MODULE_REGISTRY[tinyvit.Attention] = QuantTinyViTAttention
     QUANT_MODULE_REGISTRY[tinyvit.Conv2d_BN] = lambda m, ctx: QuantConv2d.from_float(
         fuse_conv_bn(m), ctx.w_cfg, ctx.conv_input_cfg(m.c))  # models built by build_sam come folded already
@@ -187,17 +224,19 @@ def register_quant_module(module_type: type):
     return deco
 
 
-def convert_module(module: nn.Module, ctx: QuantContext, skip: set) -> nn.Module:
-    """Recursively replace registered module types below ``module`` (not ``module`` itself)."""
+def convert_module(module: nn.Module, ctx: QuantContext, skip: set, prefix: str = "") -> nn.Module:
+    """Recursively replace registered module types below ``module`` (not ``module`` itself); ``prefix`` is
+    ``module``'s name in the model (per-module bit overrides match full names)."""
     for name, child in list(module.named_children()):
         if id(child) in skip:
             continue
+        full = f"{prefix}.{name}" if prefix else name
         fn = QUANT_MODULE_REGISTRY.get(type(child))
         if fn is not None:
-            new = fn(child, ctx)
+            new = fn(child, ctx.for_module(module, name, full))
             setattr(module, name, new)
             child = new
-        convert_module(child, ctx, skip)
+        convert_module(child, ctx, skip, full)
     return module
 
 
@@ -248,13 +287,14 @@ def quantize_sam(sam, ctx: QuantContext, quant_encoder: bool, float_modules=DEFA
     dec = sam.mask_decoder
     for name in ("output_upscaling", "iou_prediction_head", "output_hypernetworks_mlps"):
         if name not in float_modules:
-            holder = nn.ModuleDict({"m": getattr(dec, name)})
-            convert_module(holder, ctx, set())
-            setattr(dec, name, holder["m"])
+            holder = nn.Module()
+            holder.add_module(name, getattr(dec, name))
+            convert_module(holder, ctx, set(), "mask_decoder")
+            setattr(dec, name, getattr(holder, name))
     convert_module(dec, ctx, skip | {id(getattr(dec, n)) for n in ("output_upscaling", "iou_prediction_head",
-                                                                    "output_hypernetworks_mlps")})
+                                                                    "output_hypernetworks_mlps")}, "mask_decoder")
     if quant_encoder:
-        convert_module(sam.image_encoder, ctx, skip)
+        convert_module(sam.image_encoder, ctx, skip, "image_encoder")
     comps = sam_components(sam)  # after conversion (a component may itself have been replaced)
     for name, mod in comps.items():
         in_encoder = name in ("patch_embed", "neck")

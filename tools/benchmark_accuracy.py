@@ -39,10 +39,22 @@ METHODS = {
     "qdrop+agq": ["ptq4sam.BIG=false"],
     "ptq4sam": [],
     "ptq4sam_calib": ["recon.iters=0"],  # BIG + AGQ + calibrated ranges, round-to-nearest weights, no reconstruction
+    # issue 11: AHCPTQ's quantizers, smoothing and log-space scale learning on top of PTQ4SAM
+    "ptq4sam+hluq": ["ahcptq.HLUQ=true"],
+    "ptq4sam+cag": ["ahcptq.CAG=true"],
+    "ahcptq": ["ahcptq.HLUQ=true", "ahcptq.CAG=true"],
+    "ptq4sam+smooth": ["smooth.enabled=true"],
+    "ptq4sam+logscale": ["recon.scale_lr=0.001", "recon.scale_space=log"],
+    "qdrop+hluq": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.HLUQ=true"],
+    "qdrop+cag": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.CAG=true"],
+    "qdrop+smooth": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "smooth.enabled=true"],
 }
 LABEL = {"minmax_rtn": "MinMax RTN (no recon)", "qdrop": "QDrop", "qdrop+big": "QDrop + BIG",
          "qdrop+agq": "QDrop + AGQ", "ptq4sam": "PTQ4SAM (QDrop + BIG + AGQ)",
-         "ptq4sam_calib": "PTQ4SAM, calibration only (BIG + AGQ, no reconstruction)"}
+         "ptq4sam_calib": "PTQ4SAM, calibration only (BIG + AGQ, no reconstruction)",
+         "ptq4sam+hluq": "PTQ4SAM + HLUQ", "ptq4sam+cag": "PTQ4SAM + CAG", "ahcptq": "AHCPTQ (PTQ4SAM + HLUQ + CAG)",
+         "ptq4sam+smooth": "PTQ4SAM + smoothing", "ptq4sam+logscale": "PTQ4SAM + log-space LSQ scales",
+         "qdrop+hluq": "QDrop + HLUQ", "qdrop+cag": "QDrop + CAG", "qdrop+smooth": "QDrop + smoothing"}
 
 
 def prompts_for(kind: str, ann: dict, split: str):

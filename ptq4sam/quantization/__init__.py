@@ -2,6 +2,7 @@
 
 Nothing here imports mmcv or mmdet, so it runs wherever torch runs.
 """
+from .cag import CAGFakeQuantize, group_channels  # noqa: F401
 from .fake_quant import (  # noqa: F401
                          QUANTIZERS,
                          AdaRoundFakeQuantize,
@@ -13,6 +14,7 @@ from .fake_quant import (  # noqa: F401
                          agq_quantize,
                          use_compiled_agq,
 )
+from .hluq import HLUQFakeQuantize, HybridRangeObserver, hluq_level_set, hluq_levels, hluq_quantize  # noqa: F401
 from .observer import (  # noqa: F401
                          OBSERVERS,
                          AvgMinMaxObserver,
@@ -28,12 +30,12 @@ from .observer import (  # noqa: F401
 from .qconfig import QuantizerConfig, build_quantizer  # noqa: F401
 from .qmodules import QuantConv2d, QuantConvTranspose2d, QuantLinear, QuantPoint, quantizers  # noqa: F401
 from .state import (  # noqa: F401
-                    disable_all,
-                    enable_calibration,
-                    enable_quantization,
-                    freeze,
-                    harden_all,
-                    min_drop_prob,
-                    set_drop_prob,
-                    unfreeze,
+                         disable_all,
+                         enable_calibration,
+                         enable_quantization,
+                         freeze,
+                         harden_all,
+                         min_drop_prob,
+                         set_drop_prob,
+                         unfreeze,
 )

@@ -92,6 +92,10 @@ class FakeQuantizeBase(nn.Module):
             return f
         return self._eval_params()
 
+    def learnable_params(self):
+        """The quantization parameters a reconstruction may learn (the scale, when it is a parameter)."""
+        return [self.scale] if isinstance(self.scale, nn.Parameter) else []
+
     def learns_qparams(self) -> bool:
         """Whether a backward pass needs gradients for this quantizer's scale / zero point."""
         return torch.is_grad_enabled() and (self.scale.requires_grad or self.zero_point.requires_grad)

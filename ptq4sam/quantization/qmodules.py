@@ -85,6 +85,9 @@ class QuantLinear(nn.Linear, _QuantWeightMixin):
         return q
 
     def forward(self, x):
+        q = self.input_quant.quantizer
+        if q is not None and q.observer_enabled and hasattr(q.observer, "set_layer"):
+            q.observer.set_layer(self.weight, self.bias)  # an observer that scores ranges by this layer's output
         return F.linear(self.input_quant(x), self.qweight(), self.bias)
 
 

@@ -72,7 +72,8 @@ def min_drop_prob(model: nn.Module) -> float:
                default=1.0)
 
 
-QUANT_ATTRS = ("initialized", "observer_enabled", "fake_quant_enabled", "drop_prob", "hard", "tau")
+QUANT_ATTRS = ("initialized", "observer_enabled", "fake_quant_enabled", "drop_prob", "hard", "tau", "ch_axis",
+               "grid_rate", "levels_log", "levels_uni")
 
 
 def quant_meta(model: nn.Module) -> dict:
@@ -90,6 +91,8 @@ def restore_quantizers(model: nn.Module, state: dict, meta: dict) -> None:
         q.set_qparams(state[f"{name}.scale"], state[f"{name}.zero_point"])
         for a, v in attrs.items():
             setattr(q, a, v)
+        if f"{name}.group" in state:  # CAG: one group index per channel, sized at calibration
+            q.group = state[f"{name}.group"].clone()
         for bname in ("min_val", "max_val"):  # observer buffers may be per-channel
             key = f"{name}.observer.{bname}"
             if key in state:

@@ -1,0 +1,181 @@
+"""HLUQ: AHCPTQ's Hybrid Log-Uniform Quantization for post-GELU activations (heavy-tailed and skewed).
+
+With ``x' = x - m`` (m = calibrated minimum, so x' >= 0), a split point ``s_log`` and a uniform step ``s_uni``::
+
+    x' <= s_log:  n = round(-log2(x' / s_log)); n >= L_log -> x' = 0, else x' = s_log * 2^-n  (n in 0..L_log-1)
+    x' >  s_log:  u = clamp(round((x' - s_log) / s_uni), 0, L_uni - 1);  x' = s_log + u * s_uni
+
+L_log = 2^b * grid_rate log codes (plus the zero) for the dense small values, L_uni = 2^b - L_log uniform codes for
+the sparse large ones (u = 0 is the split point itself, shared with n = 0): 2^b distinct values in all. The
+calibration follows AHCPTQ's ``HybridParamObserver``: range r = average max - average min over the calibration
+batches, s_log = r * range_rate, s_uni = r * (1 - range_rate) / ((2^b - 1) * (1 - grid_rate)), and (range_rate,
+grid_rate) from a grid that minimises the mean squared error of the *following linear layer's output* (its float
+weight and bias), averaged over batches. Unlike AHCPTQ's ``fake_hybrid_quantize_per_tensor_affine``, which zeroes
+uniform-region values x' >= L_log before quantizing them (so they come out as s_log), every value above the split is
+quantized uniformly here.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fake_quant import QUANTIZERS, FakeQuantizeBase, round_ste
+from .observer import OBSERVERS, ObserverBase, data_range
+
+
+def hluq_levels(bit: int, grid_rate: float) -> Tuple[int, int]:
+    """(L_log, L_uni) for ``bit`` bits; ValueError when grid_rate does not split 2^bit into whole counts >= 1 / 2."""
+    levels = 2 ** bit
+    l_log = levels * grid_rate
+    if abs(l_log - round(l_log)) > 1e-9 or round(l_log) < 1 or levels - round(l_log) < 2:
+        raise ValueError(f"HLUQ: grid_rate {grid_rate} does not split {levels} levels ({bit} bits) into >= 1 log "
+                         "and >= 2 uniform levels")
+    return int(round(l_log)), levels - int(round(l_log))
+
+
+def hluq_quantize(x: torch.Tensor, fp_min, scale_log, scale_uni, levels_log: int, levels_uni: int) -> torch.Tensor:
+    """The HLUQ grid (module docstring) with straight-through rounding; broadcasting over the parameters."""
+    xs = x - fp_min
+    n = round_ste(-torch.log2(torch.clamp(xs / scale_log, min=1e-30)))
+    log_val = scale_log * torch.exp2(-torch.clamp(n, min=0.0, max=levels_log - 1))
+    log_val = torch.where(n.detach() >= levels_log, torch.zeros_like(log_val), log_val)
+    u = torch.clamp(round_ste((xs - scale_log) / scale_uni), 0.0, levels_uni - 1)
+    uni_val = scale_log + u * scale_uni
+    return torch.where(xs <= scale_log, log_val, uni_val) + fp_min
+
+
+def hluq_level_set(fp_min: float, scale_log: float, scale_uni: float, levels_log: int, levels_uni: int) -> List[float]:
+    """Every value the grid can produce, ascending (2^b of them)."""
+    vals = {0.0} | {scale_log * 2.0 ** -n for n in range(levels_log)} | {scale_log + u * scale_uni
+                                                                           for u in range(levels_uni)}
+    return sorted(v + fp_min for v in vals)
+
+
+class HybridRangeObserver(ObserverBase):
+    """AHCPTQ's ``HybridParamObserver``: average min / max over batches, and per batch the output error of every
+    (range_rate, grid_rate) candidate through the following linear layer (``set_layer``; without one, the error of
+    the activation itself). Candidates whose grid_rate does not split 2^bit into whole level counts are skipped.
+    Rows (tokens) are subsampled to ``max_rows`` per batch for the candidate errors (deterministically)."""
+
+    def __init__(self, bit=8, symmetric=False, ch_axis=-1, range_rates: Sequence[float] = (0.1, 0.3, 0.5),
+                 grid_rates: Sequence[float] = (1 / 8, 1 / 4, 1 / 2), max_rows: int = 4096):
+        super().__init__(bit, False, -1)
+        self.candidates = []
+        for rr in range_rates:
+            for gr in grid_rates:
+                try:
+                    hluq_levels(bit, gr)
+                except ValueError:
+                    continue
+                self.candidates.append((float(rr), float(gr)))
+        if not self.candidates:
+            raise ValueError(f"HLUQ: no grid_rate of {list(grid_rates)} fits {bit} bits")
+        self.register_buffer("loss_sum", torch.zeros(len(self.candidates)))
+        self.max_rows = max_rows
+        self.__dict__["_layer"] = None
+
+    def set_layer(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """(weight, bias) of the linear layer this activation enters, set by that layer before each observation."""
+        self.__dict__["_layer"] = (weight.detach(), None if bias is None else bias.detach())
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x
+        xd = x.detach().float()
+        lo, hi = data_range(xd, -1)
+        n = self.num_batches
+        if n == 0:
+            self.min_val, self.max_val = lo.clone(), hi.clone()
+        else:
+            self.min_val, self.max_val = (self.min_val * n + lo) / (n + 1), (self.max_val * n + hi) / (n + 1)
+        rows = xd.reshape(-1, xd.shape[-1])
+        if rows.shape[0] > self.max_rows:
+            gen = torch.Generator().manual_seed(rows.shape[0])
+            rows = rows.index_select(0, torch.randperm(rows.shape[0], generator=gen)[: self.max_rows].to(rows.device))
+        layer = self.__dict__["_layer"]
+        ref = F.linear(rows, *layer) if layer is not None else rows
+        losses = []
+        for rr, gr in self.candidates:  # the paper scores each candidate with this batch's running range
+            fp_min, s_log, s_uni, l_log, l_uni = self.params_for(rr, gr)
+            xq = hluq_quantize(rows, fp_min, s_log, s_uni, l_log, l_uni)
+            out = F.linear(xq, *layer) if layer is not None else xq
+            losses.append((out - ref).pow(2).mean())
+        self.loss_sum = self.loss_sum.to(xd.device) + torch.stack(losses)
+        self.num_batches += 1
+        return x
+
+    def params_for(self, range_rate: float, grid_rate: float):
+        r = (self.max_val - self.min_val).reshape(()).clamp(min=1e-8)
+        l_log, l_uni = hluq_levels(self.bit, grid_rate)
+        s_log = r * range_rate
+        s_uni = r * (1 - range_rate) / ((2 ** self.bit - 1) * (1 - grid_rate))
+        return self.min_val.reshape(()), s_log, s_uni, l_log, l_uni
+
+    def best(self) -> Tuple[float, float]:
+        if self.num_batches == 0:
+            raise RuntimeError("HybridRangeObserver saw no data: run calibration first")
+        return self.candidates[int(torch.argmin(self.loss_sum))]
+
+
+class HLUQFakeQuantize(FakeQuantizeBase):
+    """Hybrid log-uniform fake quantizer (see the module docstring); ``scale`` is the uniform step s_uni, with
+    ``scale_log`` (the split point) learnable beside it and ``fp_min`` fixed. Per tensor only."""
+
+    learnable = True
+    uniform = False
+
+    def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1):
+        super().__init__(observer, bit, False, -1)
+        self.register_buffer("fp_min", torch.zeros(1))
+        self.scale_log = nn.Parameter(torch.ones(1), requires_grad=False)
+        self.grid_rate = 0.5
+        self.levels_log, self.levels_uni = 2 ** bit // 2, 2 ** bit - 2 ** bit // 2
+
+    def extra_repr(self):
+        return super().extra_repr() + f", grid_rate={self.grid_rate}"
+
+    def set_qparams(self, scale, zero_point):
+        self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float()[:1], requires_grad=False)
+        self.zero_point = torch.zeros(1, device=self.scale.device)
+
+    @torch.no_grad()
+    def init_from_observer(self) -> None:
+        obs: HybridRangeObserver = self.observer
+        rr, gr = obs.best()
+        fp_min, s_log, s_uni, l_log, l_uni = obs.params_for(rr, gr)
+        self.set_hybrid(fp_min, s_log, s_uni, gr)
+        self.initialized = True
+
+    def set_hybrid(self, fp_min, scale_log, scale_uni, grid_rate: float) -> None:
+        self.grid_rate = float(grid_rate)
+        self.levels_log, self.levels_uni = hluq_levels(self.bit, self.grid_rate)
+        dev = self.fp_min.device
+        self.fp_min = torch.as_tensor(fp_min, dtype=torch.float32, device=dev).reshape(1).clone()
+        self.scale_log = nn.Parameter(torch.as_tensor(scale_log, dtype=torch.float32, device=dev).reshape(1).clone(),
+                                      requires_grad=False)
+        self.set_qparams(torch.as_tensor(scale_uni, dtype=torch.float32, device=dev), torch.zeros(1))
+
+    def learnable_params(self) -> List[nn.Parameter]:
+        return [self.scale, self.scale_log]
+
+    def learns_qparams(self) -> bool:
+        return torch.is_grad_enabled() and (self.scale.requires_grad or self.scale_log.requires_grad)
+
+    def _eval_params(self):
+        return (self.fp_min.detach(), self.scale_log.detach().abs().clamp(min=1e-8),
+                self.scale.detach().abs().clamp(min=1e-8))
+
+    def quantize(self, x):
+        if self.learns_qparams():
+            fp_min, s_log, s_uni = self.fp_min, self.scale_log.abs().clamp(min=1e-8), self.scale.abs().clamp(min=1e-8)
+        else:
+            fp_min, s_log, s_uni = self._no_grad_params(x)
+        return hluq_quantize(x, fp_min, s_log, s_uni, self.levels_log, self.levels_uni)
+
+
+QUANTIZERS["HLUQFakeQuantize"] = HLUQFakeQuantize
+OBSERVERS["HybridRangeObserver"] = HybridRangeObserver

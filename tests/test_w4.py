@@ -1,0 +1,262 @@
+"""Issue 11: HLUQ, CAG, exact smoothing, log-space scale learning, per-module bit overrides (references from the
+formulas; exact equalities where the maths says so)."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import calib_samples
+
+from ptq4sam.models import BoxPromptSegmenter, build_sam
+from ptq4sam.ptq import UnitCache, build_context, load_quantized, quantize_segmenter, reconstruct_unit, save_quantized
+from ptq4sam.qconfig import QConfigError, ReconSection, load_qconfig
+from ptq4sam.quant_sam import quantize_sam
+from ptq4sam.quantization import (
+    AvgMinMaxObserver,
+    CAGFakeQuantize,
+    HLUQFakeQuantize,
+    HybridRangeObserver,
+    QuantizerConfig,
+    QuantLinear,
+    freeze,
+    group_channels,
+    hluq_level_set,
+    hluq_levels,
+    hluq_quantize,
+    qparams_from_range,
+    unfreeze,
+)
+from ptq4sam.smooth import smooth_sam
+
+ROOT_EXP = "exp/demo/config44.yaml"
+
+
+@pytest.fixture(scope="module")
+def lite():
+    return build_sam("lite_medsam")
+
+
+# ---- HLUQ ---------------------------------------------------------------------------------------------------------
+def test_hluq_level_set_and_hand_values():
+    # 3 bits, grid_rate 1/2: 4 log levels + the zero below the split, 4 uniform levels from the split up
+    assert hluq_levels(3, 0.5) == (4, 4) and hluq_levels(4, 0.125) == (2, 14)
+    with pytest.raises(ValueError, match="grid_rate"):
+        hluq_levels(2, 0.125)  # 0.5 log levels
+    m, s_log, s_uni = -0.5, 1.0, 0.5
+    levels = hluq_level_set(m, s_log, s_uni, 4, 4)
+    assert levels == [m + v for v in (0.0, 0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5)]  # 2^3 distinct values
+    x = torch.tensor([0.01, 0.3, 0.7, 1.0, 1.7, 2.3, 10.0, -3.0]) + m  # offsets from the minimum
+    want = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.5, 2.5, 2.5, 0.0]) + m
+    # 0.01: n = round(6.64) = 7 >= 4 -> 0; 0.3: n = round(1.74) = 2 -> 0.25; 0.7: n = 1 -> 0.5; 1.7: u = round(1.4) = 1
+    # 10 saturates at the top uniform level (AHCPTQ's code would give s_log there); below the minimum -> 0
+    assert torch.allclose(hluq_quantize(x, m, s_log, s_uni, 4, 4), want)
+    out = hluq_quantize(torch.linspace(-1, 5, 999) + m, m, s_log, s_uni, 4, 4)
+    assert set(np.round(out.numpy(), 6)) <= set(np.round(np.array(levels), 6))
+
+
+def test_hluq_observer_picks_the_candidate_of_least_output_error():
+    torch.manual_seed(0)
+    x = F.gelu(torch.randn(3, 50, 16) * 2)  # skewed, heavy right tail
+    lin = torch.nn.Linear(16, 8)
+    obs = HybridRangeObserver(bit=4)
+    for b in x:
+        obs.set_layer(lin.weight, lin.bias)
+        obs(b)
+    # reference: the paper's per-batch scoring, written out (running average range at each batch)
+    ref = {}
+    lo_run = hi_run = None
+    for i, b in enumerate(x):
+        lo, hi = b.min(), b.max()
+        lo_run = lo if i == 0 else (lo_run * i + lo) / (i + 1)
+        hi_run = hi if i == 0 else (hi_run * i + hi) / (i + 1)
+        for rr in (0.1, 0.3, 0.5):
+            for gr in (0.125, 0.25, 0.5):
+                r = hi_run - lo_run
+                l_log = int(16 * gr)
+                xq = hluq_quantize(b, lo_run, r * rr, r * (1 - rr) / (15 * (1 - gr)), l_log, 16 - l_log)
+                ref[(rr, gr)] = ref.get((rr, gr), 0) + float((lin(xq) - lin(b)).pow(2).mean().detach())
+    assert obs.best() == min(ref, key=ref.get)
+    assert torch.allclose(obs.loss_sum, torch.tensor([ref[c] for c in obs.candidates]), rtol=1e-4)
+    q = HLUQFakeQuantize(obs, bit=4)
+    q.init_from_observer()
+    q.fake_quant_enabled = True
+    assert q.grid_rate == obs.best()[1] and float(q.fp_min) == pytest.approx(float(lo_run))
+
+
+# ---- CAG ----------------------------------------------------------------------------------------------------------
+def _cag(groups, x, bit=4):
+    q = CAGFakeQuantize(AvgMinMaxObserver(bit, False, -1), bit=bit, groups=groups)
+    q.observer_enabled = True
+    q(x)
+    q.observer_enabled = False
+    q.init_from_observer()
+    q.fake_quant_enabled = True
+    return q
+
+
+def test_cag_grouping_extremes_equal_per_channel_and_per_tensor():
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 12) * torch.logspace(-1, 1, 12)  # channels of very different ranges
+    with torch.no_grad():
+        per_ch = _cag(12, x)(x)
+        lo, hi = x.reshape(-1, 12).amin(0), x.reshape(-1, 12).amax(0)
+        s, z = qparams_from_range(lo, hi, 4, False)
+        assert torch.equal(per_ch, torch.fake_quantize_per_channel_affine(x, s, z.int(), 2, 0, 15))
+        per_t = _cag(1, x)(x)
+        s, z = qparams_from_range(x.min().reshape(1), x.max().reshape(1), 4, False)
+        assert torch.equal(per_t, torch.fake_quantize_per_tensor_affine(x, s, z.int(), 0, 15))
+        err = [float((_cag(g, x)(x) - x).pow(2).mean()) for g in (1, 2, 4, 12)]
+    assert err[0] > err[1] > err[2] > err[3]  # more groups, less error
+
+
+def test_group_channels_hand_case():
+    lo = torch.tensor([0.0, -0.1, 0.0, -1.0, -0.5, 0.0])
+    hi = torch.tensor([1.0, 1.0, 1.1, 10.0, 9.0, 11.0])
+    g = group_channels(lo, hi, 2)
+    assert g.tolist() == [0, 0, 0, 1, 1, 1]  # the three small ranges share a group
+    assert group_channels(lo, hi, 6).tolist() == list(range(6)) and set(group_channels(lo, hi, 1).tolist()) == {0}
+
+
+# ---- smoothing ----------------------------------------------------------------------------------------------------
+def test_smoothing_keeps_the_float_model_and_flattens_the_activations(lite):
+    sam = copy.deepcopy(lite)
+    seg = BoxPromptSegmenter(sam)
+    s = calib_samples(1)[0]
+    with torch.no_grad():
+        ref = seg(s.image, s.boxes).low_res_logits
+
+    def run():
+        with torch.no_grad():
+            seg(s.image, s.boxes)
+    n, rep = smooth_sam(sam, True, run, 0.5)
+    with torch.no_grad():
+        out = seg(s.image, s.boxes).low_res_logits
+    assert n == len(rep) == 3 * 10 + 7  # TinyViT: qkv, proj, fc1 of its 10 attention blocks; decoder: 7 out_proj
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert np.mean([r["act_range_after"] < r["act_range_before"] for r in rep]) > 0.8
+
+
+def test_smoothing_is_exact_on_vit_b_random():
+    torch.manual_seed(0)
+    sam = build_sam("vit_b", random_init=True, image_size=64)
+    seg = BoxPromptSegmenter(sam)
+    img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    boxes = np.array([[5, 5, 40, 30]], np.float32)
+    with torch.no_grad():
+        ref = seg(img, boxes).low_res_logits
+        n, rep = smooth_sam(sam, True, lambda: seg(img, boxes), 0.8)
+        out = seg(img, boxes).low_res_logits
+    assert n == 3 * len(sam.image_encoder.blocks) + 7
+    assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+
+
+# ---- log-space scale learning -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("space", ["linear", "log"])
+def test_first_adam_step_is_lr_in_the_chosen_space(space):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(8, 4), QuantizerConfig("FixedFakeQuantize", "MinMaxObserver", 8),
+                                   QuantizerConfig("LSQFakeQuantize", "MinMaxObserver", 4))
+    x = torch.randn(6, 8)
+    q = layer.input_quant.quantizer
+    q.observer_enabled = True
+    layer.calibrate_weight()
+    layer(x)
+    q.observer_enabled = False
+    q.init_from_observer()
+    q.fake_quant_enabled = layer.weight_quantizer.fake_quant_enabled = True
+    s0 = float(q.scale)
+    recon = ReconSection(iters=1, scale_lr=0.01, scale_space=space, drop_prob=1.0)
+    with torch.no_grad():
+        tgt = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    cache = UnitCache([], torch.device("cpu"), torch.device("cpu"), 0)
+    reconstruct_unit(layer, [((x,), {})], [((x,), {})], [tgt], cache, recon, torch.Generator().manual_seed(0), "t")
+    s1 = float(q.scale)
+    step = abs(math.log(s1 / s0)) if space == "log" else abs(s1 - s0)
+    assert step == pytest.approx(0.01, rel=1e-3)  # Adam's first step is lr (per parameter) in its own space
+
+
+# ---- mixed precision: per-module bit overrides --------------------------------------------------------------------
+def test_bit_overrides_apply_by_module_name_pattern(lite):
+    q = load_qconfig(ROOT_EXP, ["overrides=[{pattern: 'mask_decoder.transformer.layers.0.*', w_bit: 8, a_bit: 6}]"])
+    sam = copy.deepcopy(lite)
+    quantize_sam(sam, build_context(q), False)
+    bits = {n: m.bit for n, m in sam.named_modules() if hasattr(m, "quant_min") and hasattr(m, "bit")}
+    l0 = {n: b for n, b in bits.items() if n.startswith("mask_decoder.transformer.layers.0.")}
+    rest = {n: b for n, b in bits.items() if n not in l0}
+    assert l0 and all(b == (8 if "weight_quantizer" in n else 6) for n, b in l0.items())
+    assert rest and all(b == 4 for b in rest.values())
+    for bad, key in (("overrides=[{w_bit: 8}]", "overrides[0]"), ("overrides=[{pattern: x, bits: 8}]", "overrides[0]"),
+                     ("overrides=[{pattern: x, a_bit: 1}]", "overrides[0].a_bit")):
+        with pytest.raises(QConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+            load_qconfig(ROOT_EXP, [bad])
+
+
+# ---- save / load and the frozen path with the new quantizers ------------------------------------------------------
+def test_hluq_cag_smooth_save_load_identical_and_frozen_path(lite, tmp_path):
+    samples = calib_samples(1)
+    opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.HLUQ=true", "ahcptq.CAG=true", "smooth.enabled=true",
+            "recon.iters=2", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log"]
+    q = load_qconfig(ROOT_EXP, opts)
+    sam = copy.deepcopy(lite)
+    seg = BoxPromptSegmenter(sam)
+    info = quantize_segmenter(seg, samples, q, quant_encoder=False, device=torch.device("cpu"), log=lambda *a: None)
+    kinds = [type(m) for m in sam.modules()]
+    assert kinds.count(HLUQFakeQuantize) == 2 and kinds.count(CAGFakeQuantize) == 7 * 4 + 2  # 7 attentions, 2 MLPs
+    assert len(info["smooth"]) == 7  # decoder: v_proj -> out_proj of every attention
+    img, boxes = samples[0].image, samples[0].boxes
+    with torch.no_grad():
+        frozen = seg(img, boxes).low_res_logits
+        unfreeze(sam)
+        full = seg(img, boxes).low_res_logits
+        freeze(sam)
+    assert torch.equal(frozen, full)
+    save_quantized(sam, tmp_path / "q.pth", q.to_dict(), False, info)
+    fresh = copy.deepcopy(lite)
+    quantize_sam(fresh, build_context(q), False)
+    load_quantized(fresh, tmp_path / "q.pth", torch.device("cpu"), q, False)
+    with torch.no_grad():
+        again = BoxPromptSegmenter(fresh)(img, boxes).low_res_logits
+    assert torch.equal(again, frozen)
+    other = load_qconfig(ROOT_EXP, opts + ["ahcptq.groups=2"])
+    with pytest.raises(Exception, match="ahcptq.groups"):
+        load_quantized(copy.deepcopy(fresh), tmp_path / "q.pth", torch.device("cpu"), other, False)
+
+
+def test_cag_quantizer_exports_to_onnx_as_per_channel_qdq(tmp_path):
+    from ptq4sam.deploy.onnx_export import export_mode
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(6, 3), QuantizerConfig("FixedFakeQuantize", "MinMaxObserver", 8),
+                                   QuantizerConfig("CAGFakeQuantize", "AvgMinMaxObserver", 8,
+                                                   quantizer_kwargs={"groups": 2}))
+    x = torch.randn(1, 5, 6) * torch.tensor([0.1, 0.1, 1, 1, 5, 5])
+    layer.input_quant.quantizer.observer_enabled = True
+    layer.calibrate_weight()
+    layer(x)
+    aq = layer.input_quant.quantizer
+    aq.observer_enabled = False
+    aq.init_from_observer()
+    aq.fake_quant_enabled = layer.weight_quantizer.fake_quant_enabled = True
+    with torch.no_grad():
+        ref = layer(x)
+        with export_mode(layer) as recs:
+            torch.onnx.export(layer, (x,), str(tmp_path / "l.onnx"), dynamo=False, opset_version=17)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()  # the QDQ graph as written (ORT's fusions treat a per-channel activation DQ before a
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # MatMul approximately: ~1e-2 off)
+    sess = ort.InferenceSession(str(tmp_path / "l.onnx"), so)
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert any(r.per_channel for r in recs if r.kind == "activation-qdq")
+    assert np.allclose(out, ref.numpy(), atol=1e-5)
+    assert len(set(aq._eval_params()[0].tolist())) == 2
+
+
+def test_hluq_and_cag_config_errors_name_the_key():
+    for opt, key in (("ahcptq.groups=0", "ahcptq.groups"), ("ahcptq.grid_rates=[1.5]", "ahcptq.grid_rates"),
+                     ("smooth.alpha=2", "smooth.alpha"), ("smooth.folds=[x]", "smooth.folds"),
+                     ("recon.scale_space=exp", "recon.scale_space")):
+        with pytest.raises(QConfigError, match=key):
+            load_qconfig(ROOT_EXP, [opt])
