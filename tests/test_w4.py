@@ -224,18 +224,22 @@ def test_hluq_cag_smooth_save_load_identical_and_frozen_path(lite, tmp_path):
         load_quantized(copy.deepcopy(fresh), tmp_path / "q.pth", torch.device("cpu"), other, False)
 
 
-def test_cag_quantizer_exports_to_onnx_as_per_channel_qdq(tmp_path):
+@pytest.mark.parametrize("kind", ["cag", "hluq"])
+def test_new_quantizers_export_to_onnx(kind, tmp_path):
     from ptq4sam.deploy.onnx_export import export_mode
 
     torch.manual_seed(0)
+    a_cfg = QuantizerConfig("CAGFakeQuantize", "AvgMinMaxObserver", 8, quantizer_kwargs={"groups": 2}) \
+        if kind == "cag" else QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", 4)
     layer = QuantLinear.from_float(torch.nn.Linear(6, 3), QuantizerConfig("FixedFakeQuantize", "MinMaxObserver", 8),
-                                   QuantizerConfig("CAGFakeQuantize", "AvgMinMaxObserver", 8,
-                                                   quantizer_kwargs={"groups": 2}))
+                                   a_cfg)
     x = torch.randn(1, 5, 6) * torch.tensor([0.1, 0.1, 1, 1, 5, 5])
-    layer.input_quant.quantizer.observer_enabled = True
+    if kind == "hluq":
+        x = F.gelu(x)
+    aq = layer.input_quant.quantizer
+    aq.observer_enabled = True
     layer.calibrate_weight()
     layer(x)
-    aq = layer.input_quant.quantizer
     aq.observer_enabled = False
     aq.init_from_observer()
     aq.fake_quant_enabled = layer.weight_quantizer.fake_quant_enabled = True
@@ -249,9 +253,12 @@ def test_cag_quantizer_exports_to_onnx_as_per_channel_qdq(tmp_path):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # MatMul approximately: ~1e-2 off)
     sess = ort.InferenceSession(str(tmp_path / "l.onnx"), so)
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    assert any(r.per_channel for r in recs if r.kind == "activation-qdq")
     assert np.allclose(out, ref.numpy(), atol=1e-5)
-    assert len(set(aq._eval_params()[0].tolist())) == 2
+    if kind == "cag":
+        assert any(r.per_channel for r in recs if r.kind == "activation-qdq")
+        assert len(set(aq._eval_params()[0].tolist())) == 2
+    else:
+        assert [r.kind for r in recs if r.kind.startswith("emulated")] == ["emulated-hluq"]
 
 
 def test_hluq_and_cag_config_errors_name_the_key():
@@ -260,3 +267,28 @@ def test_hluq_and_cag_config_errors_name_the_key():
                      ("recon.scale_space=exp", "recon.scale_space")):
         with pytest.raises(QConfigError, match=key):
             load_qconfig(ROOT_EXP, [opt])
+
+
+def test_average_bits_and_greedy_overrides_hand_case():
+    from ptq4sam.mixed import average_bits, choose_overrides
+
+    macs = {"a.x": 100, "b.y": 300, "c.z": 600}
+    assert average_bits({"a.x": (8, 8), "b.y": (4, 4), "c.z": (4, None)}, macs) == (4.4, 0.1 * 8 + 0.3 * 4 + 0.6 * 32)
+    units = [{"name": "a", "layers": ["a.x"], "error": 1.0}, {"name": "b", "layers": ["b.y"], "error": 2.0},
+             {"name": "c", "layers": ["c.z"], "error": 3.0}]
+    # error per MAC: a 0.01, b 0.0067, c 0.005; raising a costs 0.4 bits, b 1.2, c 2.4 (4 -> 8 bits)
+    ov = choose_overrides(units, macs, 4, 8, 4.5)
+    assert [o["pattern"] for o in ov] == ["a", "a.*"] and all(o["w_bit"] == o["a_bit"] == 8 for o in ov)
+    assert [o["pattern"] for o in choose_overrides(units, macs, 4, 8, 5.7)] == ["a", "a.*", "b", "b.*"]
+
+
+def test_mixed_runs_are_labelled_with_their_average_bits_never_w4a4():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("ba", Path(__file__).parents[1] / "tools" / "benchmark_accuracy.py")
+    ba = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ba)
+    assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": True, "avg_w_bits": 4.41, "avg_a_bits": 4.5}) == \
+        "mixed: avg W4.41 / A4.50"
+    assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": False}) == "W4A4"

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.mixed import average_bits, layer_bits, layer_macs  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
@@ -72,6 +73,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=["minmax_rtn", "qdrop", "ptq4sam"], choices=sorted(METHODS))
     p.add_argument("--prompts", nargs="+", default=["gt", "yolox"], choices=["gt", "yolox"])
     p.add_argument("--q-options", nargs="*", default=[], help="extra q_config overrides for every run")
+    p.add_argument("--q-config", default=None, metavar="YAML",
+                   help="this q_config instead of exp/demo/config<b><b>.yaml (e.g. a mixed-precision yaml of "
+                        "tools/mixed_precision.py; --bits then only names the run)")
     p.add_argument("--decoder-only", action="store_true", help="quantize only the decoder (default: both)")
     p.add_argument("--eval-images", type=int, default=None, help="first N evaluation images (default: all 96)")
     p.add_argument("--quick", action="store_true", help="CI-sized: 8 eval images, 2 calib images, 5 iters")
@@ -132,7 +136,7 @@ def main(argv=None):
         if kind == "gt":
             grid += [(b, m) for b in a.ablation for m in ("qdrop+big", "qdrop+agq") if (b, m) not in grid]
         for bits, method in grid:
-            qpath = ROOT / "exp" / "demo" / f"config{bits}{bits}.yaml"
+            qpath = Path(a.q_config).resolve() if a.q_config else ROOT / "exp" / "demo" / f"config{bits}{bits}.yaml"
             opts = METHODS[method] + extra
             qcfg = load_qconfig(qpath, opts)
             torch.manual_seed(qcfg.seed)
@@ -144,6 +148,9 @@ def main(argv=None):
             t = time.time()
             info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None)
             t_q = time.time() - t
+            probe = next(s for s in samples if len(s.boxes))  # MACs of one image with one box
+            avg_w, avg_a = average_bits(layer_bits(seg.sam), layer_macs(
+                seg.sam, lambda sg=seg, pr=probe: sg(pr.image, pr.boxes[:1])))
             saved = None
             if a.save_dir:
                 from ptq4sam.ptq import save_quantized  # noqa: PLC0415
@@ -154,7 +161,8 @@ def main(argv=None):
             t = time.time()
             m = coco_eval.evaluate(seg, eval_ann_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
                                    desc=f"{kind} W{bits}A{bits} {method}")
-            run = {"prompts": kind, "method": method, "bits": bits, **m, "q_config": str(qpath.relative_to(ROOT)),
+            run = {"prompts": kind, "method": method, "bits": bits, **m, "q_config": _rel(qpath),
+                   "avg_w_bits": avg_w, "avg_a_bits": avg_a, "mixed": bool(qcfg.overrides),
                    "q_options": opts, "seed": qcfg.seed, "calibrate": qcfg.calibrate, "recon_iters": qcfg.recon.iters,
                    "calibration_s": info["calibration_s"], "reconstruction_s": info["reconstruction_s"],
                    "recon_units": info.get("recon_units"), "agq_s": info.get("agq_search_s"),
@@ -168,6 +176,22 @@ def main(argv=None):
             del seg
     plot(out / "accuracy.png", runs)
     print(f"wrote {a.markdown}, {out / 'accuracy.json'}, {out / 'accuracy.png'}")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def wa_label(r) -> str:
+    """W/A column: FP, W<b>A<b>, or the MAC-weighted average bits of a mixed-precision run (never "W4A4")."""
+    if r["method"] == "fp":
+        return "FP"
+    if r.get("mixed"):
+        return f"mixed: avg W{r['avg_w_bits']:.2f} / A{r['avg_a_bits']:.2f}"
+    return f"W{r['bits']}A{r['bits']}"
 
 
 def render(files, out: Path, markdown: Path):
@@ -193,7 +217,7 @@ def write_markdown(path: Path, env, runs):
              "| prompts | method | W/A | mask mAP | mAP50 | mAP75 | % of FP | calib s | recon s | BIG flipped | AGQ tau |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
-        wa = "FP" if r["method"] == "fp" else f"W{r['bits']}A{r['bits']}"
+        wa = wa_label(r)
         lines.append(f"| {r['prompts']} | {LABEL.get(r['method'], 'FP')} | {wa} | {r['segm_mAP']:.4f} | "
                      f"{r['segm_mAP_50']:.4f} | {r['segm_mAP_75']:.4f} | {r.get('pct_of_fp', 100.0)} | "
                      f"{r.get('calibration_s', '')} | {r.get('reconstruction_s', '')} | "

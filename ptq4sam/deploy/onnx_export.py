@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, atomic_write, atomic_write_text
-from ..quantization import AdaRoundFakeQuantize, AGQFakeQuantize, FakeQuantizeBase
+from ..quantization import AdaRoundFakeQuantize, AGQFakeQuantize, FakeQuantizeBase, HLUQFakeQuantize
 from ..quantization.fake_quant import _bshape
 from ..quantization.qmodules import QuantLinear, _QuantWeightMixin
 from .compact import integer_grid
@@ -122,11 +122,21 @@ def agq_float(x: torch.Tensor, scale: torch.Tensor, tau: int, levels: int) -> to
     return (scale * torch.exp(t * (-math.log(2.0) / tau))).masked_fill(t >= levels, 0.0)
 
 
+def hluq_float(x: torch.Tensor, fp_min, scale_log, scale_uni, levels_log: int, levels_uni: int) -> torch.Tensor:
+    """HLUQ (:func:`ptq4sam.quantization.hluq_quantize`) with ONNX-exportable ops."""
+    xs = x - fp_min
+    n = torch.round(torch.log(torch.clamp(xs / scale_log, min=1e-30)) * (-1.0 / math.log(2.0)))
+    log_val = (scale_log * torch.exp(torch.clamp(n, min=0.0, max=levels_log - 1) * -math.log(2.0)))
+    log_val = log_val.masked_fill(n >= levels_log, 0.0)
+    uni_val = scale_log + torch.clamp(torch.round((xs - scale_log) / scale_uni), 0.0, levels_uni - 1) * scale_uni
+    return torch.where(xs <= scale_log, log_val, uni_val) + fp_min
+
+
 # ---- what each quantizer exports as -------------------------------------------------------------------------------
 @dataclass
 class QuantizerExport:
     name: str
-    kind: str  # "activation-qdq" | "weight-dq" | "emulated-agq"
+    kind: str  # "activation-qdq" | "weight-dq" | "emulated-agq" | "emulated-hluq"
     bits: int
     dtype: str  # "uint8" | "int8" | "float"
     per_channel: bool
@@ -146,6 +156,10 @@ def _act_forward(q: FakeQuantizeBase, name: str, records: List[QuantizerExport])
         scale = q._eval_params()[0].reshape(())
         records.append(QuantizerExport(name, "emulated-agq", q.bit, "float", False))
         return lambda x: agq_float(x, scale, q.tau, q.levels)
+    if isinstance(q, HLUQFakeQuantize):
+        fp_min, s_log, s_uni = (t.reshape(()) for t in q._eval_params())
+        records.append(QuantizerExport(name, "emulated-hluq", q.bit, "float", False))
+        return lambda x: hluq_float(x, fp_min, s_log, s_uni, q.levels_log, q.levels_uni)
     if not q.uniform:
         raise InputError(f"ONNX export: no QDQ form for quantizer '{name}' ({type(q).__name__})")
     scale, zp = q._eval_params()
