@@ -292,3 +292,15 @@ def test_mixed_runs_are_labelled_with_their_average_bits_never_w4a4():
     assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": True, "avg_w_bits": 4.41, "avg_a_bits": 4.5}) == \
         "mixed: avg W4.41 / A4.50"
     assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": False}) == "W4A4"
+
+
+def test_shipped_best44_is_the_measured_combination():
+    opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "a_qconfig.observer=AvgMSEObserver", "ahcptq.HLUQ=true",
+            "ahcptq.CAG=true", "smooth.enabled=true", "recon.scale_lr=0.001", "recon.scale_space=log"]
+    # ^ the w4_best row's --methods qdrop --q-options
+    best = load_qconfig("exp/demo/best44.yaml").to_dict()
+    measured = load_qconfig(ROOT_EXP, opts).to_dict()
+    assert {k for k in best if best[k] != measured[k]} == {"source"}
+    full = load_qconfig("exp/best44.yaml").to_dict()
+    assert {k for k in full if full[k] != best[k]} == {"source", "calibrate", "recon", "ptq4sam"}
+    assert full["recon"]["iters"] == 20000 and full["ptq4sam"]["agq_images"] == 0
