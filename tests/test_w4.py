@@ -197,7 +197,7 @@ def test_bit_overrides_apply_by_module_name_pattern(lite):
 def test_hluq_cag_smooth_save_load_identical_and_frozen_path(lite, tmp_path):
     samples = calib_samples(1)
     opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.HLUQ=true", "ahcptq.CAG=true", "smooth.enabled=true",
-            "recon.iters=2", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log"]
+            "recon.iters=1", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log"]
     q = load_qconfig(ROOT_EXP, opts)
     sam = copy.deepcopy(lite)
     seg = BoxPromptSegmenter(sam)
