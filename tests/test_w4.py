@@ -152,13 +152,10 @@ def test_smoothing_is_exact_on_vit_b_random():
     assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
 
 
-# ---- log-space scale learning -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("space", ["linear", "log"])
-def test_first_adam_step_is_lr_in_the_chosen_space(space):
-    torch.manual_seed(0)
-    layer = QuantLinear.from_float(torch.nn.Linear(8, 4), QuantizerConfig("FixedFakeQuantize", "MinMaxObserver", 8),
-                                   QuantizerConfig("LSQFakeQuantize", "MinMaxObserver", 4))
-    x = torch.randn(6, 8)
+def _calibrated_linear(n_in: int, n_out: int, a_cfg: QuantizerConfig, x: torch.Tensor):
+    """A QuantLinear (W8 per tensor, input quantizer ``a_cfg``) calibrated on ``x`` and switched to quantization."""
+    layer = QuantLinear.from_float(torch.nn.Linear(n_in, n_out), QuantizerConfig("FixedFakeQuantize",
+                                                                                  "MinMaxObserver", 8), a_cfg)
     q = layer.input_quant.quantizer
     q.observer_enabled = True
     layer.calibrate_weight()
@@ -166,6 +163,15 @@ def test_first_adam_step_is_lr_in_the_chosen_space(space):
     q.observer_enabled = False
     q.init_from_observer()
     q.fake_quant_enabled = layer.weight_quantizer.fake_quant_enabled = True
+    return layer, q
+
+
+# ---- log-space scale learning -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("space", ["linear", "log"])
+def test_first_adam_step_is_lr_in_the_chosen_space(space):
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    layer, q = _calibrated_linear(8, 4, QuantizerConfig("LSQFakeQuantize", "MinMaxObserver", 4), x)
     s0 = float(q.scale)
     recon = ReconSection(iters=1, scale_lr=0.01, scale_space=space, drop_prob=1.0)
     with torch.no_grad():
@@ -231,18 +237,10 @@ def test_new_quantizers_export_to_onnx(kind, tmp_path):
     torch.manual_seed(0)
     a_cfg = QuantizerConfig("CAGFakeQuantize", "AvgMinMaxObserver", 8, quantizer_kwargs={"groups": 2}) \
         if kind == "cag" else QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", 4)
-    layer = QuantLinear.from_float(torch.nn.Linear(6, 3), QuantizerConfig("FixedFakeQuantize", "MinMaxObserver", 8),
-                                   a_cfg)
     x = torch.randn(1, 5, 6) * torch.tensor([0.1, 0.1, 1, 1, 5, 5])
     if kind == "hluq":
         x = F.gelu(x)
-    aq = layer.input_quant.quantizer
-    aq.observer_enabled = True
-    layer.calibrate_weight()
-    layer(x)
-    aq.observer_enabled = False
-    aq.init_from_observer()
-    aq.fake_quant_enabled = layer.weight_quantizer.fake_quant_enabled = True
+    layer, aq = _calibrated_linear(6, 3, a_cfg, x)
     with torch.no_grad():
         ref = layer(x)
         with export_mode(layer) as recs:
