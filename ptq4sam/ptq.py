@@ -75,12 +75,14 @@ def build_context(qcfg: QConfig) -> QuantContext:
     hluq = None
     if a.HLUQ and qcfg.a_qconfig.bit is not None:
         hluq = QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", qcfg.a_qconfig.bit, False, -1,
-                               observer_kwargs={"range_rates": list(a.range_rates), "grid_rates": list(a.grid_rates)})
+                               observer_kwargs={"range_rates": list(a.range_rates), "grid_rates": list(a.grid_rates),
+                                                "top_rates": list(a.top_rates), "groups": a.hluq_groups})
     return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
                         agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, big=qcfg.ptq4sam.BIG,
                         dw_act_per_channel=qcfg.depthwise_act_per_channel,
                         big_k_observer=qcfg.ptq4sam.big_k_observer, hluq_cfg=hluq,
                         cag_groups=a.groups if a.CAG else 0, cag_observer=a.cag_observer,
+                        ahcptq_convs=a.convs,
                         overrides=list(qcfg.overrides))
 
 
@@ -684,7 +686,8 @@ def _agq(seg, sam, samples, pt, device) -> List[Dict]:
 # loaded into this model (recon / calibration keys only decide how the saved values were found)
 STRUCTURAL_KEYS = ("a_qconfig", "w_qconfig", "float_modules", "depthwise_act_per_channel", "ptq4sam.BIG",
                    "ptq4sam.AGQ", "ptq4sam.big_k_observer", "recon.round_mode", "ahcptq.HLUQ", "ahcptq.CAG",
-                   "ahcptq.groups", "ahcptq.cag_observer", "overrides")
+                   "ahcptq.groups", "ahcptq.cag_observer", "ahcptq.convs", "ahcptq.hluq_groups",
+                   "overrides")
 
 
 def quant_state(sam) -> Dict:

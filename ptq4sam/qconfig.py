@@ -92,8 +92,11 @@ class AHCPTQSection:
     CAG: bool = False  # other linear inputs: channel-aware groups sharing scale / zero point (CAGFakeQuantize)
     groups: int = 4  # CAG groups per layer (AHCPTQ's `group: 4`); 1 = per tensor
     cag_observer: str = "AvgMinMaxObserver"  # per-channel ranges the CAG groups are built from (AHCPTQ's choice)
+    hluq_groups: int = 1  # HLUQ grids per layer, channels grouped as CAG does (ours; AHCPTQ: 1 = per tensor)
+    convs: bool = False  # also dense convolutions' inputs (TinyViT, SAM's neck): HLUQ after a GELU, CAG elsewhere
     range_rates: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])  # HLUQ split-point candidates
     grid_rates: List[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # HLUQ share of log levels
+    top_rates: List[float] = field(default_factory=lambda: [1.0])  # HLUQ range clipped at the top (ours; AHCPTQ: 1)
 
 
 @dataclass
@@ -277,10 +280,14 @@ def validate(q: QConfig, src: str) -> QConfig:
     a = q.ahcptq
     if a.groups < 1:
         bad("ahcptq.groups", f"must be >= 1, got {a.groups}")
+    if a.hluq_groups < 1:
+        bad("ahcptq.hluq_groups", f"must be >= 1, got {a.hluq_groups}")
     if not a.range_rates or any(not 0 < r < 1 for r in a.range_rates):
         bad("ahcptq.range_rates", f"must be a list of numbers in (0, 1), got {a.range_rates}")
     if not a.grid_rates or any(not 0 < r < 1 for r in a.grid_rates):
         bad("ahcptq.grid_rates", f"must be a list of numbers in (0, 1), got {a.grid_rates}")
+    if not a.top_rates or any(not 0 < r <= 1 for r in a.top_rates):
+        bad("ahcptq.top_rates", f"must be a list of numbers in (0, 1], got {a.top_rates}")
     if a.cag_observer not in OBSERVERS:
         bad("ahcptq.cag_observer", f"unknown '{a.cag_observer}', expected one of {sorted(OBSERVERS)}")
     if (a.HLUQ or a.CAG) and q.a_qconfig.bit is None:

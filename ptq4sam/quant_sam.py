@@ -49,13 +49,14 @@ class QuantContext:
     hluq_cfg: Optional[QuantizerConfig] = None  # inputs of the MLPs' second linear (post-GELU), when HLUQ is on
     cag_groups: int = 0  # >0: inputs of the other linear layers grouped per channel (CAG)
     cag_observer: str = "AvgMinMaxObserver"
+    ahcptq_convs: bool = False  # HLUQ / CAG on dense convolutions' inputs too (AHCPTQ itself: linear layers only)
     overrides: List[Dict] = field(default_factory=list)  # [{pattern, w_bit, a_bit}]: bits by module-name pattern
     post_gelu: bool = False  # set by convert_module for the layer being converted
 
     def for_module(self, parent: nn.Module, child_name: str, full_name: str) -> "QuantContext":
         """This context for the module ``full_name`` (child ``child_name`` of ``parent``): its bit overrides (the
         last matching pattern wins) and whether it is an MLP's post-GELU linear."""
-        post = any(isinstance(parent, t) and child_name == n for t, n in POST_GELU_LINEARS)
+        post = any(isinstance(parent, t) and child_name == n for t, n in POST_GELU_LAYERS)
         ov = [o for o in self.overrides if fnmatch.fnmatchcase(full_name, o["pattern"])]
         if not ov and not post and not self.post_gelu:
             return self
@@ -68,22 +69,30 @@ class QuantContext:
                 c.hluq_cfg = self.hluq_cfg.with_(bit=a_bit)
         return c
 
-    def linear_input_cfg(self) -> QuantizerConfig:
-        """Input quantizer of a Linear: HLUQ after a GELU, CAG groups elsewhere, else the activation config."""
+    def linear_input_cfg(self, ch_axis: int = -1) -> QuantizerConfig:
+        """Input quantizer of a Linear: HLUQ after a GELU, CAG groups elsewhere (channels on ``ch_axis``, -1 = the
+        last), else the activation config."""
         if self.post_gelu and self.hluq_cfg is not None:
-            return self.hluq_cfg
+            return self.hluq_cfg.with_(ch_axis=ch_axis)
         if self.cag_groups:
             kw = {k: v for k, v in self.a_cfg.quantizer_kwargs.items() if k == "grad_scale_mode"}
             okw = {"p": self.a_cfg.observer_kwargs.get("p", 2.4)} if "MSE" in self.cag_observer else {}
             return self.a_cfg.with_(quantizer="CAGFakeQuantize", quantizer_kwargs={**kw, "groups": self.cag_groups},
-                                    observer=self.cag_observer, observer_kwargs=okw)
+                                    observer=self.cag_observer, observer_kwargs=okw, ch_axis=ch_axis)
         return self.a_cfg
 
     def conv_input_cfg(self, conv: nn.Conv2d) -> QuantizerConfig:
         """Depthwise convs process each channel alone, so a per-channel input scale folds exactly into their
-        per-channel weights (integer arithmetic stays per tensor): quantize their input per channel if asked."""
+        per-channel weights (integer arithmetic stays per tensor): quantize their input per channel if asked.
+        With ``ahcptq_convs`` the other (dense) convolutions take HLUQ / CAG as a Linear would (channels on axis 1:
+        CAG's G groups are G partial integer convolutions), and post-GELU depthwise ones HLUQ per channel."""
         if self.dw_act_per_channel and conv.groups > 1 and conv.groups == conv.in_channels:
+            if self.ahcptq_convs and self.post_gelu and self.hluq_cfg is not None:  # HLUQ, one grid per channel
+                return self.hluq_cfg.with_(ch_axis=1, observer_kwargs={**self.hluq_cfg.observer_kwargs,
+                                                                       "groups": conv.in_channels})
             return self.a_cfg.with_(ch_axis=1)
+        if self.ahcptq_convs and conv.groups == 1:
+            return self.linear_input_cfg(ch_axis=1)
         return self.a_cfg
 
     def softmax_cfg(self) -> QuantizerConfig:
@@ -207,10 +216,12 @@ QUANT_MODULE_REGISTRY: Dict[type, Callable[[nn.Module, QuantContext], nn.Module]
     twoway.Attention: QuantDecoderAttention,
     vit.Attention: QuantViTAttention,
 }
-# (parent type, child name) of the linear layers that take a GELU's output (HLUQ's target)
-POST_GELU_LINEARS: List[Tuple[type, str]] = [(common.MLPBlock, "lin2")]
+# (parent type, child name) of the layers that take a GELU's output (HLUQ's target; the convolutions only with
+# ahcptq.convs, TinyViT's depthwise conv2 with one HLUQ grid per channel)
+POST_GELU_LAYERS: List[Tuple[type, str]] = [(common.MLPBlock, "lin2")]
 if tinyvit is not None:
-    POST_GELU_LINEARS.append((tinyvit.Mlp, "fc2"))
+    POST_GELU_LAYERS += [(tinyvit.Mlp, "fc2"), (tinyvit.MBConv, "conv2"), (tinyvit.MBConv, "conv3"),
+                         (tinyvit.PatchMerging, "conv2"), (tinyvit.PatchMerging, "conv3")]
     QUANT_MODULE_REGISTRY[tinyvit.Attention] = QuantTinyViTAttention
     QUANT_MODULE_REGISTRY[tinyvit.Conv2d_BN] = lambda m, ctx: QuantConv2d.from_float(
         fuse_conv_bn(m), ctx.w_cfg, ctx.conv_input_cfg(m.c))  # models built by build_sam come folded already

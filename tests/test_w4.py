@@ -1,6 +1,7 @@
 """Issue 11: HLUQ, CAG, exact smoothing, log-space scale learning, per-module bit overrides (references from the
 formulas; exact equalities where the maths says so)."""
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from ptq4sam.quantization import (
     CAGFakeQuantize,
     HLUQFakeQuantize,
     HybridRangeObserver,
+    QuantConv2d,
     QuantizerConfig,
     QuantLinear,
     freeze,
@@ -56,13 +58,20 @@ def test_hluq_level_set_and_hand_values():
     assert set(np.round(out.numpy(), 6)) <= set(np.round(np.array(levels), 6))
 
 
-def test_hluq_observer_picks_the_candidate_of_least_output_error():
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_hluq_observer_picks_the_candidate_of_least_output_error(kind):
     torch.manual_seed(0)
-    x = F.gelu(torch.randn(3, 50, 16) * 2)  # skewed, heavy right tail
-    lin = torch.nn.Linear(16, 8)
-    obs = HybridRangeObserver(bit=4)
+    if kind == "linear":
+        x = F.gelu(torch.randn(3, 50, 16) * 2)  # skewed, heavy right tail
+        layer = torch.nn.Linear(16, 8)
+        args = (layer.weight, layer.bias)
+    else:  # a convolution scores the candidates by its own output (ahcptq.convs)
+        x = F.gelu(torch.randn(3, 1, 16, 6, 6) * 2)
+        layer = torch.nn.Conv2d(16, 8, 3, padding=1)
+        args = (layer.weight, layer.bias, layer._conv_forward)
+    obs = HybridRangeObserver(bit=4, top_rates=(1.0, 0.5))
     for b in x:
-        obs.set_layer(lin.weight, lin.bias)
+        obs.set_layer(*args)
         obs(b)
     # reference: the paper's per-batch scoring, written out (running average range at each batch)
     ref = {}
@@ -71,12 +80,11 @@ def test_hluq_observer_picks_the_candidate_of_least_output_error():
         lo, hi = b.min(), b.max()
         lo_run = lo if i == 0 else (lo_run * i + lo) / (i + 1)
         hi_run = hi if i == 0 else (hi_run * i + hi) / (i + 1)
-        for rr in (0.1, 0.3, 0.5):
-            for gr in (0.125, 0.25, 0.5):
-                r = hi_run - lo_run
-                l_log = int(16 * gr)
-                xq = hluq_quantize(b, lo_run, r * rr, r * (1 - rr) / (15 * (1 - gr)), l_log, 16 - l_log)
-                ref[(rr, gr)] = ref.get((rr, gr), 0) + float((lin(xq) - lin(b)).pow(2).mean().detach())
+        for rr, gr, tr in itertools.product((0.1, 0.3, 0.5), (0.125, 0.25, 0.5), (1.0, 0.5)):
+            r = (hi_run - lo_run) * tr  # top_rate 0.5: the range's top half clipped (ours; AHCPTQ: 1 only)
+            l_log = int(16 * gr)
+            xq = hluq_quantize(b, lo_run, r * rr, r * (1 - rr) / (15 * (1 - gr)), l_log, 16 - l_log)
+            ref[(rr, gr, tr)] = ref.get((rr, gr, tr), 0) + float((layer(xq) - layer(b)).pow(2).mean().detach())
     assert obs.best() == min(ref, key=ref.get)
     assert torch.allclose(obs.loss_sum, torch.tensor([ref[c] for c in obs.candidates]), rtol=1e-4)
     q = HLUQFakeQuantize(obs, bit=4)
@@ -86,8 +94,8 @@ def test_hluq_observer_picks_the_candidate_of_least_output_error():
 
 
 # ---- CAG ----------------------------------------------------------------------------------------------------------
-def _cag(groups, x, bit=4):
-    q = CAGFakeQuantize(AvgMinMaxObserver(bit, False, -1), bit=bit, groups=groups)
+def _cag(groups, x, bit=4, axis=-1):
+    q = CAGFakeQuantize(AvgMinMaxObserver(bit, False, -1), bit=bit, groups=groups, ch_axis=axis)
     q.observer_enabled = True
     q(x)
     q.observer_enabled = False
@@ -96,19 +104,73 @@ def _cag(groups, x, bit=4):
     return q
 
 
-def test_cag_grouping_extremes_equal_per_channel_and_per_tensor():
+@pytest.mark.parametrize("axis", [-1, 1])  # a Linear's input (channels last) / a convolution's (NCHW)
+def test_cag_grouping_extremes_equal_per_channel_and_per_tensor(axis):
     torch.manual_seed(0)
-    x = torch.randn(2, 30, 12) * torch.logspace(-1, 1, 12)  # channels of very different ranges
+    ranges = torch.logspace(-1, 1, 12)  # channels of very different ranges
+    x = torch.randn(2, 30, 12) * ranges if axis == -1 else torch.randn(2, 12, 5, 6) * ranges.reshape(1, 12, 1, 1)
+    ax = axis % x.dim()
     with torch.no_grad():
-        per_ch = _cag(12, x)(x)
-        lo, hi = x.reshape(-1, 12).amin(0), x.reshape(-1, 12).amax(0)
-        s, z = qparams_from_range(lo, hi, 4, False)
-        assert torch.equal(per_ch, torch.fake_quantize_per_channel_affine(x, s, z.int(), 2, 0, 15))
-        per_t = _cag(1, x)(x)
+        per_ch = _cag(12, x, axis=axis)(x)
+        flat = x.movedim(ax, -1).reshape(-1, 12)
+        s, z = qparams_from_range(flat.amin(0), flat.amax(0), 4, False)
+        assert torch.equal(per_ch, torch.fake_quantize_per_channel_affine(x, s, z.int(), ax, 0, 15))
+        per_t = _cag(1, x, axis=axis)(x)
         s, z = qparams_from_range(x.min().reshape(1), x.max().reshape(1), 4, False)
         assert torch.equal(per_t, torch.fake_quantize_per_tensor_affine(x, s, z.int(), 0, 15))
-        err = [float((_cag(g, x)(x) - x).pow(2).mean()) for g in (1, 2, 4, 12)]
+        err = [float((_cag(g, x, axis=axis)(x) - x).pow(2).mean()) for g in (1, 2, 4, 12)]
     assert err[0] > err[1] > err[2] > err[3]  # more groups, less error
+
+
+def test_ahcptq_convs_put_hluq_and_cag_on_dense_conv_inputs(lite):
+    def input_quantizers(opts):
+        sam = copy.deepcopy(lite)
+        quantize_sam(sam, build_context(load_qconfig(ROOT_EXP, opts)), True)
+        return {n[: -len(".input_quant")]: m.quantizer for n, m in sam.named_modules() if n.endswith("input_quant")}
+
+    on = input_quantizers(["ahcptq.HLUQ=true", "ahcptq.CAG=true", "ahcptq.convs=true"])
+    off = input_quantizers(["ahcptq.HLUQ=true", "ahcptq.CAG=true"])
+    b0 = "image_encoder.layers.0.blocks.0"
+    assert isinstance(on[f"{b0}.conv3"], HLUQFakeQuantize)  # after GELU (act2)
+    assert isinstance(on["image_encoder.layers.2.downsample.conv3"], HLUQFakeQuantize)
+    assert isinstance(on[f"{b0}.conv1"], CAGFakeQuantize) and on[f"{b0}.conv1"].ch_axis == 1
+    assert isinstance(on["image_encoder.neck.0"], CAGFakeQuantize)
+    dw = on[f"{b0}.conv2"]  # post-GELU depthwise: one HLUQ grid per channel
+    assert isinstance(dw, HLUQFakeQuantize) and dw.ch_axis == 1 and dw.observer.groups == 256
+    assert type(on["image_encoder.layers.1.blocks.0.local_conv"]).__name__ == type(off[f"{b0}.conv2"]).__name__ \
+        == "LSQFakeQuantize"  # depthwise, not after a GELU / HLUQ off: per-channel LSQ
+    convs = [n for n in off if n.startswith("image_encoder") and ("conv" in n or "neck" in n)]
+    assert convs and all(type(off[n]).__name__ == "LSQFakeQuantize" for n in convs)  # AHCPTQ itself: linears only
+    assert all(type(on[n]) is type(off[n]) for n in on if n not in convs)  # linears: the same either way
+
+
+def test_groupwise_hluq_is_per_tensor_hluq_on_each_group():
+    torch.manual_seed(0)
+    ranges = torch.tensor([0.2, 0.2, 1.0, 8.0])
+    x = F.gelu(torch.randn(2, 4, 6, 6) * ranges.reshape(1, 4, 1, 1))  # NCHW, one outlier channel
+    conv = torch.nn.Conv2d(4, 3, 1)
+    q = HLUQFakeQuantize(HybridRangeObserver(bit=4, ch_axis=1, groups=4, top_rates=(1.0, 0.5)), bit=4, ch_axis=1)
+    q.observer.set_layer(conv.weight, conv.bias, conv._conv_forward)
+    q.observer(x)
+    q.init_from_observer()
+    q.fake_quant_enabled = True
+    rr, gr, tr = q.observer.best()
+    assert q.group.tolist() == [0, 1, 2, 3] and q.ch_axis == 1 and q.scale.numel() == 4
+    with torch.no_grad():
+        got = q(x)
+    l_log = int(16 * gr)
+    for c in range(4):  # each channel: the per-tensor grid of its own range, with the jointly chosen rates
+        xc = x[:, c]
+        lo, r = xc.min(), (xc.max() - xc.min()) * tr
+        want = hluq_quantize(xc, lo, r * rr, r * (1 - rr) / (15 * (1 - gr)), l_log, 16 - l_log)
+        assert torch.allclose(got[:, c], want, atol=1e-6)
+    per_tensor = HLUQFakeQuantize(HybridRangeObserver(bit=4, top_rates=(1.0, 0.5)), bit=4)
+    per_tensor.observer.set_layer(conv.weight, conv.bias, conv._conv_forward)
+    per_tensor.observer(x)
+    per_tensor.init_from_observer()
+    per_tensor.fake_quant_enabled = True
+    with torch.no_grad():
+        assert (conv(got) - conv(x)).pow(2).mean() < (conv(per_tensor(x)) - conv(x)).pow(2).mean()
 
 
 def test_group_channels_hand_case():
@@ -152,10 +214,12 @@ def test_smoothing_is_exact_on_vit_b_random():
     assert torch.allclose(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
 
 
-def _calibrated_linear(n_in: int, n_out: int, a_cfg: QuantizerConfig, x: torch.Tensor):
-    """A QuantLinear (W8 per tensor, input quantizer ``a_cfg``) calibrated on ``x`` and switched to quantization."""
-    layer = QuantLinear.from_float(torch.nn.Linear(n_in, n_out), QuantizerConfig("FixedFakeQuantize",
-                                                                                  "MinMaxObserver", 8), a_cfg)
+def _calibrated_linear(n_in: int, n_out: int, a_cfg: QuantizerConfig, x: torch.Tensor, conv: bool = False):
+    """A QuantLinear (or, ``conv``, a 3x3 QuantConv2d) with W8 per tensor and input quantizer ``a_cfg``, calibrated
+    on ``x`` and switched to quantization."""
+    w_cfg = QuantizerConfig("FixedFakeQuantize", "MinMaxObserver", 8)
+    layer = QuantConv2d.from_float(torch.nn.Conv2d(n_in, n_out, 3, padding=1), w_cfg, a_cfg) if conv else \
+        QuantLinear.from_float(torch.nn.Linear(n_in, n_out), w_cfg, a_cfg)
     q = layer.input_quant.quantizer
     q.observer_enabled = True
     layer.calibrate_weight()
@@ -203,7 +267,7 @@ def test_bit_overrides_apply_by_module_name_pattern(lite):
 def test_hluq_cag_smooth_save_load_identical_and_frozen_path(lite, tmp_path):
     samples = calib_samples(1)
     opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.HLUQ=true", "ahcptq.CAG=true", "smooth.enabled=true",
-            "recon.iters=1", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log"]
+            "ahcptq.hluq_groups=2", "recon.iters=1", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log"]
     q = load_qconfig(ROOT_EXP, opts)
     sam = copy.deepcopy(lite)
     seg = BoxPromptSegmenter(sam)
@@ -230,17 +294,22 @@ def test_hluq_cag_smooth_save_load_identical_and_frozen_path(lite, tmp_path):
         load_quantized(copy.deepcopy(fresh), tmp_path / "q.pth", torch.device("cpu"), other, False)
 
 
-@pytest.mark.parametrize("kind", ["cag", "hluq"])
+@pytest.mark.parametrize("kind", ["cag", "hluq", "cag-conv", "hluq-conv"])
 def test_new_quantizers_export_to_onnx(kind, tmp_path):
     from ptq4sam.deploy.onnx_export import export_mode
 
     torch.manual_seed(0)
-    a_cfg = QuantizerConfig("CAGFakeQuantize", "AvgMinMaxObserver", 8, quantizer_kwargs={"groups": 2}) \
-        if kind == "cag" else QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", 4)
-    x = torch.randn(1, 5, 6) * torch.tensor([0.1, 0.1, 1, 1, 5, 5])
-    if kind == "hluq":
+    conv = kind.endswith("conv")
+    a_cfg = QuantizerConfig("CAGFakeQuantize", "AvgMinMaxObserver", 8, ch_axis=1 if conv else -1,
+                            quantizer_kwargs={"groups": 2}) \
+        if kind.startswith("cag") else QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", 4,
+                                                       ch_axis=1 if conv else -1,
+                                                       observer_kwargs={"groups": 2 if conv else 1})
+    ranges = torch.tensor([0.1, 0.1, 1, 1, 5, 5])
+    x = torch.randn(1, 6, 5, 5) * ranges.reshape(1, 6, 1, 1) if conv else torch.randn(1, 5, 6) * ranges
+    if kind.startswith("hluq"):
         x = F.gelu(x)
-    layer, aq = _calibrated_linear(6, 3, a_cfg, x)
+    layer, aq = _calibrated_linear(6, 3, a_cfg, x, conv)
     with torch.no_grad():
         ref = layer(x)
         with export_mode(layer) as recs:
@@ -252,7 +321,7 @@ def test_new_quantizers_export_to_onnx(kind, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "l.onnx"), so)
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.allclose(out, ref.numpy(), atol=1e-5)
-    if kind == "cag":
+    if kind.startswith("cag"):
         assert any(r.per_channel for r in recs if r.kind == "activation-qdq")
         assert len(set(aq._eval_params()[0].tolist())) == 2
     else:
@@ -302,3 +371,15 @@ def test_shipped_best44_is_the_measured_combination():
     full = load_qconfig("exp/best44.yaml").to_dict()
     assert {k for k in full if full[k] != best[k]} == {"source", "calibrate", "recon", "ptq4sam"}
     assert full["recon"]["iters"] == 20000 and full["ptq4sam"]["agq_images"] == 0
+
+
+def test_hluq_conv_scoring_crops_are_slices_of_the_map_and_repeatable():
+    from ptq4sam.quantization.hluq import spatial_crops
+
+    x = torch.randn(2, 3, 40, 50)
+    assert spatial_crops(x, 2 * 40 * 50) is x  # small enough: the whole map
+    c = spatial_crops(x, 2048, size=16)
+    assert c.shape == (8, 3, 16, 16) and torch.equal(c, spatial_crops(x.clone(), 2048, size=16))
+    for crop in c:  # each crop is a window of one image of the batch
+        assert any(torch.equal(crop, x[b, :, i:i + 16, j:j + 16])
+                   for b in range(2) for i in range(25) for j in range(35))

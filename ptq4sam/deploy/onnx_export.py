@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import InputError, atomic_write, atomic_write_text
 from ..quantization import AdaRoundFakeQuantize, AGQFakeQuantize, FakeQuantizeBase, HLUQFakeQuantize
 from ..quantization.fake_quant import _bshape
+from ..quantization.hluq import per_channel
 from ..quantization.qmodules import QuantLinear, _QuantWeightMixin
 from .compact import integer_grid
 
@@ -157,9 +158,13 @@ def _act_forward(q: FakeQuantizeBase, name: str, records: List[QuantizerExport])
         records.append(QuantizerExport(name, "emulated-agq", q.bit, "float", False))
         return lambda x: agq_float(x, scale, q.tau, q.levels)
     if isinstance(q, HLUQFakeQuantize):
-        fp_min, s_log, s_uni = (t.reshape(()) for t in q._eval_params())
-        records.append(QuantizerExport(name, "emulated-hluq", q.bit, "float", False))
-        return lambda x: hluq_float(x, fp_min, s_log, s_uni, q.levels_log, q.levels_uni)
+        params = q._eval_params()
+        records.append(QuantizerExport(name, "emulated-hluq", q.bit, "float", bool(q.group.numel())))
+        if not q.group.numel():
+            fp_min, s_log, s_uni = (t.reshape(()) for t in params)
+            return lambda x: hluq_float(x, fp_min, s_log, s_uni, q.levels_log, q.levels_uni)
+        return lambda x: hluq_float(x, *(per_channel(t, q.group, x, q.ch_axis) for t in params), q.levels_log,
+                                    q.levels_uni)
     if not q.uniform:
         raise InputError(f"ONNX export: no QDQ form for quantizer '{name}' ({type(q).__name__})")
     scale, zp = q._eval_params()

@@ -64,12 +64,22 @@ def group_channels(lo: torch.Tensor, hi: torch.Tensor, groups: int) -> torch.Ten
     return rank[labels]
 
 
+def group_ranges(lo: torch.Tensor, hi: torch.Tensor, group: torch.Tensor):
+    """(min, max) of each group: the union of its members' ranges."""
+    n = int(group.max()) + 1
+    glo = torch.full((n,), float("inf"), device=lo.device).scatter_reduce(0, group, lo, "amin")
+    ghi = torch.full((n,), float("-inf"), device=lo.device).scatter_reduce(0, group, hi, "amax")
+    return glo, ghi
+
+
 class CAGFakeQuantize(LSQFakeQuantize):
-    """Group-wise LSQ quantizer over the last axis: ``scale`` / ``zero_point`` hold one value per group, ``group``
-    maps each channel to its group. The channel axis is the input's last one, fixed at the first observation."""
+    """Group-wise LSQ quantizer over a channel axis: ``scale`` / ``zero_point`` hold one value per group, ``group``
+    maps each channel to its group. ``ch_axis=-1`` (a Linear's input): the input's last axis, fixed at the first
+    observation; a convolution's input gives ``ch_axis=1``."""
 
     def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1, groups: int = 4, grad_scale_mode="paper"):
         super().__init__(observer, bit, symmetric, -1, grad_scale_mode)
+        self.ch_axis = self.observer.ch_axis = ch_axis
         if groups < 1:
             raise ValueError(f"CAG: groups must be >= 1, got {groups}")
         self.groups = groups
@@ -87,9 +97,7 @@ class CAGFakeQuantize(LSQFakeQuantize):
     def init_from_observer(self) -> None:
         lo, hi = self.observer.min_val.reshape(-1), self.observer.max_val.reshape(-1)
         group = group_channels(lo, hi, self.groups).to(lo.device)
-        n = int(group.max()) + 1
-        glo = torch.full((n,), float("inf"), device=lo.device).scatter_reduce(0, group, lo, "amin")
-        ghi = torch.full((n,), float("-inf"), device=lo.device).scatter_reduce(0, group, hi, "amax")
+        glo, ghi = group_ranges(lo, hi, group)
         scale, zp = qparams_from_range(glo, ghi, self.bit, self.symmetric)
         self.group = group
         self.set_qparams(scale, zp)

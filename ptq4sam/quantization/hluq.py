@@ -10,19 +10,21 @@ the sparse large ones (u = 0 is the split point itself, shared with n = 0): 2^b 
 calibration follows AHCPTQ's ``HybridParamObserver``: range r = average max - average min over the calibration
 batches, s_log = r * range_rate, s_uni = r * (1 - range_rate) / ((2^b - 1) * (1 - grid_rate)), and (range_rate,
 grid_rate) from a grid that minimises the mean squared error of the *following linear layer's output* (its float
-weight and bias), averaged over batches. Unlike AHCPTQ's ``fake_hybrid_quantize_per_tensor_affine``, which zeroes
-uniform-region values x' >= L_log before quantizing them (so they come out as s_log), every value above the split is
-quantized uniformly here.
+weight and bias), averaged over batches. Optionally (``top_rates``, this toolkit's extension; AHCPTQ: 1 only) the
+range's top is clipped too, r -> r * top_rate, scored the same way. Unlike AHCPTQ's
+``fake_hybrid_quantize_per_tensor_affine``, which zeroes uniform-region values x' >= L_log before quantizing them
+(so they come out as s_log), every value above the split is quantized uniformly here.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fake_quant import QUANTIZERS, FakeQuantizeBase, round_ste
+from .cag import group_channels, group_ranges
+from .fake_quant import QUANTIZERS, FakeQuantizeBase, _bshape, round_ste
 from .observer import OBSERVERS, ObserverBase, data_range
 
 
@@ -54,68 +56,126 @@ def hluq_level_set(fp_min: float, scale_log: float, scale_uni: float, levels_log
     return sorted(v + fp_min for v in vals)
 
 
+def per_channel(values: torch.Tensor, group: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-group ``values`` spread to ``group``'s channels, shaped to broadcast along ``axis`` of ``x``."""
+    return values.reshape(-1)[group].reshape(_bshape(x, axis % x.dim()))
+
+
+def spatial_crops(x: torch.Tensor, max_pixels: int, size: int = 32) -> torch.Tensor:
+    """``x`` (N, C, H, W) itself when it has at most ``max_pixels`` pixels, else k = max_pixels // size^2 crops of
+    size x size at random places (seeded by the shape: the same crops for the same shape), stacked on the batch axis.
+    Scoring HLUQ candidates on them costs k size^2 / (N H W) of the whole map (a 64 x 64 crop budget on TinyViT's
+    256 x 256 stage-0 maps: 1/16)."""
+    n, _, h, w = x.shape
+    if n * h * w <= max_pixels:
+        return x
+    s = min(size, h, w)
+    k = max(1, max_pixels // (s * s))
+    gen = torch.Generator().manual_seed(n * h * w)
+    b, i, j = (torch.randint(m, (k,), generator=gen) for m in (n, h - s + 1, w - s + 1))
+    return torch.stack([x[bb, :, ii:ii + s, jj:jj + s] for bb, ii, jj in zip(b.tolist(), i.tolist(), j.tolist())])
+
+
 class HybridRangeObserver(ObserverBase):
     """AHCPTQ's ``HybridParamObserver``: average min / max over batches, and per batch the output error of every
     (range_rate, grid_rate) candidate through the following linear layer (``set_layer``; without one, the error of
     the activation itself). Candidates whose grid_rate does not split 2^bit into whole level counts are skipped.
-    Rows (tokens) are subsampled to ``max_rows`` per batch for the candidate errors (deterministically)."""
+    Rows (tokens) are subsampled to ``max_rows`` per batch for the candidate errors (deterministically); a
+    convolution's input is scored on square crops of ``max_rows`` pixels in all (:func:`spatial_crops`)."""
 
     def __init__(self, bit=8, symmetric=False, ch_axis=-1, range_rates: Sequence[float] = (0.1, 0.3, 0.5),
-                 grid_rates: Sequence[float] = (1 / 8, 1 / 4, 1 / 2), max_rows: int = 4096):
-        super().__init__(bit, False, -1)
-        self.candidates = []
-        for rr in range_rates:
-            for gr in grid_rates:
-                try:
-                    hluq_levels(bit, gr)
-                except ValueError:
-                    continue
-                self.candidates.append((float(rr), float(gr)))
+                 grid_rates: Sequence[float] = (1 / 8, 1 / 4, 1 / 2), max_rows: int = 4096,
+                 top_rates: Sequence[float] = (1.0,), groups: int = 1):
+        super().__init__(bit, False, ch_axis)
+        if groups < 1:
+            raise ValueError(f"HLUQ: groups must be >= 1, got {groups}")
+        self.groups = groups
+        self.candidates = []  # (range_rate, grid_rate, top_rate)
+        for tr in top_rates:
+            for rr in range_rates:
+                for gr in grid_rates:
+                    try:
+                        hluq_levels(bit, gr)
+                    except ValueError:
+                        continue
+                    self.candidates.append((float(rr), float(gr), float(tr)))
         if not self.candidates:
             raise ValueError(f"HLUQ: no grid_rate of {list(grid_rates)} fits {bit} bits")
         self.register_buffer("loss_sum", torch.zeros(len(self.candidates)))
         self.max_rows = max_rows
         self.__dict__["_layer"] = None
 
-    def set_layer(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-        """(weight, bias) of the linear layer this activation enters, set by that layer before each observation."""
-        self.__dict__["_layer"] = (weight.detach(), None if bias is None else bias.detach())
+    def set_layer(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  fn: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]] = None
+                  ) -> None:
+        """(weight, bias) of the layer this activation enters, set by that layer before each observation; ``fn(x,
+        weight, bias)`` is the layer's operation (None: a linear layer, scored on a subsample of its rows; else, e.g.
+        a convolution, scored on the whole input)."""
+        self.__dict__["_layer"] = (weight.detach(), None if bias is None else bias.detach(), fn)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x
         xd = x.detach().float()
-        lo, hi = data_range(xd, -1)
+        if self.groups > 1 and self.ch_axis == -1:
+            self.ch_axis = xd.dim() - 1  # a Linear's input: channels last
+        lo, hi = data_range(xd, -1 if self.groups == 1 else self.ch_axis)
         n = self.num_batches
         if n == 0:
             self.min_val, self.max_val = lo.clone(), hi.clone()
         else:
             self.min_val, self.max_val = (self.min_val * n + lo) / (n + 1), (self.max_val * n + hi) / (n + 1)
-        rows = xd.reshape(-1, xd.shape[-1])
-        if rows.shape[0] > self.max_rows:
-            gen = torch.Generator().manual_seed(rows.shape[0])
-            rows = rows.index_select(0, torch.randperm(rows.shape[0], generator=gen)[: self.max_rows].to(rows.device))
         layer = self.__dict__["_layer"]
-        ref = F.linear(rows, *layer) if layer is not None else rows
+        op = None if layer is None else (layer[2] or F.linear)
+        rows, rowwise = xd, layer is None or layer[2] is None
+        if rowwise:  # row-wise layer: a subsample of rows scores as well as all of them
+            rows = xd.reshape(-1, xd.shape[-1])
+            if rows.shape[0] > self.max_rows:
+                gen = torch.Generator().manual_seed(rows.shape[0])
+                rows = rows.index_select(0, torch.randperm(rows.shape[0], generator=gen)[: self.max_rows]
+                                         .to(rows.device))
+        elif xd.dim() == 4:  # a convolution: square crops (of max_rows pixels in all) at seeded random places
+            rows = spatial_crops(xd, self.max_rows)
+        ref = op(rows, layer[0], layer[1]) if op is not None else rows
         losses = []
-        for rr, gr in self.candidates:  # the paper scores each candidate with this batch's running range
-            fp_min, s_log, s_uni, l_log, l_uni = self.params_for(rr, gr)
+        axis = -1 if rowwise else self.ch_axis
+        group = self.channel_groups()
+        for cand in self.candidates:  # the paper scores each candidate with this batch's running range
+            fp_min, s_log, s_uni, l_log, l_uni = self.params_for(*cand)
+            if group is not None:
+                fp_min, s_log, s_uni = (per_channel(t, group, rows, axis) for t in (fp_min, s_log, s_uni))
             xq = hluq_quantize(rows, fp_min, s_log, s_uni, l_log, l_uni)
-            out = F.linear(xq, *layer) if layer is not None else xq
+            out = op(xq, layer[0], layer[1]) if op is not None else xq
             losses.append((out - ref).pow(2).mean())
         self.loss_sum = self.loss_sum.to(xd.device) + torch.stack(losses)
         self.num_batches += 1
         return x
 
-    def params_for(self, range_rate: float, grid_rate: float):
-        r = (self.max_val - self.min_val).reshape(()).clamp(min=1e-8)
+    def channel_groups(self) -> Optional[torch.Tensor]:
+        """Group of each channel (CAG's progressive grouping of the running per-channel ranges), None per tensor."""
+        if self.groups == 1:
+            return None
+        return group_channels(self.min_val, self.max_val, self.groups).to(self.min_val.device)
+
+    def _group_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        group = self.channel_groups()
+        if group is None:
+            return self.min_val.reshape(()), self.max_val.reshape(())
+        return group_ranges(self.min_val, self.max_val, group)
+
+    def params_for(self, range_rate: float, grid_rate: float, top_rate: float = 1.0):
+        """fp_min, s_log, s_uni, L_log, L_uni of a candidate (scalars, or one per group with ``groups`` > 1: a
+        group's range is the union of its members'); ``top_rate`` < 1 clips the range's top (the grid then spans
+        (max - min) * top_rate: this toolkit's extension, AHCPTQ uses the whole range)."""
+        lo, hi = self._group_range()
+        r = (hi - lo).clamp(min=1e-8) * top_rate
         l_log, l_uni = hluq_levels(self.bit, grid_rate)
         s_log = r * range_rate
         s_uni = r * (1 - range_rate) / ((2 ** self.bit - 1) * (1 - grid_rate))
-        return self.min_val.reshape(()), s_log, s_uni, l_log, l_uni
+        return lo, s_log, s_uni, l_log, l_uni
 
-    def best(self) -> Tuple[float, float]:
+    def best(self) -> Tuple[float, float, float]:
         if self.num_batches == 0:
             raise RuntimeError("HybridRangeObserver saw no data: run calibration first")
         return self.candidates[int(torch.argmin(self.loss_sum))]
@@ -130,7 +190,9 @@ class HLUQFakeQuantize(FakeQuantizeBase):
 
     def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1):
         super().__init__(observer, bit, False, -1)
+        self.ch_axis = self.observer.ch_axis = ch_axis  # channel axis of group-wise parameters (unused per tensor)
         self.register_buffer("fp_min", torch.zeros(1))
+        self.register_buffer("group", torch.zeros(0, dtype=torch.long))  # channel -> group (empty: per tensor)
         self.scale_log = nn.Parameter(torch.ones(1), requires_grad=False)
         self.grid_rate = 0.5
         self.levels_log, self.levels_uni = 2 ** bit // 2, 2 ** bit - 2 ** bit // 2
@@ -139,23 +201,26 @@ class HLUQFakeQuantize(FakeQuantizeBase):
         return super().extra_repr() + f", grid_rate={self.grid_rate}"
 
     def set_qparams(self, scale, zero_point):
-        self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float()[:1], requires_grad=False)
+        self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float(), requires_grad=False)
         self.zero_point = torch.zeros(1, device=self.scale.device)
 
     @torch.no_grad()
     def init_from_observer(self) -> None:
         obs: HybridRangeObserver = self.observer
-        rr, gr = obs.best()
-        fp_min, s_log, s_uni, l_log, l_uni = obs.params_for(rr, gr)
-        self.set_hybrid(fp_min, s_log, s_uni, gr)
+        cand = obs.best()
+        fp_min, s_log, s_uni, l_log, l_uni = obs.params_for(*cand)
+        group = obs.channel_groups()
+        self.ch_axis = obs.ch_axis if group is not None else -1
+        self.group = group if group is not None else torch.zeros(0, dtype=torch.long, device=self.fp_min.device)
+        self.set_hybrid(fp_min, s_log, s_uni, cand[1])
         self.initialized = True
 
     def set_hybrid(self, fp_min, scale_log, scale_uni, grid_rate: float) -> None:
         self.grid_rate = float(grid_rate)
         self.levels_log, self.levels_uni = hluq_levels(self.bit, self.grid_rate)
         dev = self.fp_min.device
-        self.fp_min = torch.as_tensor(fp_min, dtype=torch.float32, device=dev).reshape(1).clone()
-        self.scale_log = nn.Parameter(torch.as_tensor(scale_log, dtype=torch.float32, device=dev).reshape(1).clone(),
+        self.fp_min = torch.as_tensor(fp_min, dtype=torch.float32, device=dev).reshape(-1).clone()
+        self.scale_log = nn.Parameter(torch.as_tensor(scale_log, dtype=torch.float32, device=dev).reshape(-1).clone(),
                                       requires_grad=False)
         self.set_qparams(torch.as_tensor(scale_uni, dtype=torch.float32, device=dev), torch.zeros(1))
 
@@ -174,6 +239,8 @@ class HLUQFakeQuantize(FakeQuantizeBase):
             fp_min, s_log, s_uni = self.fp_min, self.scale_log.abs().clamp(min=1e-8), self.scale.abs().clamp(min=1e-8)
         else:
             fp_min, s_log, s_uni = self._no_grad_params(x)
+        if self.group.numel():
+            fp_min, s_log, s_uni = (per_channel(t, self.group, x, self.ch_axis % x.dim()) for t in (fp_min, s_log, s_uni))
         return hluq_quantize(x, fp_min, s_log, s_uni, self.levels_log, self.levels_uni)
 
 

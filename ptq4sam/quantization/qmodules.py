@@ -106,6 +106,9 @@ class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
         return q
 
     def forward(self, x):
+        q = self.input_quant.quantizer
+        if q is not None and q.observer_enabled and hasattr(q.observer, "set_layer"):
+            q.observer.set_layer(self.weight, self.bias, self._conv_forward)
         return self._conv_forward(self.input_quant(x), self.qweight(), self.bias)
 
 

@@ -91,8 +91,11 @@ def restore_quantizers(model: nn.Module, state: dict, meta: dict) -> None:
         q.set_qparams(state[f"{name}.scale"], state[f"{name}.zero_point"])
         for a, v in attrs.items():
             setattr(q, a, v)
-        if f"{name}.group" in state:  # CAG: one group index per channel, sized at calibration
+        if f"{name}.group" in state:  # CAG / HLUQ: one group index per channel, sized at calibration
             q.group = state[f"{name}.group"].clone()
+        if f"{name}.fp_min" in state:  # HLUQ: one value per group
+            q.fp_min = state[f"{name}.fp_min"].clone()
+            q.scale_log = nn.Parameter(state[f"{name}.scale_log"].clone(), requires_grad=False)
         for bname in ("min_val", "max_val"):  # observer buffers may be per-channel
             key = f"{name}.observer.{bname}"
             if key in state:
