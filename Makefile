@@ -25,7 +25,7 @@ lint: env
 
 test: env ckpt/yolox_nano_coco_from_onnx.pth
 	.venv/bin/ruff check .
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=10
 
 bench-speed: env
 	$(PY) tools/benchmark_speed.py --model-type lite_medsam --boxes 1 50

@@ -244,7 +244,7 @@ def _decoder_ptq(lite, samples, opts, legacy=False):
 
 def test_reconstruction_beats_round_to_nearest_and_evaluates_fully_quantized(lite):
     samples = calib_samples(1)
-    common = ["w_qconfig.bit=3", "a_qconfig.bit=8", "recon.iters=40", "recon.warm_up=0.1", "recon.max_boxes=2",
+    common = ["w_qconfig.bit=3", "a_qconfig.bit=8", "recon.iters=20", "recon.warm_up=0.1", "recon.max_boxes=2",
               "recon.units=block"]  # 3 units (the per-module units are tested below)
     _, rtn = _decoder_ptq(lite, samples, common + ["recon.round_mode=nearest", "recon.scale_lr=0"])
     sam, rec = _decoder_ptq(lite, samples, common + ["recon.round_lr=0.01"])

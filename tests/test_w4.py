@@ -383,3 +383,26 @@ def test_hluq_conv_scoring_crops_are_slices_of_the_map_and_repeatable():
     for crop in c:  # each crop is a window of one image of the batch
         assert any(torch.equal(crop, x[b, :, i:i + 16, j:j + 16])
                    for b in range(2) for i in range(25) for j in range(35))
+
+
+def test_layer_errors_tool_measures_each_quantizer_alone():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("le", Path(__file__).parents[1] / "tools" / "layer_errors.py")
+    le = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(le)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    layer, q = _calibrated_linear(8, 3, QuantizerConfig("LSQFakeQuantize", "MinMaxObserver", 3), x)
+    model = torch.nn.Sequential(layer)
+    with torch.no_grad():
+        wq = layer.weight_quantizer(layer.weight)  # (on after _calibrated_linear; local_errors switches all off)
+        ref = F.linear(x, layer.weight, layer.bias)
+        xq = torch.fake_quantize_per_tensor_affine(x, float(q.scale), int(q.zero_point), 0, 7)
+    got = le.local_errors(model, lambda: model(x))["0"]
+    with torch.no_grad():
+        want_in = float((F.linear(xq, layer.weight, layer.bias) - ref).pow(2).mean() / ref.var())
+        want_w = float((F.linear(x, wq, layer.bias) - ref).pow(2).mean() / ref.var())
+    assert got["input"] == pytest.approx(want_in, rel=1e-5) and got["weight"] == pytest.approx(want_w, rel=1e-5)
+    assert got["input"] > 0 and got["weight"] > 0 and got["input_quantizer"] == "LSQFakeQuantize"

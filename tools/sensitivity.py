@@ -36,6 +36,25 @@ from ptq4sam.quantization.qmodules import _QuantWeightMixin  # noqa: E402
 DATA = ROOT / "data" / "coco128"
 
 
+def calibrated_setup(bits: int, q_config, q_options, calib_images: int):
+    """(q_config path, QConfig with recon.iters=0, calibration samples, float LiteMedSAM, its segmenter, the first
+    ``calib_images`` samples with boxes, their float low-res mask logits) for the tools that quantize without
+    reconstruction (default q_config: exp/tuned/demo/config<b><b>.yaml)."""
+    qpath = Path(q_config) if q_config else ROOT / "exp" / "tuned" / "demo" / f"config{bits}{bits}.yaml"
+    qcfg = load_qconfig(qpath, ["recon.iters=0"] + list(q_options))
+    torch.manual_seed(qcfg.seed)
+    calib_ann = coco_eval.load_ann(DATA / "annotations/instances_calib32.json")
+    cal_prompts = coco_eval.gt_prompts(calib_ann)
+    samples = [CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]), cal_prompts[im["id"]][0])
+               for im in coco_eval.first_images(calib_ann, qcfg.calibrate)]
+    base = build_sam("lite_medsam")
+    fp_seg = BoxPromptSegmenter(copy.deepcopy(base))
+    probe = [s for s in samples if len(s.boxes)][:calib_images]
+    with torch.no_grad():
+        ref = [fp_seg(s.image, s.boxes).low_res_logits for s in probe]
+    return qpath, qcfg, samples, base, fp_seg, probe, ref
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, default=4)
@@ -45,20 +64,9 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=16, help="evaluation images for the mAP drop (0: skip)")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "results" / "sensitivity"))
     a = p.parse_args(argv)
-    qpath = Path(a.q_config) if a.q_config else ROOT / "exp" / "tuned" / "demo" / f"config{a.bits}{a.bits}.yaml"
-    qcfg = load_qconfig(qpath, ["recon.iters=0"] + list(a.q_options))
-    torch.manual_seed(qcfg.seed)
-    calib_ann, eval_file = coco_eval.load_ann(DATA / "annotations/instances_calib32.json"), \
-        DATA / "annotations/instances_eval96.json"
-    cal_prompts = coco_eval.gt_prompts(calib_ann)
+    qpath, qcfg, samples, base, fp_seg, probe, ref = calibrated_setup(a.bits, a.q_config, a.q_options, a.calib_images)
+    eval_file = DATA / "annotations/instances_eval96.json"
     ev_prompts = coco_eval.gt_prompts(coco_eval.load_ann(eval_file))
-    samples = [CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]), cal_prompts[im["id"]][0])
-               for im in coco_eval.first_images(calib_ann, qcfg.calibrate)]
-    base = build_sam("lite_medsam")
-    fp_seg = BoxPromptSegmenter(copy.deepcopy(base))
-    probe = [s for s in samples if len(s.boxes)][: a.calib_images]
-    with torch.no_grad():
-        ref = [fp_seg(s.image, s.boxes).low_res_logits for s in probe]
     fp_map = None
     if a.eval_images:
         fp_map = coco_eval.evaluate(fp_seg, eval_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
