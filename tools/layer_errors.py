@@ -1,6 +1,7 @@
 """Where the quantization error of LiteMedSAM sits, layer by layer: each quantized layer's output error from its input
-quantizer alone and from its weight quantizer alone, and the whole model's mask-logit error with only weights, only
-activations, or both quantized.
+quantizer alone and from its weight quantizer alone, and the whole model's mask-logit error with only some quantizers
+on: weights, activations (layer inputs + attention points), layer inputs, attention points (q, k, v, softmax), each
+kind of attention point alone, or everything.
 
 The model is calibrated at the q_config's bits without reconstruction (round-to-nearest weights), as in
 tools/sensitivity.py. Per layer, on the float forward of the first ``--layer-images`` calibration images: the relative
@@ -97,18 +98,23 @@ def main(argv=None):
             if isinstance(m, _QuantWeightMixin):
                 if part in ("all", "weights"):
                     enable_quantization(m.weight_quantizer)
-                if part in ("all", "activations"):
+                if part in ("all", "activations", "layer_inputs"):
                     enable_quantization(m.input_quant)
-        if part in ("all", "activations"):
+        if part in ("all", "activations", "attention"):
             for n, m in sam.named_modules():
                 if n.endswith(ATTENTION_POINTS):
+                    enable_quantization(m)
+        if part.startswith("attention."):  # one kind of attention point alone
+            for n, m in sam.named_modules():
+                if n.endswith(part.split(".", 1)[1]):
                     enable_quantization(m)
         freeze(sam)
         with torch.no_grad():
             e = [float((seg(s.image, s.boxes).low_res_logits - r).pow(2).mean() / r.var()) for s, r in zip(probe, ref)]
         return sum(e) / len(e)
 
-    logits = {part: logit_error(part) for part in ("all", "weights", "activations")}
+    logits = {part: logit_error(part) for part in ("all", "weights", "activations", "layer_inputs", "attention")
+              + tuple(f"attention.{k}" for k in ATTENTION_POINTS)}
     layers = local_errors(sam, lambda: [seg(s.image, s.boxes) for s in probe[: a.layer_images]])
     enc = [v for n, v in layers.items() if n.startswith("image_encoder")]
     dec = [v for n, v in layers.items() if not n.startswith("image_encoder")]
