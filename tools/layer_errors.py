@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from sensitivity import calibrated_setup  # noqa: E402
+from sensitivity import add_setup_args, calibrated_setup, logit_error  # noqa: E402
 
 from ptq4sam.models import BoxPromptSegmenter  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
@@ -79,10 +79,7 @@ def local_errors(model: nn.Module, run) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--q-config", default=None, help="default: exp/tuned/demo/config<b><b>.yaml")
-    p.add_argument("--q-options", nargs="*", default=[])
-    p.add_argument("--calib-images", type=int, default=4, help="calibration images the logit errors are measured on")
+    add_setup_args(p)
     p.add_argument("--layer-images", type=int, default=2, help="calibration images the per-layer errors use")
     p.add_argument("--out", required=True, help="JSON file to write")
     a = p.parse_args(argv)
@@ -92,7 +89,7 @@ def main(argv=None):
     quantize_segmenter(seg, samples, qcfg, True, torch.device("cpu"), log=lambda *x: None)
     sam = seg.sam
 
-    def logit_error(part: str) -> float:
+    def error_with(part: str) -> float:
         disable_all(sam)
         for m in sam.modules():
             if isinstance(m, _QuantWeightMixin):
@@ -109,11 +106,9 @@ def main(argv=None):
                 if n.endswith(part.split(".", 1)[1]):
                     enable_quantization(m)
         freeze(sam)
-        with torch.no_grad():
-            e = [float((seg(s.image, s.boxes).low_res_logits - r).pow(2).mean() / r.var()) for s, r in zip(probe, ref)]
-        return sum(e) / len(e)
+        return logit_error(seg, probe, ref)
 
-    logits = {part: logit_error(part) for part in ("all", "weights", "activations", "layer_inputs", "attention")
+    logits = {part: error_with(part) for part in ("all", "weights", "activations", "layer_inputs", "attention")
               + tuple(f"attention.{k}" for k in ATTENTION_POINTS)}
     layers = local_errors(sam, lambda: [seg(s.image, s.boxes) for s in probe[: a.layer_images]])
     enc = [v for n, v in layers.items() if n.startswith("image_encoder")]

@@ -55,12 +55,24 @@ def calibrated_setup(bits: int, q_config, q_options, calib_images: int):
     return qpath, qcfg, samples, base, fp_seg, probe, ref
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setup_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of :func:`calibrated_setup` (shared with tools/layer_errors.py)."""
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--q-config", default=None, help="default: exp/tuned/demo/config<b><b>.yaml")
     p.add_argument("--q-options", nargs="*", default=[])
-    p.add_argument("--calib-images", type=int, default=4, help="calibration images the logit error is measured on")
+    p.add_argument("--calib-images", type=int, default=4, help="calibration images the logit errors are measured on")
+
+
+def logit_error(seg, probe, ref) -> float:
+    """Mean over ``probe`` of the low-res mask logits' MSE against the float ``ref``, over the float logits' variance."""
+    with torch.no_grad():
+        e = [float((seg(s.image, s.boxes).low_res_logits - r).pow(2).mean() / r.var()) for s, r in zip(probe, ref)]
+    return sum(e) / len(e)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_args(p)
     p.add_argument("--eval-images", type=int, default=16, help="evaluation images for the mAP drop (0: skip)")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "results" / "sensitivity"))
     a = p.parse_args(argv)
@@ -84,10 +96,8 @@ def main(argv=None):
         disable_all(sam)
         enable_quantization(unit)
         freeze(sam)
-        with torch.no_grad():
-            err = [float((seg(s.image, s.boxes).low_res_logits - r).pow(2).mean() / r.var()) for s, r in zip(probe, ref)]
         row = {"name": name, "type": type(unit).__name__, "layers": layers, "macs": sum(macs.get(n, 0) for n in layers),
-               "error": sum(err) / len(err)}
+               "error": logit_error(seg, probe, ref)}
         if a.eval_images:
             m = coco_eval.evaluate(seg, eval_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
                                    desc=name.split(".")[-1])["segm_mAP"]

@@ -141,8 +141,9 @@ class HybridRangeObserver(ObserverBase):
         losses = []
         axis = -1 if rowwise else self.ch_axis
         group = self.channel_groups()
+        ranges = self._group_range(group)  # grouped once per batch, shared by every candidate
         for cand in self.candidates:  # the paper scores each candidate with this batch's running range
-            fp_min, s_log, s_uni, l_log, l_uni = self.params_for(*cand)
+            fp_min, s_log, s_uni, l_log, l_uni = self.params_for(*cand, ranges=ranges)
             if group is not None:
                 fp_min, s_log, s_uni = (per_channel(t, group, rows, axis) for t in (fp_min, s_log, s_uni))
             xq = hluq_quantize(rows, fp_min, s_log, s_uni, l_log, l_uni)
@@ -158,17 +159,17 @@ class HybridRangeObserver(ObserverBase):
             return None
         return group_channels(self.min_val, self.max_val, self.groups).to(self.min_val.device)
 
-    def _group_range(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        group = self.channel_groups()
+    def _group_range(self, group: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if group is None:
             return self.min_val.reshape(()), self.max_val.reshape(())
         return group_ranges(self.min_val, self.max_val, group)
 
-    def params_for(self, range_rate: float, grid_rate: float, top_rate: float = 1.0):
+    def params_for(self, range_rate: float, grid_rate: float, top_rate: float = 1.0, ranges=None):
         """fp_min, s_log, s_uni, L_log, L_uni of a candidate (scalars, or one per group with ``groups`` > 1: a
         group's range is the union of its members'); ``top_rate`` < 1 clips the range's top (the grid then spans
-        (max - min) * top_rate: this toolkit's extension, AHCPTQ uses the whole range)."""
-        lo, hi = self._group_range()
+        (max - min) * top_rate: this toolkit's extension, AHCPTQ uses the whole range). ``ranges``: the groups'
+        (min, max) when the caller has them (else grouped here)."""
+        lo, hi = ranges if ranges is not None else self._group_range(self.channel_groups())
         r = (hi - lo).clamp(min=1e-8) * top_rate
         l_log, l_uni = hluq_levels(self.bit, grid_rate)
         s_log = r * range_rate
@@ -208,8 +209,8 @@ class HLUQFakeQuantize(FakeQuantizeBase):
     def init_from_observer(self) -> None:
         obs: HybridRangeObserver = self.observer
         cand = obs.best()
-        fp_min, s_log, s_uni, l_log, l_uni = obs.params_for(*cand)
         group = obs.channel_groups()
+        fp_min, s_log, s_uni, l_log, l_uni = obs.params_for(*cand, ranges=obs._group_range(group))
         self.ch_axis = obs.ch_axis if group is not None else -1
         self.group = group if group is not None else torch.zeros(0, dtype=torch.long, device=self.fp_min.device)
         self.set_hybrid(fp_min, s_log, s_uni, cand[1])

@@ -37,6 +37,13 @@ class _QuantWeightMixin:
         if self.input_quant.quantizer is not None:
             self.input_quant.quantizer.is_layer_input = True
 
+    def _show_layer_to_observer(self, fn=None) -> None:
+        """While observing, give an input observer that scores ranges by this layer's output (HLUQ's) the layer:
+        its float weight, bias and operation (``fn``; None = a row-wise Linear)."""
+        q = self.input_quant.quantizer
+        if q is not None and q.observer_enabled and hasattr(q.observer, "set_layer"):
+            q.observer.set_layer(self.weight, self.bias, fn)
+
     def qweight(self) -> torch.Tensor:
         wq = self.weight_quantizer
         if wq is None:
@@ -85,9 +92,7 @@ class QuantLinear(nn.Linear, _QuantWeightMixin):
         return q
 
     def forward(self, x):
-        q = self.input_quant.quantizer
-        if q is not None and q.observer_enabled and hasattr(q.observer, "set_layer"):
-            q.observer.set_layer(self.weight, self.bias)  # an observer that scores ranges by this layer's output
+        self._show_layer_to_observer()
         return F.linear(self.input_quant(x), self.qweight(), self.bias)
 
 
@@ -106,9 +111,7 @@ class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
         return q
 
     def forward(self, x):
-        q = self.input_quant.quantizer
-        if q is not None and q.observer_enabled and hasattr(q.observer, "set_layer"):
-            q.observer.set_layer(self.weight, self.bias, self._conv_forward)
+        self._show_layer_to_observer(self._conv_forward)
         return self._conv_forward(self.input_quant(x), self.qweight(), self.bias)
 
 
