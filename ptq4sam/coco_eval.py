@@ -83,21 +83,23 @@ def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=Tru
         out = seg(read_rgb(Path(img_dir) / im["file_name"]), boxes)
         final = scores * out.iou.numpy() if use_sam_iou else scores
         rles = encode_masks(out.masks)
-        for b, s, c, rle in zip(boxes, final, cats, rles):
+        for i, (b, s, c, rle, iou) in enumerate(zip(boxes, final, cats, rles, out.iou.numpy().reshape(-1))):
             rle["counts"] = rle["counts"].decode()
             results.append({"image_id": im["id"], "category_id": int(c), "score": float(s), "segmentation": rle,
-                            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+                            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                            "prompt_index": i, "sam_iou": float(iou)})
     return results
 
 
-def coco_metrics(ann_file, results: List[dict], image_ids: List[int]) -> Dict[str, float]:
+def coco_metrics(ann_file, results: List[dict], image_ids: List[int],
+                 iou_types=("segm", "bbox")) -> Dict[str, float]:
     from pycocotools.coco import COCO  # noqa: PLC0415
     from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
 
     out = {}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
-        for iou_type in ("segm", "bbox"):
+        for iou_type in iou_types:
             if not results:
                 out.update({f"{iou_type}_mAP": 0.0, f"{iou_type}_mAP_50": 0.0, f"{iou_type}_mAP_75": 0.0})
                 continue
@@ -112,8 +114,105 @@ def coco_metrics(ann_file, results: List[dict], image_ids: List[int]) -> Dict[st
     return out
 
 
-def evaluate(seg, ann_file, img_dir, prompts, use_sam_iou=True, max_images=None, desc="eval") -> Dict[str, float]:
+def evaluate(seg, ann_file, img_dir, prompts, use_sam_iou=True, max_images=None, desc="eval",
+             save_predictions=None) -> Dict[str, float]:
+    """COCO metrics of ``seg`` on ``ann_file``; ``save_predictions``: also write the results (RLE masks, scores,
+    ``prompt_index``, ``sam_iou``) to this JSON file, for :func:`score_split`."""
     ann = load_ann(ann_file)
     res = predict(seg, ann, img_dir, prompts, use_sam_iou, max_images, desc)
     ids = [im["id"] for im in first_images(ann, max_images)]
+    if save_predictions:
+        Path(save_predictions).parent.mkdir(parents=True, exist_ok=True)
+        Path(save_predictions).write_text(json.dumps({"image_ids": ids, "results": res}))
     return {**coco_metrics(ann_file, res, ids), "num_images": len(ids)}
+
+
+def _rank_corr(a, b) -> float:
+    """Spearman's rank correlation (ties broken by position; the scores are floats)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = np.argsort(np.argsort(a, kind="stable")), np.argsort(np.argsort(b, kind="stable"))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _by_prompt(pred: dict, name: str) -> Dict[Tuple[int, int], dict]:
+    out = {}
+    for r in pred["results"]:
+        if "prompt_index" not in r or "sam_iou" not in r:
+            raise InputError(f"{name}: prediction without 'prompt_index' / 'sam_iou' (written before they were "
+                             "recorded? save it again with --save-predictions)")
+        out[(r["image_id"], r["prompt_index"])] = r
+    return out
+
+
+def mask_iou_to_gt(ann: dict, results: Dict[Tuple[int, int], dict]) -> Optional[Dict[Tuple[int, int], float]]:
+    """IoU of each predicted mask with the GT instance whose box prompted it, or None when the prompts were not the
+    GT boxes (:func:`gt_prompts`' order and filter; a box that differs by more than 0.01 px means other prompts)."""
+    from pycocotools import mask as mask_utils  # noqa: PLC0415
+
+    per = defaultdict(list)
+    for a in ann["annotations"]:
+        if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1:
+            per[a["image_id"]].append(a)
+    size = {im["id"]: (im["height"], im["width"]) for im in ann["images"]}
+    out = {}
+    for (img, i), r in results.items():
+        gts = per.get(img, [])
+        if i >= len(gts) or not np.allclose(gts[i]["bbox"], r["bbox"], atol=0.01):
+            return None
+        seg, (h, w) = gts[i]["segmentation"], size[img]
+        if isinstance(seg, list):  # polygons
+            gt = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        elif isinstance(seg["counts"], list):  # uncompressed RLE
+            gt = mask_utils.frPyObjects(seg, h, w)
+        else:
+            gt = seg
+        dt = dict(r["segmentation"], counts=r["segmentation"]["counts"].encode()) \
+            if isinstance(r["segmentation"]["counts"], str) else r["segmentation"]
+        out[(img, i)] = float(mask_utils.iou([dt], [gt], [0])[0, 0])
+    return out
+
+
+def score_split(ann_file, fp: dict, q: dict, fp_name="fp", q_name="q") -> Dict[str, object]:
+    """Split a model's mask-mAP change against FP into its masks and its scores.
+
+    ``fp`` / ``q``: predictions written by :func:`evaluate` (``save_predictions``) on the same images and prompts.
+    mAP is recomputed with each model's masks under each model's scores (the score ranks the masks across images; with
+    GT boxes it is SAM's predicted IoU): ``q_masks_fp_scores`` is the quantized masks ranked as the FP model ranked
+    its own, so ``fp - q_masks_fp_scores`` is what the masks lose and ``q_masks_fp_scores - q`` what the scores add on
+    top. With GT-box prompts also each mask's IoU with its own GT instance (mask quality without any ranking), and how
+    well each model's score ranks its masks by that IoU (Spearman)."""
+    a, b = _by_prompt(fp, fp_name), _by_prompt(q, q_name)
+    if set(a) != set(b) or fp["image_ids"] != q["image_ids"]:
+        raise InputError(f"{fp_name} and {q_name} are predictions on different images or prompts "
+                         f"({len(a)} vs {len(b)} prompts, {len(fp['image_ids'])} vs {len(q['image_ids'])} images)")
+    keys = sorted(a)
+    ids = fp["image_ids"]
+
+    def segm(masks, scores):
+        res = [dict(masks[k], score=scores[k]["score"]) for k in keys]
+        return coco_metrics(ann_file, res, ids, iou_types=("segm",))["segm_mAP"]
+
+    out: Dict[str, object] = {"prompts": len(keys), "images": len(ids), "segm_mAP": {
+        "fp": segm(a, a), "q": segm(b, b), "q_masks_fp_scores": segm(b, a), "fp_masks_q_scores": segm(a, b)}}
+    ann = load_ann(ann_file)
+    ious = {n: mask_iou_to_gt(ann, {k: d[k] for k in keys}) for n, d in (("fp", a), ("q", b))}
+    from pycocotools import mask as mask_utils  # noqa: PLC0415
+
+    def rle(r):
+        s = r["segmentation"]
+        return dict(s, counts=s["counts"].encode()) if isinstance(s["counts"], str) else s
+    out["mask_iou_q_vs_fp_mean"] = float(np.mean([mask_utils.iou([rle(b[k])], [rle(a[k])], [0])[0, 0] for k in keys]))
+    sa, sb = [a[k]["sam_iou"] for k in keys], [b[k]["sam_iou"] for k in keys]
+    out["sam_iou_abs_diff_mean"] = float(np.mean(np.abs(np.subtract(sa, sb))))
+    out["sam_iou_rank_corr_q_vs_fp"] = _rank_corr(sa, sb)
+    if ious["fp"] is not None and ious["q"] is not None:
+        out["mask_iou_to_gt_mean"] = {n: float(np.mean(list(v.values()))) for n, v in ious.items()}
+        # what AP counts: the share of masks above its IoU thresholds, and of failures
+        out["mask_iou_to_gt_share"] = {n: {f"{t}": float(np.mean([x >= t for x in v.values()])) for t in (0.5, 0.75)}
+                                       | {"<0.1": float(np.mean([x < 0.1 for x in v.values()]))}
+                                       for n, v in ious.items()}
+        out["score_rank_corr_with_mask_iou"] = {n: _rank_corr([d[k]["score"] for k in keys], [ious[n][k] for k in keys])
+                                                for n, d in (("fp", a), ("q", b))}
+    return out

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import agq as agq_mod
 from . import big as big_mod
+from . import gptq as gptq_mod
 from . import smooth as smooth_mod
 from .errors import InputError, atomic_write
 from .models.sam_builder import CheckpointError, load_state_dict_strict, load_weights_file
@@ -644,6 +645,21 @@ def _calibrate(seg, samples, boxed, qcfg: QConfig, info: Dict, timer: PhaseTimer
         log(f"warning: {len(uncalibrated)} activation quantizer(s) saw no calibration data and stay float")
     info["uncalibrated_quantizers"] = len(uncalibrated)
     info["calibration_s"] = round(timer.times.get("big", 0) + timer.times["calibration"], 2)  # as before: with BIG
+    if qcfg.gptq.enabled:
+        with timer.phase("gptq"):
+            def run():  # on the calibration images (decoder where boxes), every weight float
+                if qcfg.gptq.inputs == "quantized":  # activation quantizers on (the Hessians of quantized inputs)
+                    enable_quantization(sam)
+                    for m in quantized_layers(sam):
+                        if m.weight_quantizer is not None:
+                            m.weight_quantizer.fake_quant_enabled = False
+                for s in _progress(samples, desc="GPTQ: input Hessians"):
+                    forward_sample(seg, s)
+                disable_all(sam)
+            info["gptq"] = gptq_mod.apply_gptq(sam, run, qcfg.gptq.damp, qcfg.gptq.act_order, progress=_progress)
+        g = info["gptq"]
+        log(f"GPTQ: {g['layers']} layers in {g['seconds']} s, median proxy loss GPTQ / round-to-nearest "
+            f"{g['proxy_ratio_median']}; not supported (round-to-nearest): {g['not_supported'] or 'none'}")
     if pt.AGQ:
         with timer.phase("agq"):
             info["agq"] = _agq(seg, sam, boxed, pt, device)

@@ -107,6 +107,16 @@ class SmoothSection:
 
 
 @dataclass
+class GPTQSection:
+    enabled: bool = False  # GPTQ weights after calibration (ptq4sam/gptq.py); AdaRound, if it learns, starts there
+    # Hessian dampening, a fraction of its mean diagonal (GPTQ's 0.01 is for float inputs; with 4-bit activations
+    # 0.1 measured better: docs/RESULTS.md, "GPTQ weights")
+    damp: float = 0.1
+    act_order: bool = True  # columns by decreasing Hessian diagonal
+    inputs: str = "quantized"  # Hessians of the layer inputs with the activation quantizers on, or 'float'
+
+
+@dataclass
 class QConfig:
     a_qconfig: QuantizerSection = field(default_factory=QuantizerSection)
     w_qconfig: QuantizerSection = field(default_factory=lambda: QuantizerSection(
@@ -120,6 +130,7 @@ class QConfig:
     depthwise_act_per_channel: bool = True  # inputs of depthwise convs (TinyViT) per channel; see quant_sam
     ahcptq: AHCPTQSection = field(default_factory=AHCPTQSection)
     smooth: SmoothSection = field(default_factory=SmoothSection)
+    gptq: GPTQSection = field(default_factory=GPTQSection)
     overrides: List[Dict[str, Any]] = field(default_factory=list)  # [{pattern: glob on module names, w_bit, a_bit}]
     seed: int = 1005
     source: str = ""
@@ -129,7 +140,8 @@ class QConfig:
 
 
 SECTIONS = {"a_qconfig": QuantizerSection, "w_qconfig": QuantizerSection, "recon": ReconSection,
-            "ptq4sam": PTQ4SAMSection, "ahcptq": AHCPTQSection, "smooth": SmoothSection}
+            "ptq4sam": PTQ4SAMSection, "ahcptq": AHCPTQSection, "smooth": SmoothSection,
+            "gptq": GPTQSection}
 
 
 def _check_type(key: str, value, typ, src: str):
@@ -292,6 +304,10 @@ def validate(q: QConfig, src: str) -> QConfig:
         bad("ahcptq.cag_observer", f"unknown '{a.cag_observer}', expected one of {sorted(OBSERVERS)}")
     if (a.HLUQ or a.CAG) and q.a_qconfig.bit is None:
         bad("ahcptq", "HLUQ / CAG quantize activations: a_qconfig.bit must not be off")
+    if q.gptq.inputs not in ("float", "quantized"):
+        bad("gptq.inputs", f"must be 'float' or 'quantized', got {q.gptq.inputs!r}")
+    if not 0 < q.gptq.damp < 1:
+        bad("gptq.damp", f"must be in (0, 1), got {q.gptq.damp}")
     if not 0 <= q.smooth.alpha <= 1:
         bad("smooth.alpha", f"must be in [0, 1], got {q.smooth.alpha}")
     unknown = sorted(set(q.smooth.folds) - {"norm", "v_out"})

@@ -264,10 +264,11 @@ def test_bit_overrides_apply_by_module_name_pattern(lite):
 
 
 # ---- save / load and the frozen path with the new quantizers ------------------------------------------------------
-def test_hluq_cag_smooth_save_load_identical_and_frozen_path(lite, tmp_path):
+def test_hluq_cag_smooth_gptq_save_load_identical_and_frozen_path(lite, tmp_path):
     samples = calib_samples(1)
     opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.HLUQ=true", "ahcptq.CAG=true", "smooth.enabled=true",
-            "ahcptq.hluq_groups=2", "recon.iters=1", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log"]
+            "ahcptq.hluq_groups=2", "recon.iters=1", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log",
+            "gptq.enabled=true"]
     q = load_qconfig(ROOT_EXP, opts)
     sam = copy.deepcopy(lite)
     seg = BoxPromptSegmenter(sam)
@@ -275,6 +276,7 @@ def test_hluq_cag_smooth_save_load_identical_and_frozen_path(lite, tmp_path):
     kinds = [type(m) for m in sam.modules()]
     assert kinds.count(HLUQFakeQuantize) == 2 and kinds.count(CAGFakeQuantize) == 7 * 4 + 2  # 7 attentions, 2 MLPs
     assert len(info["smooth"]) == 7  # decoder: v_proj -> out_proj of every attention
+    assert info["gptq"]["layers"] == 2 * 2 + 7 * 4 and info["gptq"]["proxy_ratio_median"] < 1  # MLPs, attentions
     img, boxes = samples[0].image, samples[0].boxes
     with torch.no_grad():
         frozen = seg(img, boxes).low_res_logits
@@ -365,8 +367,8 @@ def test_shipped_best44_is_the_measured_combination():
     opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "a_qconfig.observer=AvgMSEObserver", "ahcptq.HLUQ=true",
             "ahcptq.CAG=true", "smooth.enabled=true", "recon.scale_lr=0.001", "recon.scale_space=log",
             "ahcptq.convs=true", "ahcptq.cag_observer=AvgMSEObserver", "ahcptq.top_rates=[1.0,0.75,0.5,0.35]",
-            "ahcptq.hluq_groups=4"]
-    # ^ the w4_best_ext row's --methods qdrop --q-options
+            "ahcptq.hluq_groups=4", "recon.round_mode=nearest", "gptq.enabled=true"]
+    # ^ the w4_best_gptq row's --methods qdrop --q-options
     best = load_qconfig("exp/demo/best44.yaml").to_dict()
     measured = load_qconfig(ROOT_EXP, opts).to_dict()
     assert {k for k in best if best[k] != measured[k]} == {"source"}
@@ -408,3 +410,12 @@ def test_layer_errors_tool_measures_each_quantizer_alone():
         want_w = float((F.linear(x, wq, layer.bias) - ref).pow(2).mean() / ref.var())
     assert got["input"] == pytest.approx(want_in, rel=1e-5) and got["weight"] == pytest.approx(want_w, rel=1e-5)
     assert got["input"] > 0 and got["weight"] > 0 and got["input_quantizer"] == "LSQFakeQuantize"
+    # a GPTQ model (weights replaced): the forwards use the float weight, the layer's quantized weight is GPTQ's
+    w_float = layer.weight.detach().clone()
+    w_gptq = wq + 0.01
+    with torch.no_grad():
+        layer.weight.copy_(w_gptq)
+        want_g = float((F.linear(x, w_gptq, layer.bias) - ref).pow(2).mean() / ref.var())
+    got = le.local_errors(model, lambda: model(x), {layer: (w_float, w_gptq)})["0"]
+    assert got["weight"] == pytest.approx(want_g, rel=1e-5) and got["input"] == pytest.approx(want_in, rel=1e-5)
+    assert torch.equal(layer.weight, w_gptq)  # put back

@@ -49,13 +49,17 @@ METHODS = {
     "qdrop+hluq": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.HLUQ=true"],
     "qdrop+cag": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.CAG=true"],
     "qdrop+smooth": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "smooth.enabled=true"],
+    # GPTQ weights (ptq4sam/gptq.py) instead of round-to-nearest before reconstruction
+    "qdrop+gptq": ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "gptq.enabled=true"],
+    "ptq4sam+gptq": ["gptq.enabled=true"],
 }
 LABEL = {"minmax_rtn": "MinMax RTN (no recon)", "qdrop": "QDrop", "qdrop+big": "QDrop + BIG",
          "qdrop+agq": "QDrop + AGQ", "ptq4sam": "PTQ4SAM (QDrop + BIG + AGQ)",
          "ptq4sam_calib": "PTQ4SAM, calibration only (BIG + AGQ, no reconstruction)",
          "ptq4sam+hluq": "PTQ4SAM + HLUQ", "ptq4sam+cag": "PTQ4SAM + CAG", "ahcptq": "AHCPTQ (PTQ4SAM + HLUQ + CAG)",
          "ptq4sam+smooth": "PTQ4SAM + smoothing", "ptq4sam+logscale": "PTQ4SAM + log-space LSQ scales",
-         "qdrop+hluq": "QDrop + HLUQ", "qdrop+cag": "QDrop + CAG", "qdrop+smooth": "QDrop + smoothing"}
+         "qdrop+hluq": "QDrop + HLUQ", "qdrop+cag": "QDrop + CAG", "qdrop+smooth": "QDrop + smoothing",
+         "qdrop+gptq": "QDrop + GPTQ weights", "ptq4sam+gptq": "PTQ4SAM + GPTQ weights"}
 
 
 def prompts_for(kind: str, ann: dict, split: str):
@@ -69,7 +73,8 @@ def prompts_for(kind: str, ann: dict, split: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
+    p.add_argument("--bits", nargs="*", type=int, default=[8, 6, 4],
+                   help="bit widths (W = A); none: only the FP row (e.g. to --save-predictions of the FP model)")
     p.add_argument("--methods", nargs="+", default=["minmax_rtn", "qdrop", "ptq4sam"], choices=sorted(METHODS))
     p.add_argument("--prompts", nargs="+", default=["gt", "yolox"], choices=["gt", "yolox"])
     p.add_argument("--q-options", nargs="*", default=[], help="extra q_config overrides for every run")
@@ -86,6 +91,10 @@ def main(argv=None):
                    help="also run QDrop+BIG and QDrop+AGQ at these bit widths (GT prompts)")
     p.add_argument("--fp-from", default=None, metavar="JSON",
                    help="take the FP row from this accuracy.json (same split and device) instead of re-evaluating")
+    p.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="write each evaluated run's predictions (masks, scores, SAM's IoU) to DIR/<prompts>_<method>"
+                        "_w<bits>.json (FP: DIR/<prompts>_fp.json, only when evaluated, i.e. without --fp-from), for "
+                        "tools/score_split.py")
     p.add_argument("--save-dir", default=None, metavar="DIR",
                    help="also save each quantized model as a compact checkpoint DIR/<prompts>_w<b>a<b>_<method>.pth "
                         "(for tools/export_onnx.py / tools/benchmark_deploy.py)")
@@ -112,6 +121,9 @@ def main(argv=None):
            "split": "eval = data/coco128 instances_eval96.json (96 images; first N if --eval-images), "
                     "calibration = first `calibrate` images by id of instances_calib32.json"}
 
+    def pred_file(kind, name):
+        return Path(a.save_predictions) / f"{kind}_{name}.json" if a.save_predictions else None
+
     def save():
         (out / "accuracy.json").write_text(json.dumps({"env": env, "runs": runs}, indent=1))
         write_markdown(Path(a.markdown), env, runs)
@@ -128,7 +140,8 @@ def main(argv=None):
             runs.append({**prev[0], "fp_from": a.fp_from})
         else:
             fp = coco_eval.evaluate(BoxPromptSegmenter(base), eval_ann_file, DATA / "train2017", ev_prompts,
-                                    max_images=a.eval_images, desc=f"{kind} FP")
+                                    max_images=a.eval_images, desc=f"{kind} FP",
+                                    save_predictions=pred_file(kind, "fp"))
             runs.append({"prompts": kind, "method": "fp", "bits": 32, **fp, "eval_s": round(time.time() - t, 1)})
         print(json.dumps(runs[-1]))
         save()
@@ -160,7 +173,8 @@ def main(argv=None):
                 save_quantized(seg.sam, saved, qcfg.to_dict(), not a.decoder_only, {"command": env["command"]})
             t = time.time()
             m = coco_eval.evaluate(seg, eval_ann_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
-                                   desc=f"{kind} W{bits}A{bits} {method}")
+                                   desc=f"{kind} W{bits}A{bits} {method}",
+                                   save_predictions=pred_file(kind, f"{method.replace('+', '_')}_w{bits}"))
             run = {"prompts": kind, "method": method, "bits": bits, **m, "q_config": _rel(qpath),
                    "avg_w_bits": avg_w, "avg_a_bits": avg_a, "mixed": bool(qcfg.overrides),
                    "q_options": opts, "seed": qcfg.seed, "calibrate": qcfg.calibrate, "recon_iters": qcfg.recon.iters,

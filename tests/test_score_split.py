@@ -1,0 +1,110 @@
+"""tools/score_split.py: a quantized model's mask-mAP change split into its masks and its scores (hand-made COCO)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from pycocotools import mask as mask_utils
+
+from ptq4sam import coco_eval
+from ptq4sam.errors import InputError
+
+H = W = 20
+
+
+def _square(x0, y0, x1, y1):
+    m = np.zeros((H, W), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+def _ann(tmp_path):
+    boxes = {(1, 0): (0, 0, 10, 10), (1, 1): (10, 10, 20, 20), (2, 0): (2, 2, 12, 12)}
+    anns = [{"id": k, "image_id": img, "category_id": 1, "iscrowd": 0, "area": 100.0,
+             "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]}
+            for k, ((img, _), (x0, y0, x1, y1)) in enumerate(boxes.items(), 1)]
+    ann = {"images": [{"id": i, "height": H, "width": W, "file_name": f"{i}.jpg"} for i in (1, 2)],
+           "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    return path, boxes
+
+
+def _pred(boxes, masks, scores):
+    res = []
+    for (key, (x0, y0, x1, y1)), m, s in zip(boxes.items(), masks, scores):
+        rle = mask_utils.encode(np.asfortranarray(m))
+        rle["counts"] = rle["counts"].decode()
+        res.append({"image_id": key[0], "prompt_index": key[1], "category_id": 1, "score": s, "sam_iou": s,
+                    "segmentation": rle, "bbox": [x0, y0, x1 - x0, y1 - y0]})
+    return {"image_ids": [1, 2], "results": res}
+
+
+def test_score_split_separates_masks_from_scores(tmp_path):
+    path, boxes = _ann(tmp_path)
+    exact = [_square(*b) for b in boxes.values()]
+    half = [_square(0, 0, 10, 5), _square(10, 10, 20, 20), _square(2, 2, 12, 7)]  # IoU with GT: 0.5, 1, 0.5
+    fp = _pred(boxes, half, [0.9, 0.8, 0.7])
+
+    same = coco_eval.score_split(path, fp, fp)
+    m = same["segm_mAP"]
+    assert m["fp"] == m["q"] == m["q_masks_fp_scores"] == m["fp_masks_q_scores"]
+    assert same["mask_iou_q_vs_fp_mean"] == 1.0 and same["sam_iou_abs_diff_mean"] == 0.0
+    assert same["sam_iou_rank_corr_q_vs_fp"] == pytest.approx(1.0)
+    assert same["mask_iou_to_gt_mean"]["fp"] == pytest.approx(2 / 3)  # (0.5 + 1 + 0.5) / 3
+
+    # same masks, scores that rank the perfect mask last: only the scores changed
+    q = _pred(boxes, half, [0.9, 0.1, 0.7])
+    s = coco_eval.score_split(path, fp, q)
+    assert s["segm_mAP"]["q_masks_fp_scores"] == s["segm_mAP"]["fp"]
+    assert s["segm_mAP"]["fp_masks_q_scores"] == s["segm_mAP"]["q"]
+    assert s["segm_mAP"]["q"] < s["segm_mAP"]["fp"]
+    assert s["sam_iou_abs_diff_mean"] == pytest.approx(0.7 / 3)
+    # FP's score puts the perfect mask in the middle, q's last: rank correlations with the masks' IoU with GT
+    iou_rank = np.argsort(np.argsort([0.5, 1.0, 0.5], kind="stable"))
+    for name, sc in (("fp", [0.9, 0.8, 0.7]), ("q", [0.9, 0.1, 0.7])):
+        ref = np.corrcoef(np.argsort(np.argsort(sc)), iou_rank)[0, 1]
+        assert s["score_rank_corr_with_mask_iou"][name] == pytest.approx(ref)
+
+    # same scores, exact masks: only the masks changed
+    q = _pred(boxes, exact, [0.9, 0.8, 0.7])
+    s = coco_eval.score_split(path, fp, q)
+    assert s["segm_mAP"]["q"] == 1.0 and s["segm_mAP"]["q_masks_fp_scores"] == 1.0
+    assert s["segm_mAP"]["fp_masks_q_scores"] == s["segm_mAP"]["fp"] < 1.0
+    assert s["mask_iou_to_gt_mean"] == {"fp": pytest.approx(2 / 3), "q": 1.0}
+    assert s["mask_iou_q_vs_fp_mean"] == pytest.approx(2 / 3)
+
+    # the tool writes the same numbers
+    (tmp_path / "fp.json").write_text(json.dumps(fp))
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    r = subprocess.run([sys.executable, "tools/score_split.py", "--ann", str(path), "--fp", str(tmp_path / "fp.json"),
+                        "--q", str(tmp_path / "q.json"), "--out", str(tmp_path / "split.json")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "split.json").read_text())["runs"][f"{tmp_path.name}/q"]["segm_mAP"] == s["segm_mAP"]
+
+
+def test_score_split_refuses_other_prompts_and_skips_gt_iou_for_detector_boxes(tmp_path):
+    path, boxes = _ann(tmp_path)
+    masks = [_square(*b) for b in boxes.values()]
+    fp = _pred(boxes, masks, [0.9, 0.8, 0.7])
+    fewer = {"image_ids": [1, 2], "results": fp["results"][:2]}
+    with pytest.raises(InputError, match="different images or prompts"):
+        coco_eval.score_split(path, fp, fewer)
+    old = {"image_ids": [1, 2], "results": [{k: v for k, v in r.items() if k != "sam_iou"} for r in fp["results"]]}
+    with pytest.raises(InputError, match="sam_iou"):
+        coco_eval.score_split(path, old, fp)
+    moved = {**boxes, (1, 0): (1, 0, 10, 10)}  # not the GT box: no IoU with "its" GT instance
+    det = _pred(moved, masks, [0.9, 0.8, 0.7])
+    s = coco_eval.score_split(path, det, det)
+    assert "mask_iou_to_gt_mean" not in s and s["segm_mAP"]["q"] == s["segm_mAP"]["fp"]
+
+
+def test_score_split_counts_masks_above_aps_thresholds(tmp_path):
+    path, boxes = _ann(tmp_path)
+    masks = [_square(0, 0, 10, 5), _square(10, 10, 20, 20), _square(0, 0, 1, 1)]  # IoU with GT 0.5, 1, 0
+    s = coco_eval.score_split(path, _pred(boxes, masks, [0.9, 0.8, 0.7]), _pred(boxes, masks, [0.9, 0.8, 0.7]))
+    assert s["mask_iou_to_gt_share"]["q"] == {"0.5": pytest.approx(2 / 3), "0.75": pytest.approx(1 / 3),
+                                              "<0.1": pytest.approx(1 / 3)}
