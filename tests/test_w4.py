@@ -367,8 +367,8 @@ def test_shipped_best44_is_the_measured_combination():
     opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "a_qconfig.observer=AvgMSEObserver", "ahcptq.HLUQ=true",
             "ahcptq.CAG=true", "smooth.enabled=true", "recon.scale_lr=0.001", "recon.scale_space=log",
             "ahcptq.convs=true", "ahcptq.cag_observer=AvgMSEObserver", "ahcptq.top_rates=[1.0,0.75,0.5,0.35]",
-            "ahcptq.hluq_groups=4", "recon.round_mode=nearest", "gptq.enabled=true"]
-    # ^ the w4_best_gptq row's --methods qdrop --q-options
+            "ahcptq.hluq_groups=4", "recon.round_mode=nearest", "gptq.enabled=true", "ptq4sam.AGQ=true"]
+    # ^ the w4_best_gptq_agq row's --methods qdrop --q-options
     best = load_qconfig("exp/demo/best44.yaml").to_dict()
     measured = load_qconfig(ROOT_EXP, opts).to_dict()
     assert {k for k in best if best[k] != measured[k]} == {"source"}
