@@ -37,11 +37,17 @@ def xywh_to_xyxy(xywh) -> np.ndarray:
     return np.concatenate([a[:, :2], a[:, :2] + a[:, 2:]], 1)
 
 
-def gt_prompts(ann: dict) -> Dict[int, Prompt]:
+def _gt_instances(ann: dict) -> Dict[int, List[dict]]:
+    """Per image id, the annotations that become GT-box prompts (not crowd, box at least 1 px each way), in order."""
     per = defaultdict(list)
     for a in ann["annotations"]:
         if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1:
             per[a["image_id"]].append(a)
+    return per
+
+
+def gt_prompts(ann: dict) -> Dict[int, Prompt]:
+    per = _gt_instances(ann)
     return {im["id"]: (xywh_to_xyxy([a["bbox"] for a in per[im["id"]]]), np.ones(len(per[im["id"]]), np.float32),
                        np.array([a["category_id"] for a in per[im["id"]]], np.int64)) for im in ann["images"]}
 
@@ -81,9 +87,10 @@ def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=Tru
         if len(boxes) == 0:
             continue
         out = seg(read_rgb(Path(img_dir) / im["file_name"]), boxes)
-        final = scores * out.iou.numpy() if use_sam_iou else scores
+        sam_iou = out.iou.numpy()
+        final = scores * sam_iou if use_sam_iou else scores
         rles = encode_masks(out.masks)
-        for i, (b, s, c, rle, iou) in enumerate(zip(boxes, final, cats, rles, out.iou.numpy().reshape(-1))):
+        for i, (b, s, c, rle, iou) in enumerate(zip(boxes, final, cats, rles, sam_iou.reshape(-1))):
             rle["counts"] = rle["counts"].decode()
             results.append({"image_id": im["id"], "category_id": int(c), "score": float(s), "segmentation": rle,
                             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
@@ -146,15 +153,18 @@ def _by_prompt(pred: dict, name: str) -> Dict[Tuple[int, int], dict]:
     return out
 
 
+def _rle(result: dict) -> dict:
+    """A result's RLE as pycocotools takes it (saved predictions hold its counts as str)."""
+    s = result["segmentation"]
+    return dict(s, counts=s["counts"].encode()) if isinstance(s["counts"], str) else s
+
+
 def mask_iou_to_gt(ann: dict, results: Dict[Tuple[int, int], dict]) -> Optional[Dict[Tuple[int, int], float]]:
     """IoU of each predicted mask with the GT instance whose box prompted it, or None when the prompts were not the
     GT boxes (:func:`gt_prompts`' order and filter; a box that differs by more than 0.01 px means other prompts)."""
     from pycocotools import mask as mask_utils  # noqa: PLC0415
 
-    per = defaultdict(list)
-    for a in ann["annotations"]:
-        if not a.get("iscrowd", 0) and a["bbox"][2] >= 1 and a["bbox"][3] >= 1:
-            per[a["image_id"]].append(a)
+    per = _gt_instances(ann)
     size = {im["id"]: (im["height"], im["width"]) for im in ann["images"]}
     out = {}
     for (img, i), r in results.items():
@@ -168,9 +178,7 @@ def mask_iou_to_gt(ann: dict, results: Dict[Tuple[int, int], dict]) -> Optional[
             gt = mask_utils.frPyObjects(seg, h, w)
         else:
             gt = seg
-        dt = dict(r["segmentation"], counts=r["segmentation"]["counts"].encode()) \
-            if isinstance(r["segmentation"]["counts"], str) else r["segmentation"]
-        out[(img, i)] = float(mask_utils.iou([dt], [gt], [0])[0, 0])
+        out[(img, i)] = float(mask_utils.iou([_rle(r)], [gt], [0])[0, 0])
     return out
 
 
@@ -200,10 +208,7 @@ def score_split(ann_file, fp: dict, q: dict, fp_name="fp", q_name="q") -> Dict[s
     ious = {n: mask_iou_to_gt(ann, {k: d[k] for k in keys}) for n, d in (("fp", a), ("q", b))}
     from pycocotools import mask as mask_utils  # noqa: PLC0415
 
-    def rle(r):
-        s = r["segmentation"]
-        return dict(s, counts=s["counts"].encode()) if isinstance(s["counts"], str) else s
-    out["mask_iou_q_vs_fp_mean"] = float(np.mean([mask_utils.iou([rle(b[k])], [rle(a[k])], [0])[0, 0] for k in keys]))
+    out["mask_iou_q_vs_fp_mean"] = float(np.mean([mask_utils.iou([_rle(b[k])], [_rle(a[k])], [0])[0, 0] for k in keys]))
     sa, sb = [a[k]["sam_iou"] for k in keys], [b[k]["sam_iou"] for k in keys]
     out["sam_iou_abs_diff_mean"] = float(np.mean(np.abs(np.subtract(sa, sb))))
     out["sam_iou_rank_corr_q_vs_fp"] = _rank_corr(sa, sb)

@@ -42,7 +42,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_po
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag == 0
     diag[dead] = 1.0  # (a view: writes into h)
-    perm = torch.argsort(torch.diagonal(h, dim1=1, dim2=2), dim=1, descending=True, stable=True) if act_order \
+    perm = torch.argsort(diag, dim=1, descending=True, stable=True) if act_order \
         else torch.arange(c).expand(g, c)
     w = torch.gather(w, 2, perm[:, None, :].expand(g, r, c))
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(g, c, c)), 2, perm[:, None, :].expand(g, c, c))

@@ -649,10 +649,7 @@ def _calibrate(seg, samples, boxed, qcfg: QConfig, info: Dict, timer: PhaseTimer
         with timer.phase("gptq"):
             def run():  # on the calibration images (decoder where boxes), every weight float
                 if qcfg.gptq.inputs == "quantized":  # activation quantizers on (the Hessians of quantized inputs)
-                    enable_quantization(sam)
-                    for m in quantized_layers(sam):
-                        if m.weight_quantizer is not None:
-                            m.weight_quantizer.fake_quant_enabled = False
+                    enable_quantization(sam, weights=False)
                 for s in _progress(samples, desc="GPTQ: input Hessians"):
                     forward_sample(seg, s)
                 disable_all(sam)

@@ -34,9 +34,10 @@ def enable_calibration(model: nn.Module) -> None:
         q.observer_enabled, q.fake_quant_enabled = not q.is_weight, False
 
 
-def enable_quantization(model: nn.Module) -> None:
+def enable_quantization(model: nn.Module, weights: bool = True) -> None:
+    """Every calibrated quantizer on (``weights=False``: the activation quantizers only, weights stay float)."""
     for q in _each(model):
-        q.observer_enabled, q.fake_quant_enabled = False, q.initialized
+        q.observer_enabled, q.fake_quant_enabled = False, q.initialized and (weights or not q.is_weight)
 
 
 def disable_all(model: nn.Module) -> None:
