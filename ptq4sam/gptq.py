@@ -43,10 +43,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_po
     dead = diag == 0
     diag[dead] = 1.0  # (a view: writes into h)
     perm = torch.argsort(diag, dim=1, descending=True, stable=True) if act_order \
-        else torch.arange(c).expand(g, c)
+        else torch.arange(c, device=w.device).expand(g, c)
     w = torch.gather(w, 2, perm[:, None, :].expand(g, r, c))
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(g, c, c)), 2, perm[:, None, :].expand(g, c, c))
-    h = h + damp * torch.diagonal(h, dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(c, dtype=h.dtype)
+    h = h + damp * torch.diagonal(h, dim1=1, dim2=2).mean(1)[:, None, None] * torch.eye(c, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (G, C, C)
     q = torch.empty_like(w)
     for b0 in range(0, c, block):  # GPTQ's lazy batch updates: a block's columns first, the rest once per block

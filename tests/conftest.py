@@ -34,9 +34,9 @@ def _seed():
 
 
 def calib_samples(n: int, ann_file=CALIB_ANN):
-    """The first n images (by id) of a split with their GT boxes, as PTQ calibration samples."""
-    import mmcv
-
+    """The first n images (by id) of a split with their GT boxes, as PTQ calibration samples (no mmcv needed:
+    the GPU machines have none)."""
+    from ptq4sam.images import read_rgb
     from ptq4sam.ptq import CalibSample
 
     ann = json.loads(Path(ann_file).read_text())
@@ -44,7 +44,7 @@ def calib_samples(n: int, ann_file=CALIB_ANN):
     for im in sorted(ann["images"], key=lambda i: i["id"])[:n]:
         boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                           for a in ann["annotations"] if a["image_id"] == im["id"]], np.float32).reshape(-1, 4)
-        out.append(CalibSample(mmcv.imread(str(DATA / "train2017" / im["file_name"]), channel_order="rgb"), boxes))
+        out.append(CalibSample(read_rgb(DATA / "train2017" / im["file_name"]), boxes))
     return out
 
 

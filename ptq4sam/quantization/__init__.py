@@ -36,6 +36,7 @@ from .state import (  # noqa: F401
                          freeze,
                          harden_all,
                          min_drop_prob,
+                         perturbed_outputs,
                          set_drop_prob,
                          unfreeze,
 )

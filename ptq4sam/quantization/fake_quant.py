@@ -178,7 +178,7 @@ class _QDropFakeQuant(torch.autograd.Function):
     def forward(ctx, x, use_q, scale, zero_point, qmin: int, qmax: int, ch_axis: int):
         if ch_axis == -1:
             xq, inside = torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-                x, scale, zero_point, torch.ones(1, dtype=torch.uint8, device=x.device), qmin, qmax)
+                x, scale, zero_point, torch.ones(1, dtype=torch.long, device=x.device), qmin, qmax)  # CUDA: int64 flag
         else:
             xq, inside = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
                 x, scale, zero_point, ch_axis, qmin, qmax)
@@ -318,7 +318,7 @@ class AGQFakeQuantize(FakeQuantizeBase):
 
     def set_qparams(self, scale, zero_point):
         self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float()[:1])
-        self.zero_point = torch.zeros(1)
+        self.zero_point = torch.zeros(1, device=self.scale.device)
 
     @torch.no_grad()
     def init_from_observer(self) -> None:

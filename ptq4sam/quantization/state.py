@@ -1,6 +1,10 @@
 """State switches over every fake quantizer of a model (calibration / quantization / float / QDrop / hardening)."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import torch
 from torch import nn
 
 from .fake_quant import AdaRoundFakeQuantize, FakeQuantizeBase
@@ -101,3 +105,30 @@ def restore_quantizers(model: nn.Module, state: dict, meta: dict) -> None:
             key = f"{name}.observer.{bname}"
             if key in state:
                 setattr(q.observer, bname, state[key].clone())
+
+
+@contextlib.contextmanager
+def perturbed_outputs(model: nn.Module, rel: float, seed: int = 0) -> Iterator[int]:
+    """Inside the block every layer with a weight quantizer (quantized Linear / Conv) multiplies its output by
+    (1 + rel * N(0, 1)), drawn from a generator seeded with ``seed``: float noise of a chosen size (TF32 / another
+    device / another thread count give ~1e-6 to 1e-3), to measure how much of a quantized model's accuracy is
+    settled by its quantization and how much by float rounding (``benchmark_accuracy.py --perturb``). Yields the
+    number of perturbed layers; the hooks are removed on exit, whatever happens inside."""
+    if not rel >= 0:
+        raise ValueError(f"perturbed_outputs: rel must be >= 0, got {rel}")
+    gens = {}
+
+    def hook(module, args, out):
+        gen = gens.get(out.device)
+        if gen is None:
+            gen = gens[out.device] = torch.Generator(device=out.device).manual_seed(seed)
+        noise = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        return out * noise.mul_(rel).add_(1.0)
+
+    layers = [m for m in model.modules() if isinstance(m, _QuantWeightMixin)]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        yield len(layers)
+    finally:
+        for h in handles:
+            h.remove()
