@@ -180,6 +180,7 @@ def main(argv=None):
             m = coco_eval.evaluate(seg, eval_ann_file, DATA / "train2017", ev_prompts, max_images=a.eval_images,
                                    desc=f"{kind} W{bits}A{bits} {method}",
                                    save_predictions=pred_file(kind, f"{method.replace('+', '_')}_w{bits}"))
+            eval_s = round(time.time() - t, 1)
             noisy = []
             for rel in a.perturb:
                 for k in range(a.perturb_seeds):
@@ -192,7 +193,7 @@ def main(argv=None):
                    "q_options": opts, "seed": qcfg.seed, "calibrate": qcfg.calibrate, "recon_iters": qcfg.recon.iters,
                    "calibration_s": info["calibration_s"], "reconstruction_s": info["reconstruction_s"],
                    "recon_units": info.get("recon_units"), "agq_s": info.get("agq_search_s"),
-                   "quantize_s": round(t_q, 1), "eval_s": round(time.time() - t, 1),
+                   "quantize_s": round(t_q, 1), "eval_s": eval_s,
                    "pct_of_fp": round(100 * m["segm_mAP"] / max(fp["segm_mAP"], 1e-9), 1),
                    **({"big_flipped": [e["layer"] for e in info["big"] if e["bimodal"]]} if "big" in info else {}),
                    "agq_tau": [e["tau"] for e in info.get("agq", [])], "saved_to": str(saved) if saved else None,
