@@ -106,6 +106,8 @@ def main(argv=None):
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="no runs: merge these accuracy.json files into one JSON + markdown + PNG (--out-dir/--markdown)")
     a = p.parse_args(argv)
+    if any(not r >= 0 for r in a.perturb) or a.perturb_seeds < 1:  # before the minutes of quantization, not after
+        p.error(f"--perturb sizes must be >= 0 (got {a.perturb}) and --perturb-seeds >= 1 (got {a.perturb_seeds})")
     if a.render:
         return render(a.render, Path(a.out_dir), Path(a.markdown))
     extra = list(a.q_options)
