@@ -221,3 +221,56 @@ def score_split(ann_file, fp: dict, q: dict, fp_name="fp", q_name="q") -> Dict[s
         out["score_rank_corr_with_mask_iou"] = {n: _rank_corr([d[k]["score"] for k in keys], [ious[n][k] for k in keys])
                                                 for n, d in (("fp", a), ("q", b))}
     return out
+
+
+def _per_image_eval(ann_file, results: List[dict], image_ids: List[int]):
+    """COCOeval (segm, mmdet's maxDets) after ``evaluate()``: per-(category, area, image) matches, not yet accumulated."""
+    from pycocotools.coco import COCO  # noqa: PLC0415
+    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        ev = COCOeval(gt, gt.loadRes(results), "segm")
+        ev.params.imgIds = list(image_ids)
+        ev.params.maxDets = [100, 300, 1000]
+        ev.evaluate()
+    return ev
+
+
+def _resampled_map(ev, base: list, n_img: int, idx: np.ndarray) -> float:
+    """mask mAP (IoU .50:.95, all areas, 1000 detections: ``stats[0]``) of the split made of images ``idx`` (positions
+    in the sorted image ids, repeats allowed): the per-image matches are reused and only the accumulation is redone,
+    with a repeated image counted as a distinct image."""
+    n_cat, n_area = len(ev._paramsEval.catIds), len(ev._paramsEval.areaRng)
+    ev.evalImgs = [base[(k * n_area + a) * n_img + i] for k in range(n_cat) for a in range(n_area) for i in idx]
+    ev.params.imgIds = ev._paramsEval.imgIds = list(range(len(idx)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.accumulate()
+    p = ev.eval["precision"][:, :, :, 0, -1]  # areaRng 'all', maxDets[-1]: what summarize() reports as stats[0]
+    return float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
+
+
+def bootstrap_map(ann_file, preds: List[dict], samples: int = 1000, seed: int = 0) -> Dict[str, object]:
+    """Paired bootstrap over images of mask mAP: each sample draws len(images) images with replacement (the same
+    draw for every model) and recomputes every model's mAP on it. ``preds``: predictions written by :func:`evaluate`
+    (``save_predictions``) on the same images. Returns ``full`` (each model's mAP on the split itself, equal to
+    :func:`coco_metrics`' ``segm_mAP`` before rounding) and ``samples`` (samples x models)."""
+    if not preds:
+        raise InputError("bootstrap_map: no predictions given")
+    ids = list(preds[0]["image_ids"])
+    for i, p in enumerate(preds[1:], 1):
+        if sorted(p["image_ids"]) != sorted(ids):
+            raise InputError(f"bootstrap_map: predictions {i} are on other images than predictions 0 "
+                             f"({len(p['image_ids'])} vs {len(ids)} images); a paired bootstrap needs the same split")
+    if samples < 1:
+        raise InputError(f"bootstrap_map: samples must be >= 1, got {samples}")
+    evs = [_per_image_eval(ann_file, p["results"], ids) for p in preds]
+    n_img = len(evs[0]._paramsEval.imgIds)
+    bases = [list(ev.evalImgs) for ev in evs]
+    full = [_resampled_map(ev, b, n_img, np.arange(n_img)) for ev, b in zip(evs, bases)]
+    rng = np.random.default_rng(seed)
+    out = np.empty((samples, len(preds)))
+    for s in progress(range(samples), desc="bootstrap", leave=False):
+        idx = rng.integers(0, n_img, n_img)
+        out[s] = [_resampled_map(ev, b, n_img, idx) for ev, b in zip(evs, bases)]
+    return {"full": full, "samples": out, "images": n_img}

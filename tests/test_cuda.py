@@ -21,19 +21,19 @@ from ptq4sam.qconfig import load_qconfig
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SHORT = ["calibrate=2", "recon.iters=3", "recon.max_boxes=2", "ptq4sam.agq_images=1"]
-BEST = ["ahcptq.HLUQ=true", "ahcptq.CAG=true", "smooth.enabled=true", "recon.scale_lr=0.001", "recon.scale_space=log",
-        "ahcptq.convs=true", "ahcptq.cag_observer=AvgMSEObserver", "ahcptq.top_rates=[1.0,0.75,0.5,0.35]",
-        "ahcptq.hluq_groups=4", "recon.round_mode=nearest", "gptq.enabled=true", "ptq4sam.BIG=false"]
-CASES = {
-    "ptq4sam_adaround_lsq": ["recon.scale_lr=0.0001", "gptq.enabled=true", "gptq.act_order=false"],
-    "best44": BEST,
+W8 = ["w_qconfig.bit=8", "a_qconfig.bit=8"]
+CASES = {  # q_config, options
+    "ptq4sam_adaround_lsq": ("exp/demo/config88.yaml", ["recon.scale_lr=0.0001", "gptq.enabled=true",
+                                                        "gptq.act_order=false"]),
+    "best44": ("exp/demo/best44.yaml", W8),  # every switch of the best W4A4 combination, at 8 bits
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_quantized_on_cuda_evaluates_like_on_cpu(case):
     samples = calib_samples(2)
-    q = load_qconfig("exp/demo/config88.yaml", SHORT + CASES[case])
+    yaml, opts = CASES[case]
+    q = load_qconfig(yaml, SHORT + opts)
     seg = BoxPromptSegmenter(build_sam("lite_medsam").cuda())
     info = quantize_segmenter(seg, samples, q, quant_encoder=True, device=torch.device("cuda"), log=lambda *a: None)
     assert info["recon_units"] > 0 and info["gptq"]["layers"] > 0

@@ -108,3 +108,52 @@ def test_score_split_counts_masks_above_aps_thresholds(tmp_path):
     s = coco_eval.score_split(path, _pred(boxes, masks, [0.9, 0.8, 0.7]), _pred(boxes, masks, [0.9, 0.8, 0.7]))
     assert s["mask_iou_to_gt_share"]["q"] == {"0.5": pytest.approx(2 / 3), "0.75": pytest.approx(1 / 3),
                                               "<0.1": pytest.approx(1 / 3)}
+
+
+def _dup_first_image(tmp_path, boxes, pred):
+    """The hand-made split with image 1 twice (the copy as image 3): the split a bootstrap draw [1, 1] stands for."""
+    ann = json.loads((tmp_path / "ann.json").read_text())
+    ann["images"] = [ann["images"][0], dict(ann["images"][0], id=3)]
+    ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] == 1]
+    ann["annotations"] += [dict(a, id=a["id"] + 10, image_id=3) for a in ann["annotations"]]
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps(ann))
+    res = [r for r in pred["results"] if r["image_id"] == 1]
+    return path, res + [dict(r, image_id=3) for r in res], [1, 3]
+
+
+def test_bootstrap_resamples_images_exactly_and_pairs_models(tmp_path):
+    path, boxes = _ann(tmp_path)
+    exact = _pred(boxes, [_square(*b) for b in boxes.values()], [0.9, 0.8, 0.7])
+    half = _pred(boxes, [_square(0, 0, 10, 5), _square(10, 10, 20, 20), _square(2, 2, 12, 7)], [0.9, 0.8, 0.7])
+    b = coco_eval.bootstrap_map(path, [half, exact, half], samples=50, seed=3)
+    # on the split itself: COCOeval's own number
+    assert round(b["full"][0], 4) == coco_eval.coco_metrics(path, half["results"], [1, 2], ("segm",))["segm_mAP"]
+    assert b["full"][1] == 1.0 and b["samples"].shape == (50, 3) and b["images"] == 2
+    # the same model twice: the same number in every resample; the exact masks are better in every resample
+    assert np.array_equal(b["samples"][:, 0], b["samples"][:, 2])
+    assert np.all(b["samples"][:, 1] == 1.0) and np.all(b["samples"][:, 0] < 1.0)
+    # a draw with image 1 twice = COCOeval on a split holding image 1 and an exact copy of it
+    ev = coco_eval._per_image_eval(path, half["results"], [1, 2])
+    got = coco_eval._resampled_map(ev, list(ev.evalImgs), 2, np.array([0, 0]))
+    dpath, dres, dids = _dup_first_image(tmp_path, boxes, half)
+    assert round(got, 4) == coco_eval.coco_metrics(dpath, dres, dids, ("segm",))["segm_mAP"]
+    with pytest.raises(InputError, match="other images"):
+        coco_eval.bootstrap_map(path, [half, {"image_ids": [1], "results": half["results"][:2]}])
+
+    # the tool: differences against --ref, their interval, and the share of resamples at least as good
+    for name, d in (("half", half), ("exact", exact)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    r = subprocess.run([sys.executable, "tools/compare_predictions.py", "--ann", str(path), "--ref",
+                        str(tmp_path / "half.json"), "--q", str(tmp_path / "exact.json"), "--fp",
+                        str(tmp_path / "exact.json"), "--samples", "50", "--seed", "3", "--out",
+                        str(tmp_path / "cmp.json")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    ref, ex = rows[0], rows[1]
+    assert ref["diff_vs_ref"] == 0 and ref["diff_ci"] == [0, 0] and ref["share_at_least_ref"] == 1.0
+    assert ex["segm_mAP"] == 1.0 and ex["pct_of_fp"] == 100.0 and ex["share_at_least_ref"] == 1.0
+    assert ex["diff_vs_ref"] == round(1.0 - b["full"][0], 4) and ex["diff_ci"][0] > 0
+    r = subprocess.run([sys.executable, "tools/compare_predictions.py", "--ref", str(tmp_path / "nope.json"), "--q",
+                        str(tmp_path / "exact.json")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "nope.json" in r.stderr

@@ -46,6 +46,11 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
     return round(1000 * statistics.median(ts), 2)
 
 
+def slug(name: str) -> str:
+    """A file-name form of a model name: letters and digits kept, everything else '_'."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
 def calibration_feeds(fp_dir: Path, n: int, max_boxes: int):
     """Encoder inputs of the first n calibration images; decoder inputs = their FP embeddings (FP export, ORT) with
     at most ``max_boxes`` GT boxes each, 4 boxes per sample (the peers' calibrators keep intermediate outputs)."""
@@ -78,6 +83,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--eval-images", type=int, default=None, help="first N evaluation images (default: all 96)")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="also write each (model, backend)'s evaluation predictions here as JSON, for "
+                        "tools/compare_predictions.py (paired bootstrap) and tools/score_split.py")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "results" / "deploy"))
     p.add_argument("--models-dir", default=str(ROOT / "work_dirs" / "deploy_models"),
                    help="where the exported / peer-quantized graphs go")
@@ -103,7 +111,7 @@ def main(argv=None):
 
     for spec in a.ours:
         name, _, ckpt = spec.partition("=")
-        d = mdir / ("ours_" + "".join(c if c.isalnum() else "_" for c in name))
+        d = mdir / ("ours_" + slug(name))
         qsam = build_sam("lite_medsam")
         qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
         export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
@@ -162,8 +170,12 @@ def main(argv=None):
                 continue
             t = time.time()
             seg = OnnxSegmenter(like, row["dir"], row["backend"], a.threads)
+            pred = None
+            if a.save_predictions:
+                pred = Path(a.save_predictions) / f"{slug(row['model'])}_{row['backend']}.json"
+                row["predictions"] = str(pred)
             row.update(coco_eval.evaluate(seg, ev_file, DATA / "train2017", prompts, max_images=a.eval_images,
-                                          desc=f"{row['model']} {row['backend']}"))
+                                          desc=f"{row['model']} {row['backend']}", save_predictions=pred))
             row["eval_s"] = round(time.time() - t, 1)
             print(json.dumps(row))
             write(out, env, rows)

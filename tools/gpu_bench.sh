@@ -63,32 +63,31 @@ for step in "${STEPS[@]}"; do
     repeat_gt66) accuracy repeat_gt66 90 --prompts gt --bits 6 --methods ptq4sam ;;
     calib_only) accuracy calib_only 150 --prompts gt yolox --bits 6 8 4 --methods ptq4sam_calib ;;
     issue11)
-      # the options of exp/demo/best44.yaml spelled out (so that --bits 6 can use them too), as measured on the CPU
+      # exp/demo/best44.yaml at bit width b: the yaml with w_qconfig.bit / a_qconfig.bit overridden
       M=a_qconfig.observer=AvgMSEObserver
-      BEST=(ahcptq.HLUQ=true ahcptq.CAG=true smooth.enabled=true recon.scale_lr=0.001 recon.scale_space=log
-            ahcptq.convs=true ahcptq.cag_observer=AvgMSEObserver "ahcptq.top_rates=[1.0,0.75,0.5,0.35]"
-            ahcptq.hluq_groups=4 recon.round_mode=nearest gptq.enabled=true ptq4sam.AGQ=true)
+      best() { echo --q-config exp/demo/best44.yaml --bits "$1" --methods ptq4sam --q-options "w_qconfig.bit=$1" "a_qconfig.bit=$1"; }
       LIMIT=${ISSUE11_LIMIT:-500}
       export OMP_NUM_THREADS=1
       FP_JSON=${ISSUE11_FP:-$OUT_DIR/i11_fp/accuracy.json}  # e.g. docs/results/gpu_h200_s10/i11_fp/accuracy.json
       [ -f "$FP_JSON" ] || accuracy i11_fp 90 --prompts gt --bits
       FP=(--fp-from "$FP_JSON" --prompts gt)
       for b in ${ISSUE11_BITS:-4 6}; do  # one process per (method, bits): the GPU is shared, each run is small
-        accuracy "i11_best_w$b" "$LIMIT" "${FP[@]}" --bits "$b" --methods qdrop --q-options $M "${BEST[@]}" &
+        # shellcheck disable=SC2046
+        accuracy "i11_best_w$b" "$LIMIT" "${FP[@]}" $(best "$b") &
         for m in qdrop ptq4sam ptq4sam+hluq ptq4sam+cag ptq4sam+smooth ahcptq; do
           accuracy "i11_${m//+/_}_w$b" "$LIMIT" "${FP[@]}" --bits "$b" --methods "$m" --q-options $M &
         done
       done
       if [ -n "${ISSUE11_ABLATION-1}" ]; then  # the best W4 with one part off at a time, and a second seed
-        accuracy i11_best_seed2 "$LIMIT" "${FP[@]}" --bits 4 --methods qdrop --q-options $M "${BEST[@]}" seed=2 &
+        # shellcheck disable=SC2046
+        accuracy i11_best_seed2 "$LIMIT" "${FP[@]}" $(best 4) seed=2 &
         set -f  # the option lists below hold brackets
         for off in gptq:gptq.enabled=false agq:ptq4sam.AGQ=false smooth:smooth.enabled=false hluq:ahcptq.HLUQ=false \
                    cag:ahcptq.CAG=false scale_learning:recon.scale_lr=0 \
                    extensions:ahcptq.convs=false,ahcptq.cag_observer=AvgMinMaxObserver,ahcptq.top_rates=[1.0],ahcptq.hluq_groups=1; do
           opts=${off#*:}
-          # shellcheck disable=SC2086
-          accuracy "i11_best_no_${off%%:*}" "$LIMIT" "${FP[@]}" --bits 4 --methods qdrop --q-options $M "${BEST[@]}" \
-            ${opts//,/ } &
+          # shellcheck disable=SC2046,SC2086
+          accuracy "i11_best_no_${off%%:*}" "$LIMIT" "${FP[@]}" $(best 4) ${opts//,/ } &
         done
         set +f
       fi
