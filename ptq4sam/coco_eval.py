@@ -98,6 +98,21 @@ def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=Tru
     return results
 
 
+def load_predictions(path) -> dict:
+    """Predictions written by :func:`evaluate` (``save_predictions``; the benchmarks' ``--save-predictions``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFound(f"predictions file not found: {path}")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not JSON ({e})") from None
+    if not isinstance(d, dict) or "results" not in d or "image_ids" not in d:
+        raise InputError(f"{path}: expected predictions written with --save-predictions (keys 'image_ids' and "
+                         "'results')")
+    return d
+
+
 def coco_metrics(ann_file, results: List[dict], image_ids: List[int],
                  iou_types=("segm", "bbox")) -> Dict[str, float]:
     from pycocotools.coco import COCO  # noqa: PLC0415

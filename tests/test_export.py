@@ -199,3 +199,30 @@ def _quantized_lite_small():
     q = load_qconfig("exp/demo/config66.yaml", ["recon.iters=0", "ptq4sam.AGQ=false", "w_qconfig.observer=MinMaxObserver"])
     quantize_segmenter(seg, [sample], q, quant_encoder=False, device=CPU, log=lambda *a: None)
     return seg, sample, q
+
+
+def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("benchmark_deploy", ROOT / "tools" / "benchmark_deploy.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    old = {"rows": [{"model": "FP32", "backend": "ort", "encoder_ms": 9.0, "segm_mAP": 0.2653, "segm_mAP_50": 0.5,
+                     "num_images": 96, "predictions": "p.json"},
+                    {"model": "X", "backend": "ort", "error": "fails"}]}
+    f = tmp_path / "deploy.json"
+    f.write_text(json.dumps(old))
+    rows = [{"model": "FP32", "backend": "ort", "encoder_ms": 5.0}, {"model": "X", "backend": "ort", "error": "again"}]
+    bd.copy_accuracy(rows, str(f))
+    assert rows[0] == {"model": "FP32", "backend": "ort", "encoder_ms": 5.0, "segm_mAP": 0.2653, "segm_mAP_50": 0.5,
+                       "num_images": 96, "predictions": "p.json"}  # the new timing kept, the old mAP taken
+    with pytest.raises(InputError, match="no mask mAP for 'FP32' on openvino"):
+        bd.copy_accuracy([{"model": "FP32", "backend": "openvino", "encoder_ms": 1.0}], str(f))
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="not a deploy.json"):
+        bd.copy_accuracy(rows, str(tmp_path / "bad.json"))
+    with pytest.raises(SystemExit):  # --accuracy-from without --no-accuracy: refused before any work
+        bd.main(["--accuracy-from", str(f), "--out-dir", str(tmp_path / "o")])

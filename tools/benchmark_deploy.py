@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
-from ptq4sam.deploy.onnx_export import export_sam, read_manifest  # noqa: E402
+from ptq4sam.deploy.onnx_export import MANIFEST_FILE, export_sam, read_manifest  # noqa: E402
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph  # noqa: E402
+from ptq4sam.errors import InputError, InputNotFound  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
@@ -83,6 +84,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--eval-images", type=int, default=None, help="first N evaluation images (default: all 96)")
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--accuracy-from", default=None, metavar="JSON",
+                   help="with --no-accuracy: take each (model, backend)'s mask mAP from this deploy.json of an earlier "
+                        "run on the same graphs (the timings taken again, e.g. on an idle machine)")
+    p.add_argument("--reuse-models", action="store_true",
+                   help="keep the graphs already in --models-dir (same --ours checkpoints and peers) instead of "
+                        "exporting / quantizing them again, e.g. to take the timings again on an idle machine")
     p.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="also write each (model, backend)'s evaluation predictions here as JSON, for "
                         "tools/compare_predictions.py (paired bootstrap) and tools/score_split.py")
@@ -90,6 +97,8 @@ def main(argv=None):
     p.add_argument("--models-dir", default=str(ROOT / "work_dirs" / "deploy_models"),
                    help="where the exported / peer-quantized graphs go")
     a = p.parse_args(argv)
+    if a.accuracy_from and not a.no_accuracy:
+        p.error("--accuracy-from goes with --no-accuracy")
     out, mdir = Path(a.out_dir), Path(a.models_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
@@ -105,29 +114,38 @@ def main(argv=None):
     models = []  # (name, dir, backends)
     fp_dir = mdir / "fp32"
     img_size = sam.image_encoder.img_size
-    export_sam(sam, fp_dir, img_size, info={"model": "lite_medsam float"})
+    def have(d: Path) -> bool:
+        return a.reuse_models and (d / MANIFEST_FILE).is_file()
+
+    if not have(fp_dir):
+        export_sam(sam, fp_dir, img_size, info={"model": "lite_medsam float"})
     models.append(("FP32", fp_dir, ("ort", "openvino")))
     from ptq4sam.ptq import load_quantized_file  # noqa: PLC0415
 
     for spec in a.ours:
         name, _, ckpt = spec.partition("=")
         d = mdir / ("ours_" + slug(name))
-        qsam = build_sam("lite_medsam")
-        qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
-        export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
+        if not have(d):
+            qsam = build_sam("lite_medsam")
+            qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
+            export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
         models.append((f"ours {name}", d, ("ort", "openvino")))
     if a.peers:
         from ptq4sam.deploy import peers  # noqa: PLC0415
 
-        feeds = calibration_feeds(fp_dir, a.calibrate, a.calib_boxes)
+        feeds = None
         if "ort_static" in a.peers:
             for method in a.ort_methods:
                 d = mdir / f"ort_static_{method.lower()}"
-                peers.ort_quantize_static(fp_dir, d, feeds, method)
+                if not have(d):
+                    feeds = feeds or calibration_feeds(fp_dir, a.calibrate, a.calib_boxes)
+                    peers.ort_quantize_static(fp_dir, d, feeds, method)
                 models.append((f"ORT quantize_static W8A8 ({method})", d, ("ort", "openvino")))
         if "nncf" in a.peers:
             d = mdir / "nncf"
-            peers.nncf_quantize(fp_dir, d, feeds)
+            if not have(d):
+                feeds = feeds or calibration_feeds(fp_dir, a.calibrate, a.calib_boxes)
+                peers.nncf_quantize(fp_dir, d, feeds)
             models.append(("NNCF W8A8 (transformer, mixed)", d, ("openvino",)))
 
     like = BoxPromptSegmenter(sam)
@@ -162,6 +180,9 @@ def main(argv=None):
                                         if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
             rows.append(row)
             print(json.dumps(row))
+    if a.accuracy_from:
+        env["accuracy_from"] = a.accuracy_from
+        copy_accuracy(rows, a.accuracy_from)
     write(out, env, rows)
     timing_done.write_text("timings taken\n")
     if not a.no_accuracy:
@@ -182,11 +203,35 @@ def main(argv=None):
     print(f"wrote {out / 'deploy.json'}, {out / 'deploy.md'}")
 
 
+ACCURACY_KEYS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "num_images", "predictions", "eval_s")
+
+
+def copy_accuracy(rows, path: str):
+    """Mask mAP of each (model, backend) row from an earlier deploy.json; a row it lacks is an error."""
+    f = Path(path)
+    if not f.is_file():
+        raise InputNotFound(f"--accuracy-from {path}: no such file")
+    try:
+        old = {(r["model"], r["backend"]): r for r in json.loads(f.read_text())["rows"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"--accuracy-from {path}: not a deploy.json of tools/benchmark_deploy.py ({e})") from None
+    for r in rows:
+        if "error" in r:
+            continue
+        o = old.get((r["model"], r["backend"]))
+        if o is None or "segm_mAP" not in o:
+            raise InputError(f"--accuracy-from {path}: no mask mAP for {r['model']!r} on {r['backend']}")
+        r.update({k: o[k] for k in ACCURACY_KEYS if k in o})
+
+
 def write(out: Path, env, rows):
     (out / "deploy.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     fp = {r["backend"]: r for r in rows if r["model"] == "FP32"}
     lines = [f"Command: `{env['command']}`  ", f"CPU: {env['cpu']}, {env['threads']} threads; onnxruntime "
-             f"{env['onnxruntime']}, openvino {env['openvino']}  ", f"Split: {env['split']}", "",
+             f"{env['onnxruntime']}, openvino {env['openvino']}  ", f"Split: {env['split']}  "]
+    if env.get("accuracy_from"):
+        lines.append(f"Mask mAP from: {env['accuracy_from']} (the same graphs, evaluated in an earlier run)  ")
+    lines += ["",
              "| model | backend | mask mAP | % of FP | encoder ms | decoder ms (1 / 50 boxes) | encoder speedup vs FP32 "
              "(same backend) | size MB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -24,21 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
-from ptq4sam.errors import InputError, InputNotFound  # noqa: E402
-
-
-def load_predictions(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFound(f"predictions file not found: {path}")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not JSON ({e})") from None
-    if not isinstance(d, dict) or "results" not in d or "image_ids" not in d:
-        raise InputError(f"{path}: expected predictions written with --save-predictions (keys 'image_ids' and "
-                         "'results')")
-    return d
 
 
 def summarize(names, full, samples, ref: int, fp=None, level: float = 0.95):
@@ -92,7 +77,7 @@ def main(argv=None):
     if a.samples < 1:
         p.error(f"--samples must be >= 1, got {a.samples}")
     files = [a.ref] + a.q + ([a.fp] if a.fp else [])
-    preds = [load_predictions(f) for f in files]
+    preds = [coco_eval.load_predictions(f) for f in files]
     names = [f"{Path(f).parent.name}/{Path(f).stem}" for f in files]
     boot = coco_eval.bootstrap_map(a.ann, preds, a.samples, a.seed)
     rows = summarize(names, boot["full"], boot["samples"], 0, len(files) - 1 if a.fp else None, a.level)

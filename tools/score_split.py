@@ -21,18 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
-from ptq4sam.errors import InputError, InputNotFound  # noqa: E402
-
-
-def _load(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFound(f"predictions file not found: {path}")
-    d = json.loads(p.read_text())
-    if not isinstance(d, dict) or "results" not in d or "image_ids" not in d:
-        raise InputError(f"{path}: expected predictions written by benchmark_accuracy.py --save-predictions "
-                         "(keys 'image_ids' and 'results')")
-    return d
 
 
 def markdown(rows) -> str:
@@ -62,8 +50,9 @@ def main(argv=None):
     p.add_argument("--ann", default=str(ROOT / "data/coco128/annotations/instances_eval96.json"))
     p.add_argument("--out", default=None, help="write the split as JSON here (and a markdown table beside it)")
     a = p.parse_args(argv)
-    fp = _load(a.fp)
-    rows = [(f"{Path(f).parent.name}/{Path(f).stem}", coco_eval.score_split(a.ann, fp, _load(f), a.fp, f)) for f in a.q]
+    fp = coco_eval.load_predictions(a.fp)
+    rows = [(f"{Path(f).parent.name}/{Path(f).stem}",
+             coco_eval.score_split(a.ann, fp, coco_eval.load_predictions(f), a.fp, f)) for f in a.q]
     table = markdown(rows)
     print(table)
     if a.out:
