@@ -4,6 +4,7 @@ Gives the same numbers as the mmdet pipeline (tested)."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 from collections import defaultdict
@@ -99,13 +100,15 @@ def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=Tru
 
 
 def load_predictions(path) -> dict:
-    """Predictions written by :func:`evaluate` (``save_predictions``; the benchmarks' ``--save-predictions``)."""
+    """Predictions written by :func:`evaluate` (``save_predictions``; the benchmarks' ``--save-predictions``), as
+    JSON or gzipped JSON (``.gz``)."""
     p = Path(path)
     if not p.is_file():
         raise InputNotFound(f"predictions file not found: {path}")
     try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+        d = json.loads(raw)
+    except (json.JSONDecodeError, OSError, EOFError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not JSON ({e})") from None
     if not isinstance(d, dict) or "results" not in d or "image_ids" not in d:
         raise InputError(f"{path}: expected predictions written with --save-predictions (keys 'image_ids' and "

@@ -144,6 +144,13 @@ def test_bootstrap_resamples_images_exactly_and_pairs_models(tmp_path):
     # the tool: differences against --ref, their interval, and the share of resamples at least as good
     for name, d in (("half", half), ("exact", exact)):
         (tmp_path / f"{name}.json").write_text(json.dumps(d))
+    import gzip
+
+    (tmp_path / "half.json.gz").write_bytes(gzip.compress(json.dumps(half).encode()))
+    assert coco_eval.load_predictions(tmp_path / "half.json.gz") == half
+    (tmp_path / "trunc.json.gz").write_bytes(gzip.compress(json.dumps(half).encode())[:50])
+    with pytest.raises(InputError, match="trunc.json.gz: not JSON"):
+        coco_eval.load_predictions(tmp_path / "trunc.json.gz")
     r = subprocess.run([sys.executable, "tools/compare_predictions.py", "--ann", str(path), "--ref",
                         str(tmp_path / "half.json"), "--q", str(tmp_path / "exact.json"), "--fp",
                         str(tmp_path / "exact.json"), "--samples", "50", "--seed", "3", "--out",
