@@ -226,3 +226,11 @@ def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
         bd.copy_accuracy(rows, str(tmp_path / "bad.json"))
     with pytest.raises(SystemExit):  # --accuracy-from without --no-accuracy: refused before any work
         bd.main(["--accuracy-from", str(f), "--out-dir", str(tmp_path / "o")])
+    # --reuse-models keeps a graph only if it was exported from the checkpoint named now
+    m = tmp_path / "models"
+    for sub, info in (("fp32", {}), ("ours_X", {"checkpoint": "a.pth"})):
+        (m / sub).mkdir(parents=True)
+        (m / sub / "export.json").write_text(json.dumps({"format": "ptq4sam-onnx-1", "info": info, "files": {}}))
+    with pytest.raises(InputError, match="exported from 'a.pth', not from 'b.pth'"):
+        bd.main(["--ours", "X=b.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
+                 "--out-dir", str(tmp_path / "o")])
