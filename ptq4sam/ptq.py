@@ -58,6 +58,16 @@ class CalibSample:
     boxes: np.ndarray
 
 
+def gt_box_samples(ann: dict, img_dir, n: Optional[int]) -> List[CalibSample]:
+    """The first ``n`` images by id of a COCO annotation dict (``coco_eval.load_ann``) with their GT boxes (xyxy), as
+    calibration samples: the benchmarks' calibration set."""
+    from . import coco_eval  # noqa: PLC0415
+
+    prompts = coco_eval.gt_prompts(ann)
+    return [CalibSample(coco_eval.read_rgb(Path(img_dir) / im["file_name"]), prompts[im["id"]][0])
+            for im in coco_eval.first_images(ann, n)]
+
+
 def forward_sample(seg, sample: CalibSample, feats: Optional[torch.Tensor] = None):
     """Encoder (unless its output ``feats`` is given) + decoder on the sample's boxes."""
     if feats is None:

@@ -24,7 +24,7 @@ from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.agq import search_tau  # noqa: E402
 from ptq4sam.big import channel_signs, detect_bimodal  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
-from ptq4sam.ptq import CalibSample, build_context, record  # noqa: E402
+from ptq4sam.ptq import build_context, gt_box_samples, record  # noqa: E402
 from ptq4sam.qconfig import QConfig  # noqa: E402
 from ptq4sam.quant_sam import quant_attentions, quantize_sam  # noqa: E402
 from ptq4sam.quantization import disable_all  # noqa: E402
@@ -49,10 +49,8 @@ def main(argv=None):
     seg = BoxPromptSegmenter(sam)
     quantize_sam(sam, build_context(QConfig()), quant_encoder=False)
     disable_all(sam)
-    ann = coco_eval.load_ann(DATA / "annotations/instances_calib32.json")
-    prompts = coco_eval.gt_prompts(ann)
-    samples = [CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]), prompts[im["id"]][0])
-               for im in coco_eval.first_images(ann, a.images)]
+    samples = gt_box_samples(coco_eval.load_ann(DATA / "annotations/instances_calib32.json"), DATA / "train2017",
+                             a.images)
     atts = quant_attentions(sam.mask_decoder)
     t2i = [a for a in atts if "token_to_image" in a.role]
     kposts = record(seg, samples, t2i, ["k_post"], desc="post-k_proj", rows_per_image=4096)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
-from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
+from ptq4sam.ptq import gt_box_samples, quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 from ptq4sam.quantization import observer  # noqa: E402
 
@@ -38,10 +38,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     q = load_qconfig(a.q_config, [f"calibrate={a.images}", "recon.iters=0"] + a.q_options)
-    ann = coco_eval.load_ann(DATA / "annotations/instances_calib32.json")
-    prompts = coco_eval.gt_prompts(ann)
-    samples = [CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]), prompts[im["id"]][0])
-               for im in coco_eval.first_images(ann, a.images)]
+    samples = gt_box_samples(coco_eval.load_ann(DATA / "annotations/instances_calib32.json"), DATA / "train2017",
+                             a.images)
     searches = []
     orig = observer.MSEObserver.search_2d
 

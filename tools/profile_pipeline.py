@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
-from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
+from ptq4sam.ptq import gt_box_samples, quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
@@ -95,7 +95,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.manual_seed(0)
     eval_ann, calib_ann = (coco_eval.load_ann(DATA / f"annotations/instances_{s}.json") for s in ("eval96", "calib32"))
-    ev_prompts, cal_prompts = coco_eval.gt_prompts(eval_ann), coco_eval.gt_prompts(calib_ann)
+    ev_prompts = coco_eval.gt_prompts(eval_ann)
     t = time.perf_counter()
     base = build_sam("lite_medsam")
     res = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -110,8 +110,7 @@ def main(argv=None):
         qcfg = load_qconfig(a.q_config, a.q_options)
         torch.manual_seed(qcfg.seed)
         qseg = BoxPromptSegmenter(copy.deepcopy(base), box_batch=seg.box_batch)
-        samples = [CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]), cal_prompts[im["id"]][0])
-                   for im in coco_eval.first_images(calib_ann, qcfg.calibrate)]
+        samples = gt_box_samples(calib_ann, DATA / "train2017", qcfg.calibrate)
         t = time.perf_counter()
         info = quantize_segmenter(qseg, samples, qcfg, not a.decoder_only, torch.device("cpu"), log=lambda *x: None)
         res["ptq"] = {"q_config": a.q_config, "q_options": a.q_options, "calibration_images": len(samples),

@@ -27,7 +27,7 @@ from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.mixed import layer_macs  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.progress import progress  # noqa: E402
-from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
+from ptq4sam.ptq import gt_box_samples, quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 from ptq4sam.quant_sam import recon_units  # noqa: E402
 from ptq4sam.quantization import disable_all, enable_quantization, freeze  # noqa: E402
@@ -43,10 +43,8 @@ def calibrated_setup(bits: int, q_config, q_options, calib_images: int):
     qpath = Path(q_config) if q_config else ROOT / "exp" / "tuned" / "demo" / f"config{bits}{bits}.yaml"
     qcfg = load_qconfig(qpath, ["recon.iters=0"] + list(q_options))
     torch.manual_seed(qcfg.seed)
-    calib_ann = coco_eval.load_ann(DATA / "annotations/instances_calib32.json")
-    cal_prompts = coco_eval.gt_prompts(calib_ann)
-    samples = [CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]), cal_prompts[im["id"]][0])
-               for im in coco_eval.first_images(calib_ann, qcfg.calibrate)]
+    samples = gt_box_samples(coco_eval.load_ann(DATA / "annotations/instances_calib32.json"), DATA / "train2017",
+                             qcfg.calibrate)
     base = build_sam("lite_medsam")
     fp_seg = BoxPromptSegmenter(copy.deepcopy(base))
     probe = [s for s in samples if len(s.boxes)][:calib_images]
