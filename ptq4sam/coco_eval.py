@@ -116,10 +116,21 @@ def load_predictions(path) -> dict:
     return d
 
 
+def _evaluated(gt, results: List[dict], image_ids: List[int], iou_type: str):
+    """COCOeval of ``results`` on ``gt`` after ``evaluate()`` (per-(category, area, image) matches, not accumulated),
+    with mmdet's CocoDataset.evaluate settings."""
+    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
+
+    ev = COCOeval(gt, gt.loadRes(results), iou_type)
+    ev.params.imgIds = list(image_ids)
+    ev.params.maxDets = [100, 300, 1000]  # as mmdet's CocoDataset.evaluate
+    ev.evaluate()
+    return ev
+
+
 def coco_metrics(ann_file, results: List[dict], image_ids: List[int],
                  iou_types=("segm", "bbox")) -> Dict[str, float]:
     from pycocotools.coco import COCO  # noqa: PLC0415
-    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
 
     out = {}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -128,10 +139,7 @@ def coco_metrics(ann_file, results: List[dict], image_ids: List[int],
             if not results:
                 out.update({f"{iou_type}_mAP": 0.0, f"{iou_type}_mAP_50": 0.0, f"{iou_type}_mAP_75": 0.0})
                 continue
-            ev = COCOeval(gt, gt.loadRes(results), iou_type)
-            ev.params.imgIds = image_ids
-            ev.params.maxDets = [100, 300, 1000]  # as mmdet's CocoDataset.evaluate
-            ev.evaluate()
+            ev = _evaluated(gt, results, image_ids, iou_type)
             ev.accumulate()
             ev.summarize()
             out.update({f"{iou_type}_mAP": round(float(ev.stats[0]), 4), f"{iou_type}_mAP_50": round(float(ev.stats[1]), 4),
@@ -242,17 +250,11 @@ def score_split(ann_file, fp: dict, q: dict, fp_name="fp", q_name="q") -> Dict[s
 
 
 def _per_image_eval(ann_file, results: List[dict], image_ids: List[int]):
-    """COCOeval (segm, mmdet's maxDets) after ``evaluate()``: per-(category, area, image) matches, not yet accumulated."""
+    """Mask COCOeval of ``results`` after ``evaluate()`` (:func:`_evaluated`), quietly."""
     from pycocotools.coco import COCO  # noqa: PLC0415
-    from pycocotools.cocoeval import COCOeval  # noqa: PLC0415
 
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(ann_file))
-        ev = COCOeval(gt, gt.loadRes(results), "segm")
-        ev.params.imgIds = list(image_ids)
-        ev.params.maxDets = [100, 300, 1000]
-        ev.evaluate()
-    return ev
+        return _evaluated(COCO(str(ann_file)), results, image_ids, "segm")
 
 
 def _resampled_map(ev, base: list, n_img: int, idx: np.ndarray) -> float:
