@@ -125,11 +125,12 @@ def main(argv=None):
     for spec in a.ours:
         name, _, ckpt = spec.partition("=")
         d = mdir / ("ours_" + slug(name))
-        if have(d) and read_manifest(d).get("info", {}).get("checkpoint") != ckpt:
-            raise InputError(f"--reuse-models: {d} was exported from "
-                             f"{read_manifest(d).get('info', {}).get('checkpoint')!r}, not from {ckpt!r} "
-                             "(another --models-dir, or drop --reuse-models)")
-        if not have(d):
+        if have(d):
+            was = read_manifest(d).get("info", {}).get("checkpoint")
+            if was != ckpt:
+                raise InputError(f"--reuse-models: {d} was exported from {was!r}, not from {ckpt!r} "
+                                 "(another --models-dir, or drop --reuse-models)")
+        else:
             qsam = build_sam("lite_medsam")
             qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
             export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
