@@ -9,10 +9,11 @@ summed over the images (:func:`search_tau`).
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+
+from .quantization.logq import EPS, agq_from_log_, agq_nonzero_levels
 
 
 def candidate_grid(amax: float, taus: Sequence[int], scale_ratios: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -21,37 +22,37 @@ def candidate_grid(amax: float, taus: Sequence[int], scale_ratios: Sequence[floa
     return t, s
 
 
-def _quantize_log2(log_attn: torch.Tensor, tau: float, s: float, levels: int, work: torch.Tensor) -> torch.Tensor:
-    """The AGQ formula of :func:`agq_quantize` from log2 of the softmax map (log2(x/s) split), in ``work``."""
-    t = torch.sub(log_attn, math.log2(s), out=work).mul_(-tau).round_().clamp_(min=0)
-    drop = t >= levels
-    return t.div_(-tau).exp2_().mul_(s).masked_fill_(drop, 0.0)
+def _quantize_log(log_attn: torch.Tensor, tau: float, s: float, levels: int, work: torch.Tensor) -> torch.Tensor:
+    """The AGQ grid (:mod:`ptq4sam.quantization.logq`) of a softmax map from its ln, in ``work``: the same bits as the
+    quantizer gives with scale ``s`` (a float32 scale, as the quantizer holds it)."""
+    return agq_from_log_(log_attn, torch.tensor(s, dtype=torch.float32), tau, levels, out=work)
 
 
 @torch.no_grad()
 def agq_errors(pairs: List[Tuple[torch.Tensor, torch.Tensor]], taus: torch.Tensor, scales: torch.Tensor, bit: int,
-               p: float = 2.4) -> torch.Tensor:
+               p: float = 2.4, levels_mode: str = "paper") -> torch.Tensor:
     """(K,) summed Lp error of attn.v for each candidate (taus[k], scales[k]) over the (attn, v) pairs.
 
-    log2 of each softmax map is taken once; each candidate then costs a few in-place passes over one work buffer
-    (x_int = round(-tau * (log2 x - log2 s)), the AGQ formula of :func:`agq_quantize` with log2(x/s) split)."""
-    levels = 2 ** bit
+    The log of each softmax map is taken once; each candidate then costs a few in-place passes over one work
+    buffer."""
+    levels = agq_nonzero_levels(bit, levels_mode)
     err = torch.zeros(taus.numel(), dtype=torch.float64)
     for attn, v in pairs:
         ref = attn @ v
-        log_attn = attn.clamp(min=1e-30).log2_()
+        log_attn = attn.clamp(min=EPS).log_()
         work = torch.empty_like(log_attn)
         for k in range(taus.numel()):
-            q = _quantize_log2(log_attn, float(taus[k]), float(scales[k]), levels, work)
+            q = _quantize_log(log_attn, float(taus[k]), float(scales[k]), levels, work)
             err[k] += float((q @ v - ref).abs_().pow_(p).sum())
     return err
 
 
-def search_tau(pairs, bit: int, taus=(1, 2, 4), scale_ratios=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5), p: float = 2.4) -> Dict:
+def search_tau(pairs, bit: int, taus=(1, 2, 4), scale_ratios=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5), p: float = 2.4,
+               levels_mode: str = "paper") -> Dict:
     """Best (tau, s) for one attention from its recorded float (softmax output, v) pairs."""
     amax = max(float(a.max()) for a, _ in pairs)
     t, s = candidate_grid(amax, taus, scale_ratios)
-    err = agq_errors(pairs, t, s, bit, p)
+    err = agq_errors(pairs, t, s, bit, p, levels_mode)
     best = int(err.argmin())
     per_tau = {int(tau): float(err[t == tau].min()) for tau in taus}
     return {"tau": int(t[best]), "scale": float(s[best]), "error": float(err[best]), "error_per_tau": per_tau}
@@ -59,17 +60,19 @@ def search_tau(pairs, bit: int, taus=(1, 2, 4), scale_ratios=(1.0, 0.9, 0.8, 0.7
 
 @torch.no_grad()
 def agq_error(attn: torch.Tensor, log_attn: torch.Tensor, v: torch.Tensor, ref: torch.Tensor, tau: float, s: float,
-              bit: int, p: float, work: torch.Tensor) -> float:
-    """Mean |Q(attn; s, tau) @ v - attn @ v|^p, computed in the work buffer ``work`` (``log_attn`` = log2 attn)."""
-    q = _quantize_log2(log_attn, tau, s, 2 ** bit, work)
+              levels: int, p: float, work: torch.Tensor) -> float:
+    """Mean |Q(attn; s, tau) @ v - attn @ v|^p, computed in the work buffer ``work`` (``log_attn`` = ln attn), with
+    ``levels`` non-zero levels."""
+    q = _quantize_log(log_attn, tau, s, levels, work)
     return float((q @ v - ref).abs_().pow_(p).mean())
 
 
 class PaperAGQSearch:
     """The paper's AGQ search for one attention, one calibration image at a time (:meth:`add`), then :meth:`result`."""
 
-    def __init__(self, bit: int, taus: Sequence[int] = (1, 2, 4), p: float = 2.4):
+    def __init__(self, bit: int, taus: Sequence[int] = (1, 2, 4), p: float = 2.4, levels_mode: str = "paper"):
         self.bit, self.taus, self.p = bit, [int(t) for t in taus], p
+        self.levels = agq_nonzero_levels(bit, levels_mode)
         self.errors = [0.0] * len(self.taus)
         self.scales: List[List[float]] = [[] for _ in self.taus]
 
@@ -82,10 +85,10 @@ class PaperAGQSearch:
         if amax <= 0:
             return
         ref = attn @ v
-        log_attn = attn.clamp(min=1e-20).log2()  # the paper clamps the softmax at 1e-20
+        log_attn = attn.clamp(min=EPS).log()  # the paper clamps the softmax at 1e-20
         work = torch.empty_like(log_attn)
         for k, tau in enumerate(self.taus):
-            res = minimize_scalar(lambda s: agq_error(attn, log_attn, v, ref, tau, s, self.bit, self.p, work),
+            res = minimize_scalar(lambda s: agq_error(attn, log_attn, v, ref, tau, s, self.levels, self.p, work),
                                   bounds=(min(0.1, 0.01 * amax), amax), method="bounded")
             self.errors[k] += float(res.fun)
             self.scales[k].append(float(res.x))

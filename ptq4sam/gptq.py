@@ -7,9 +7,11 @@ the calibration images; for a convolution the unfolded patches, per group), so t
 ||W X^T - Q X^T||^2, not the weight error, is what the rounding minimises. It replaces AdaRound where a reconstruction
 of the paper's budget (20000 steps per unit) cannot be afforded: seconds for the whole model on a CPU.
 
-The quantized weight is written back into the layer (its values lie on the quantizer's grid, so round-to-nearest or a
-re-initialised AdaRound reproduces it exactly); ``info`` records each layer's proxy loss tr((W - Q) H (W - Q)^T)
-under GPTQ and under round-to-nearest on the same grid.
+The quantized weight becomes the tensor the layer's weight quantizer rounds (``set_quant_source``; its values lie on
+the quantizer's grid, so round-to-nearest or a re-initialised AdaRound reproduces it exactly), while the float weight
+stays: a forward with the quantizers off is still the float model's, so the reconstruction's targets and the AGQ
+search compare against the float model, not a weight-quantized one. ``info`` records each layer's proxy loss
+tr((W - Q) H (W - Q)^T) under GPTQ and under round-to-nearest on the same grid.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ from torch import nn
 from .quantization.fake_quant import AdaRoundFakeQuantize
 from .quantization.qmodules import QuantConv2d, QuantLinear
 
+# Hessian dampening, a fraction of its mean diagonal: GPTQ's 0.01 is for float inputs; with 4-bit activations 0.1
+# measured better (docs/results.md, "GPTQ weights"). The q_config's gptq.damp defaults to this too.
+DEFAULT_DAMP = 0.1
+
 
 def _grid(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     return (torch.clamp(torch.round(w / scale) + zp, qmin, qmax) - zp) * scale
@@ -30,7 +36,7 @@ def _grid(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qma
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                  qmax: int, damp: float = 0.01, act_order: bool = True, block: int = 128) -> torch.Tensor:
+                  qmax: int, damp: float = DEFAULT_DAMP, act_order: bool = True, block: int = 128) -> torch.Tensor:
     """GPTQ of ``w`` (G, R, C): G independent groups of R rows (output channels) over C input columns, Hessians ``h``
     (G, C, C); ``scale`` / ``zero_point`` (G, R): each row's grid. Returns the quantized weight (on the grid), in
     float64. Columns of zero Hessian diagonal (inputs that were always 0) are quantized as they are (no compensation).
@@ -114,13 +120,13 @@ def _rows_params(m: nn.Module, rows: int):
 
 
 @torch.no_grad()
-def apply_gptq(model: nn.Module, run_forwards: Callable[[], None], damp: float = 0.01, act_order: bool = True,
+def apply_gptq(model: nn.Module, run_forwards: Callable[[], None], damp: float = DEFAULT_DAMP, act_order: bool = True,
                progress: Callable = lambda it, **kw: it) -> Dict:
     """GPTQ on every supported quantized layer of ``model``: ``run_forwards`` runs the model over the calibration data
     while hooks collect each layer's input Hessian (its input after its own input quantizer: float inputs when every
     quantizer is off, the activation-quantized model's when the activation quantizers are on); then each weight is
-    replaced by its GPTQ quantization on its quantizer's grid. Returns per-layer proxy losses (GPTQ and
-    round-to-nearest)."""
+    quantized by GPTQ on its quantizer's grid, kept as the tensor the quantizer rounds (the float weight stays).
+    Returns per-layer proxy losses (GPTQ and round-to-nearest)."""
     t0 = time.time()
     names = {m: n for n, m in model.named_modules()}
     layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -153,11 +159,9 @@ def apply_gptq(model: nn.Module, run_forwards: Callable[[], None], damp: float =
             d = wg.double() - a
             return float(torch.einsum("gri,gij,grj->", d, h, d))
         out.append({"layer": names[m], "proxy_gptq": proxy(q), "proxy_rtn": proxy(rtn)})
-        m.weight.copy_(q.reshape(w.shape).to(w.dtype))
+        m.set_quant_source(q.reshape(w.shape).to(w.dtype))  # the float weight stays
         if isinstance(wq, AdaRoundFakeQuantize) and wq.learnable:
-            wq.init_alpha(m.weight)  # its soft rounding starts at the GPTQ weight (on the grid)
-        if hasattr(m, "unfreeze"):
-            m.unfreeze()
+            wq.init_alpha(m.quant_source())  # its soft rounding starts at the GPTQ weight (on the grid)
     done = [e for e in out if "proxy_gptq" in e]
     ratio = [e["proxy_gptq"] / e["proxy_rtn"] for e in done if e["proxy_rtn"] > 0]
     return {"layers": len(done), "skipped": [e for e in out if "skipped" in e],

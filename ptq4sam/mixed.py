@@ -74,3 +74,13 @@ def choose_overrides(units: List[Dict], macs: Dict[str, int], low: int, high: in
     for name in chosen:
         out += [{"pattern": name, "w_bit": high, "a_bit": high}, {"pattern": f"{name}.*", "w_bit": high, "a_bit": high}]
     return out
+
+
+def bits_label(w_bit, a_bit, avg_bits: Optional[Tuple[float, float]] = None, mixed: bool = False) -> str:
+    """How a run is named: ``W<b>A<b>`` when uniform; a mixed-precision run (per-module overrides) by its MAC-weighted
+    average bits, never by its base width."""
+    if not mixed:
+        return f"W{w_bit}A{a_bit}"
+    if avg_bits is None:
+        return f"mixed (base W{w_bit}A{a_bit})"
+    return f"mixed: avg W{avg_bits[0]:.2f} / A{avg_bits[1]:.2f}"

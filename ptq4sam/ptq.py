@@ -89,7 +89,8 @@ def build_context(qcfg: QConfig) -> QuantContext:
                                observer_kwargs={"range_rates": list(a.range_rates), "grid_rates": list(a.grid_rates),
                                                 "top_rates": list(a.top_rates), "groups": a.hluq_groups})
     return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
-                        agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, big=qcfg.ptq4sam.BIG,
+                        agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, agq_levels=qcfg.ptq4sam.agq_levels,
+                        big=qcfg.ptq4sam.BIG,
                         dw_act_per_channel=qcfg.depthwise_act_per_channel,
                         big_k_observer=qcfg.ptq4sam.big_k_observer, hluq_cfg=hluq,
                         cag_groups=a.groups if a.CAG else 0, cag_observer=a.cag_observer,
@@ -304,18 +305,20 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
                      desc: str) -> Dict:
     adarounds = [q for q in unit.modules() if isinstance(q, AdaRoundFakeQuantize) and q.learnable
                  and q.fake_quant_enabled]
-    scales = [s for q in unit.modules() if isinstance(q, FakeQuantizeBase) and not q.is_weight
-              and q.learnable and q.fake_quant_enabled for s in q.learnable_params()]
+    learning = [q for q in unit.modules() if isinstance(q, FakeQuantizeBase) and not q.is_weight
+                and q.learnable and q.fake_quant_enabled]
+    scales = [s for q in learning for s in q.learnable_params()]
+    offsets = [z for q in learning for z in q.learnable_offsets()]  # LSQ+'s zero points (linear space)
     if recon.scale_lr == 0:  # activation ranges stay as calibrated (no optimizer, no gradients for them)
-        scales = []
+        scales, offsets = [], []
     for q in unit.modules():  # parameters not learned here need no gradient (the quantizers then run fused)
         if isinstance(q, FakeQuantizeBase) and not q.is_weight:
-            for t in (q.scale, q.zero_point, *q.learnable_params()):
+            for t in (q.scale, q.zero_point, *q.learnable_params(), *q.learnable_offsets()):
                 t.requires_grad_(False)
     iters = recon.iters
     t_start = time.time()
-    info = {"unit": desc, "adaround_layers": len(adarounds), "act_scales": len(scales)}
-    if iters == 0 or (not adarounds and not scales):
+    info = {"unit": desc, "adaround_layers": len(adarounds), "act_scales": len(scales), "act_offsets": len(offsets)}
+    if iters == 0 or (not adarounds and not scales and not offsets):
         return info
     set_drop_prob(unit, recon.drop_prob)
     opts, scheds = [], []
@@ -324,13 +327,13 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
     log_scales = []
     if scales and recon.scale_space == "log":  # Adam on log(s): each step is relative to its scale
         log_scales = [nn.Parameter(s.detach().abs().clamp(min=1e-8).log()) for s in scales]
-    if scales:
-        o = torch.optim.Adam(log_scales or scales, lr=recon.scale_lr)
+    if scales or offsets:
+        o = torch.optim.Adam((log_scales or scales) + offsets, lr=recon.scale_lr)
         opts.append(o)
         scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=iters, eta_min=0.0))
     for p in adarounds:
         p.alpha.requires_grad_(True)
-    for s in scales:
+    for s in scales + offsets:
         s.requires_grad_(True)
     n = len(quant_in)
     first = last = None
@@ -377,8 +380,8 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
                 g_rec = _grad_norm([a.grad - g for a, g in zip(alphas, gr)])
             else:
                 g_round, g_rec = 0.0, _grad_norm([a.grad for a in alphas])
-        for ls, s in zip(log_scales, scales):  # chain rule: dL/dlog(s) = dL/ds * s
-            ls.grad = None if s.grad is None else s.grad * s.detach().abs()
+        for ls, s in zip(log_scales, scales):  # s = sign * exp(ls): dL/dls = dL/ds * ds/dls = dL/ds * s
+            ls.grad = None if s.grad is None else s.grad * s.detach()
         for o in opts:
             o.step()
         with torch.no_grad():
@@ -396,7 +399,7 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
             bar.set_postfix(**post)
     for q in adarounds:
         q.alpha.requires_grad_(False)
-    for s in scales:
+    for s in scales + offsets:
         s.requires_grad_(False)
     set_drop_prob(unit, 1.0)
     info.update(first_rec_loss=first, last_rec_loss=last, optimize_s=round(time.time() - t_start, 2),
@@ -567,6 +570,8 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
         sam.to(device)
         info = saved["info"]
         info["resumed_after_unit"] = saved["units_done"]
+        for k, v in info["pre_recon_phases_s"].items():  # the interrupted run's calibration, BIG, GPTQ, AGQ
+            timer.add(k, v)
         log(f"--resume: {checkpoint.path}: calibration done, {saved['units_done']} of {n_units} reconstruction units "
             "done; continuing")
     else:
@@ -579,8 +584,6 @@ def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_enc
         info["pre_recon_phases_s"] = dict(timer.times)
         if checkpoint is not None and qcfg.recon.iters > 0:
             checkpoint.save(sam, 0, n_units, info, [], global_rng())
-    for k, v in info["pre_recon_phases_s"].items():
-        timer.add(k, v)
     with timer.phase("reconstruction"):
         if qcfg.recon.iters > 0:
             save = None
@@ -680,7 +683,8 @@ def _agq(seg, sam, samples, pt, device) -> List[Dict]:
     use = samples[: pt.agq_images] if pt.agq_images else samples
     out = []
     if pt.agq_search == "paper":
-        searches = {id(a): agq_mod.PaperAGQSearch(a.attn_quant.quantizer.bit, pt.taus, pt.p) for a in atts}
+        searches = {id(a): agq_mod.PaperAGQSearch(a.attn_quant.quantizer.bit, pt.taus, pt.p,
+                                                  a.attn_quant.quantizer.levels_mode) for a in atts}
 
         def each(cur):  # one image at a time: its softmax maps are searched, then dropped
             for aid, rec in cur.items():
@@ -691,7 +695,8 @@ def _agq(seg, sam, samples, pt, device) -> List[Dict]:
     else:
         recs = record(seg, use, atts, ["attn", "v"], desc="AGQ: softmax")
         results = {id(a): agq_mod.search_tau(list(zip(recs[id(a)]["attn"], recs[id(a)]["v"])),
-                                             a.attn_quant.quantizer.bit, pt.taus, pt.scale_ratios, pt.p)
+                                             a.attn_quant.quantizer.bit, pt.taus, pt.scale_ratios, pt.p,
+                                             a.attn_quant.quantizer.levels_mode)
                    for a in atts}
         del recs
     for a in atts:
@@ -708,7 +713,7 @@ def _agq(seg, sam, samples, pt, device) -> List[Dict]:
 # q_config keys that decide which quantizers exist and what they compute: a checkpoint made with other values cannot be
 # loaded into this model (recon / calibration keys only decide how the saved values were found)
 STRUCTURAL_KEYS = ("a_qconfig", "w_qconfig", "float_modules", "depthwise_act_per_channel", "ptq4sam.BIG",
-                   "ptq4sam.AGQ", "ptq4sam.big_k_observer", "recon.round_mode", "ahcptq.HLUQ", "ahcptq.CAG",
+                   "ptq4sam.AGQ", "ptq4sam.agq_levels", "ptq4sam.big_k_observer", "recon.round_mode", "ahcptq.HLUQ", "ahcptq.CAG",
                    "ahcptq.groups", "ahcptq.cag_observer", "ahcptq.convs", "ahcptq.hluq_groups",
                    "overrides")
 

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import yaml
 
 from .errors import InputNotFound, UserError
+from .gptq import DEFAULT_DAMP
 from .quantization import OBSERVERS, QUANTIZERS, QuantizerConfig
 
 
@@ -80,6 +81,9 @@ class PTQ4SAMSection:
     scale_ratios: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     agq_images: int = 0  # calibration images the AGQ search sees (0 = all, the paper)
     agq_search: str = "paper"  # 'paper': per tau and image a bounded scalar search of s; 'grid': tau x scale_ratios (old)
+    # AGQ's levels at b bits: 'paper' = the paper code's 2^b non-zero levels + an exact zero (2^b + 1 values, one
+    # more than b bits hold); 'exact' = 2^b - 1 non-zero levels + zero (a b-bit code, for export / integer kernels)
+    agq_levels: str = "paper"
     p: float = 2.4
     big_sample: str = "first_prompt"  # BIG's test data: 'first_prompt' of the first image (the paper) or 'pooled'
     big_bandwidth: str = "scott"  # KDE bandwidth: 'scott' (scipy's gaussian_kde default) or 'silverman' (old)
@@ -109,9 +113,7 @@ class SmoothSection:
 @dataclass
 class GPTQSection:
     enabled: bool = False  # GPTQ weights after calibration (ptq4sam/gptq.py); AdaRound, if it learns, starts there
-    # Hessian dampening, a fraction of its mean diagonal (GPTQ's 0.01 is for float inputs; with 4-bit activations
-    # 0.1 measured better: docs/RESULTS.md, "GPTQ weights")
-    damp: float = 0.1
+    damp: float = DEFAULT_DAMP  # Hessian dampening, a fraction of its mean diagonal (gptq.DEFAULT_DAMP)
     act_order: bool = True  # columns by decreasing Hessian diagonal
     inputs: str = "quantized"  # Hessians of the layer inputs with the activation quantizers on, or 'float'
 
@@ -282,6 +284,7 @@ def validate(q: QConfig, src: str) -> QConfig:
                               ("recon.b_decay", r.b_decay, ("linear", "cosine")),
                               ("recon.scale_space", r.scale_space, ("linear", "log")),
                               ("ptq4sam.agq_search", p.agq_search, ("paper", "grid")),
+                              ("ptq4sam.agq_levels", p.agq_levels, ("paper", "exact")),
                               ("ptq4sam.big_sample", p.big_sample, ("first_prompt", "pooled")),
                               ("ptq4sam.big_bandwidth", p.big_bandwidth, ("scott", "silverman")),
                               ("a_qconfig.mse_search", q.a_qconfig.mse_search, ("paper", "shrink")),

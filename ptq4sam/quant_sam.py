@@ -42,6 +42,7 @@ class QuantContext:
     a_cfg: QuantizerConfig
     agq: bool = False
     agq_bit: Optional[int] = None
+    agq_levels: str = "paper"  # AGQ's non-zero levels: 'paper' (2^b, + zero) or 'exact' (2^b - 1, + zero)
     big: bool = False
     dw_act_per_channel: bool = True
     big_k_observer: str = ""  # observer of the decoder attentions' key quantizers when BIG is on ('' = a_cfg's)
@@ -98,7 +99,8 @@ class QuantContext:
     def softmax_cfg(self) -> QuantizerConfig:
         if self.agq:
             return QuantizerConfig(quantizer="AGQFakeQuantize", observer="MinMaxObserver",
-                                   bit=self.agq_bit or self.a_cfg.bit, symmetric=False, ch_axis=-1)
+                                   bit=self.agq_bit or self.a_cfg.bit, symmetric=False, ch_axis=-1,
+                                   quantizer_kwargs={"levels": self.agq_levels})
         return self.a_cfg.with_(symmetric=False, ch_axis=-1)
 
 

@@ -1,7 +1,10 @@
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# every on-disk cache of the toolkit (weight ranges, FP evaluations) in a folder of this test session only, so a warm
+# ~/.cache or work_dirs/ can neither hide a change nor be written by the tests; subprocesses inherit it
+_CACHE = tempfile.mkdtemp(prefix="ptq4sam-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, True)
+os.environ["PTQ4SAM_CACHE_DIR"] = _CACHE
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "coco128"
 CALIB_ANN = DATA / "annotations" / "instances_calib32.json"

@@ -219,3 +219,21 @@ def test_weight_range_cache_returns_the_search_result(tmp_path, monkeypatch):
     again = MSEObserver(bit=4, ch_axis=0, exact=True)
     weight_cache.observe_weight(again, w)
     assert torch.equal(again.min_val, ref.min_val)
+
+
+def test_weight_range_cache_key_follows_the_code_it_caches(tmp_path, monkeypatch):
+    """The key hashes the observers' code: an edited search is a new key, never a stale hit from a warm cache."""
+    import hashlib
+    from pathlib import Path
+
+    from ptq4sam.quantization import observer, weight_cache
+
+    h = hashlib.sha1()
+    for f in (Path(observer.__file__), Path(weight_cache.__file__)):
+        h.update(f.read_bytes())
+    assert weight_cache.VERSION == h.hexdigest()[:16]
+    w = torch.randn(4, 8)
+    obs = MSEObserver(bit=4, ch_axis=0, exact=True)
+    key = weight_cache._key(obs, w)
+    monkeypatch.setattr(weight_cache, "VERSION", "an-edited-search")
+    assert weight_cache._key(obs, w) != key

@@ -1,4 +1,6 @@
 """GPTQ weights (ptq4sam/gptq.py) against a written-out reference of the GPTQ / OBS update."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from ptq4sam.gptq import _grid, apply_gptq, gptq_quantize
 from ptq4sam.qconfig import QConfigError, load_qconfig
 from ptq4sam.quantization import QuantizerConfig
 from ptq4sam.quantization.qmodules import QuantConv2d, QuantLinear
-from ptq4sam.quantization.state import disable_all
+from ptq4sam.quantization.state import disable_all, enable_calibration, enable_quantization, harden_all
 
 
 def _reference(w, h, scale, zp, qmin, qmax, damp, order):
@@ -115,11 +117,43 @@ def test_apply_gptq_uses_each_layers_float_inputs():
         wq = m.weight_quantizer
         ref = gptq_quantize(w0.reshape(g, w0.shape[0] // g, -1), h, sc, zp, wq.quant_min, wq.quant_max)
         ref = ref.reshape(w0.shape).float()
-        torch.testing.assert_close(m.weight.detach(), ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(m.quant_source(), ref, rtol=0, atol=1e-6)
+        assert torch.equal(m.weight, w0)  # the float weight is kept
         assert info["per_layer"][k]["proxy_gptq"] <= info["per_layer"][k]["proxy_rtn"]
         m.weight_quantizer.fake_quant_enabled = True
         m.weight_quantizer.harden()
-        torch.testing.assert_close(m.weight_quantizer(m.weight), m.weight.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(m.qweight(), ref, rtol=0, atol=1e-6)  # the quantizer reproduces GPTQ's weight
+        m.weight_quantizer.fake_quant_enabled = False
+
+
+def test_after_gptq_every_quantizer_off_is_the_float_model_exactly():
+    """GPTQ must not overwrite the float weights: reconstruction targets and the AGQ search are float forwards."""
+    torch.manual_seed(1)
+    w_cfg = QuantizerConfig("AdaRoundFakeQuantize", "MSEObserver", 4, False, 0)
+    a_cfg = QuantizerConfig("LSQFakeQuantize", "AvgMSEObserver", 4, False, -1)
+    float_model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(2), nn.Linear(25, 6))
+    model = nn.Sequential(QuantConv2d.from_float(copy.deepcopy(float_model[0]), w_cfg, a_cfg), nn.Flatten(2),
+                          QuantLinear.from_float(copy.deepcopy(float_model[2]), w_cfg, a_cfg))
+    for m in (model[0], model[2]):
+        m.calibrate_weight()
+    xs = [torch.randn(2, 4, 5, 5) for _ in range(3)]
+    enable_calibration(model)
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    for m in (model[0], model[2]):
+        m.input_quant.quantizer.init_from_observer()
+    enable_quantization(model, weights=False)
+    info = apply_gptq(model, lambda: [model(x) for x in xs])
+    assert info["layers"] == 2
+    disable_all(model)
+    with torch.no_grad():
+        for x in xs:
+            assert torch.equal(model(x), float_model(x))
+        enable_quantization(model)  # and the quantized model uses GPTQ's weights, not round-to-nearest of the float
+        harden_all(model)
+        w_rtn = model[2].weight_quantizer(model[2].weight)
+        assert not torch.equal(model[2].qweight(), w_rtn)
 
 
 def test_gptq_yaml_switch(tmp_path):
@@ -129,3 +163,13 @@ def test_gptq_yaml_switch(tmp_path):
         load_qconfig("exp/demo/config44.yaml", ["gptq.damp=0"])
     with pytest.raises(QConfigError, match="gptq.inputs"):
         load_qconfig("exp/demo/config44.yaml", ["gptq.inputs=fp"])
+
+
+def test_gptq_dampening_default_is_one_value():
+    import inspect
+
+    from ptq4sam.gptq import DEFAULT_DAMP
+    from ptq4sam.qconfig import GPTQSection
+
+    for fn in (apply_gptq, gptq_quantize):
+        assert inspect.signature(fn).parameters["damp"].default == DEFAULT_DAMP == GPTQSection().damp

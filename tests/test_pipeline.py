@@ -231,3 +231,24 @@ def test_torch_only_coco_eval_equals_mmdet_pipeline(fp_gt4):
                              coco_eval.gt_prompts(ann), max_images=4)
     for k in ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP"):
         assert got[k] == pytest.approx(m[k], abs=1e-3)
+
+
+def test_seed_reaches_calibration_order_qdrop_and_reconstruction(tmp_path):
+    """--seed is the run's one seed: it picks the calibration images (calibrate_mode random), QDrop's masks and the
+    reconstruction's sampling; metrics.json and the resolved q_config record it; the same seed is bit-identical."""
+    from ptq4sam.ptq import without_wall_times
+
+    common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "1",
+              "--q-options", "calibrate=2", "calibrate_mode=random", "recon.iters=3", "recon.max_boxes=2",
+              "ptq4sam.AGQ=false"]
+    runs = {}
+    for name, seed in (("s7", "7"), ("s7_again", "7"), ("s8", "8")):
+        r = run_cli(common + ["--seed", seed, "--work-dir", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    for name, seed in (("s7", 7), ("s8", 8)):
+        assert runs[name]["seed"] == seed and runs[name]["q_config_resolved"]["seed"] == seed
+    assert runs["s7"]["calibration_images"] != runs["s8"]["calibration_images"]
+    assert without_wall_times(runs["s7"]) == without_wall_times(runs["s7_again"])
+    losses = {n: [u["last_rec_loss"] for u in m["recon"]] for n, m in runs.items()}
+    assert losses["s7"] == losses["s7_again"] and losses["s7"] != losses["s8"]

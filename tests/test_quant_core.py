@@ -273,7 +273,7 @@ def test_frozen_evaluation_path_is_bit_identical_and_invalidated_by_state_switch
     from torch import nn
 
     from ptq4sam.quantization import QuantizerConfig, QuantLinear, enable_quantization, freeze, set_drop_prob
-    from ptq4sam.quantization.fake_quant import _agq_eval
+    from ptq4sam.quantization.logq import agq_reference
 
     torch.manual_seed(3)
     w_cfg = QuantizerConfig(quantizer="AdaRoundFakeQuantize", observer="MSEObserver", bit=4, ch_axis=0)
@@ -309,7 +309,7 @@ def test_frozen_evaluation_path_is_bit_identical_and_invalidated_by_state_switch
         with torch.no_grad():
             q.freeze()
             assert torch.equal(q(attn), slow), (tau, bit)
-            assert torch.equal(_agq_eval(attn, q.scale.detach(), tau, 2 ** bit), slow), (tau, bit)  # --compile's graph
+            assert torch.equal(agq_reference(attn, q.scale.detach(), tau, 2 ** bit), slow), (tau, bit)  # --compile's graph
 
 
 def test_perturbed_outputs_is_seeded_exact_and_removed_on_exit():

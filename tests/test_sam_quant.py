@@ -354,3 +354,24 @@ def test_strict_checkpoint_load_lists_missing_unexpected_and_misshapen_keys():
     good = {k: torch.ones_like(v) for k, v in m.state_dict().items()}
     load_state_dict_strict(m, {"state_dict": good}, "ok.pth")
     assert all(torch.equal(v, good[k]) for k, v in m.state_dict().items())
+
+
+def test_after_gptq_quantizers_off_is_the_float_lite_medsam_and_phase_times_add_up(lite):
+    """GPTQ keeps the float weights (the reconstruction's and AGQ's "float" forwards are the float model's), and the
+    per-phase times are each counted once: their sum is at most the wall time of the quantization."""
+    import time
+
+    samples = calib_samples(2)
+    qcfg = load_qconfig("exp/demo/config44.yaml", ["calibrate=2", "gptq.enabled=true", "recon.iters=0",
+                                                   "ptq4sam.agq_images=1", "ptq4sam.agq_search=grid"])
+    seg = BoxPromptSegmenter(copy.deepcopy(lite))
+    t = time.time()
+    info = quantize_segmenter(seg, samples, qcfg, False, torch.device("cpu"), log=lambda *a: None)
+    wall = time.time() - t
+    assert info["gptq"]["layers"] > 10
+    assert sum(info["ptq_phases_s"].values()) <= wall + 0.05, (info["ptq_phases_s"], wall)
+    disable_all(seg.sam)
+    ref = BoxPromptSegmenter(lite)
+    s = samples[0]
+    a, b = seg(s.image, s.boxes), ref(s.image, s.boxes)
+    assert torch.equal(a.low_res_logits, b.low_res_logits)

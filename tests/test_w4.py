@@ -291,6 +291,14 @@ def test_hluq_cag_smooth_gptq_save_load_identical_and_frozen_path(lite, tmp_path
     with torch.no_grad():
         again = BoxPromptSegmenter(fresh)(img, boxes).low_res_logits
     assert torch.equal(again, frozen)
+    from ptq4sam.ptq import quant_state, restore_quant_state  # the --resume state carries GPTQ's weights too
+
+    resumed = copy.deepcopy(lite)
+    quantize_sam(resumed, build_context(q), False)
+    restore_quant_state(resumed, quant_state(sam), "recon_state.pt")
+    with torch.no_grad():
+        assert torch.equal(BoxPromptSegmenter(resumed)(img, boxes).low_res_logits, frozen)
+    assert sum(n.endswith("gptq_weight") for n, _ in resumed.named_buffers()) == info["gptq"]["layers"]
     other = load_qconfig(ROOT_EXP, opts + ["ahcptq.groups=2"])
     with pytest.raises(Exception, match="ahcptq.groups"):
         load_quantized(copy.deepcopy(fresh), tmp_path / "q.pth", torch.device("cpu"), other, False)
@@ -361,6 +369,10 @@ def test_mixed_runs_are_labelled_with_their_average_bits_never_w4a4():
     assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": True, "avg_w_bits": 4.41, "avg_a_bits": 4.5}) == \
         "mixed: avg W4.41 / A4.50"
     assert ba.wa_label({"method": "ptq4sam", "bits": 4, "mixed": False}) == "W4A4"
+    from ptq4sam.mixed import bits_label  # the CLI's label (test_quant.py's table)
+
+    assert bits_label(4, 4, (4.41, 4.5), mixed=True) == "mixed: avg W4.41 / A4.50"
+    assert bits_label(4, 4, None, mixed=True) == "mixed (base W4A4)" and bits_label(6, 8) == "W6A8"
     noisy = [{"rel": 1e-3, "seed": k, "segm_mAP": v} for k, v in enumerate([0.1, 0.2, 0.3])] + \
         [{"rel": 1e-6, "seed": 0, "segm_mAP": 0.25}]
     assert ba.perturb_summary(noisy) == [{"rel": 1e-6, "n": 1, "mean": 0.25, "std": 0.0, "min": 0.25, "max": 0.25},
@@ -414,12 +426,15 @@ def test_layer_errors_tool_measures_each_quantizer_alone():
         want_w = float((F.linear(x, wq, layer.bias) - ref).pow(2).mean() / ref.var())
     assert got["input"] == pytest.approx(want_in, rel=1e-5) and got["weight"] == pytest.approx(want_w, rel=1e-5)
     assert got["input"] > 0 and got["weight"] > 0 and got["input_quantizer"] == "LSQFakeQuantize"
-    # a GPTQ model (weights replaced): the forwards use the float weight, the layer's quantized weight is GPTQ's
+    # a GPTQ model: the forwards use the float weight, the layer's quantized weight is Q(GPTQ's source weight)
     w_float = layer.weight.detach().clone()
-    w_gptq = wq + 0.01
+    w_src = layer.weight.detach() + 0.3 * torch.randn_like(layer.weight)
+    layer.set_quant_source(w_src)
     with torch.no_grad():
-        layer.weight.copy_(w_gptq)
+        layer.weight_quantizer.fake_quant_enabled = True  # (local_errors switched it off)
+        w_gptq = layer.weight_quantizer(w_src)
         want_g = float((F.linear(x, w_gptq, layer.bias) - ref).pow(2).mean() / ref.var())
-    got = le.local_errors(model, lambda: model(x), {layer: (w_float, w_gptq)})["0"]
+    assert not torch.equal(w_gptq, wq)
+    got = le.local_errors(model, lambda: model(x))["0"]
     assert got["weight"] == pytest.approx(want_g, rel=1e-5) and got["input"] == pytest.approx(want_in, rel=1e-5)
-    assert torch.equal(layer.weight, w_gptq)  # put back
+    assert torch.equal(layer.weight, w_float)  # never touched

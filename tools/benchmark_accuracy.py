@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
-from ptq4sam.mixed import average_bits, layer_bits, layer_macs  # noqa: E402
+from ptq4sam.mixed import average_bits, bits_label, layer_bits, layer_macs  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
@@ -230,9 +230,7 @@ def wa_label(r) -> str:
     """W/A column: FP, W<b>A<b>, or the MAC-weighted average bits of a mixed-precision run (never "W4A4")."""
     if r["method"] == "fp":
         return "FP"
-    if r.get("mixed"):
-        return f"mixed: avg W{r['avg_w_bits']:.2f} / A{r['avg_a_bits']:.2f}"
-    return f"W{r['bits']}A{r['bits']}"
+    return bits_label(r["bits"], r["bits"], (r.get("avg_w_bits"), r.get("avg_a_bits")), mixed=bool(r.get("mixed")))
 
 
 def render(files, out: Path, markdown: Path):

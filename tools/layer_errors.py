@@ -17,8 +17,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from sensitivity import add_setup_args, calibrated_setup, logit_error  # noqa: E402
 
-from ptq4sam import gptq as gptq_mod  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.quantization import disable_all, enable_quantization, freeze  # noqa: E402
@@ -49,13 +46,10 @@ def _op(layer):
 
 
 @torch.no_grad()
-def local_errors(model: nn.Module, run, gptq: Optional[Dict] = None) -> dict:
+def local_errors(model: nn.Module, run) -> dict:
     """{layer name: {"input": err, "weight": err, "input_quantizer": type}} averaged over the forwards of ``run()``
-    (quantizers off for the forward itself; each layer's two quantizers switched on only for its own error).
-    ``gptq``: {layer: (float weight, GPTQ weight)} of a model whose weights GPTQ replaced: the float weights are put
-    back for the forwards and the GPTQ weight is the layer's quantized weight."""
-    gptq = gptq or {}
-    _set_weights(gptq, quantized=False)
+    (quantizers off for the forward itself; each layer's two quantizers switched on only for its own error). The
+    quantized weight is the layer's ``qweight()`` (GPTQ's, where GPTQ ran); the float weight stays the reference."""
     disable_all(model)
     names = {id(m): n for n, m in model.named_modules()}
     acc = {}
@@ -66,7 +60,7 @@ def local_errors(model: nn.Module, run, gptq: Optional[Dict] = None) -> dict:
         xq = mod.input_quant(x)
         disable_all(mod.input_quant)
         enable_quantization(mod.weight_quantizer)
-        wq = gptq[mod][1] if mod in gptq else mod.qweight()
+        wq = mod.qweight()
         disable_all(mod.weight_quantizer)
         ref = op(x, mod.weight)
         den = ref.var().clamp(min=1e-12)
@@ -81,14 +75,7 @@ def local_errors(model: nn.Module, run, gptq: Optional[Dict] = None) -> dict:
     finally:
         for h in hooks:
             h.remove()
-        _set_weights(gptq, quantized=True)
     return {n: {"input": a / c, "weight": w / c, "input_quantizer": t} for n, (a, w, c, t) in acc.items()}
-
-
-@torch.no_grad()
-def _set_weights(gptq: Dict, quantized: bool) -> None:
-    for m, (w_float, w_gptq) in gptq.items():
-        m.weight.copy_(w_gptq if quantized else w_float)
 
 
 def main(argv=None):
@@ -100,16 +87,7 @@ def main(argv=None):
     qpath, qcfg, samples, base, fp_seg, probe, ref = calibrated_setup(a.bits, a.q_config, a.q_options, a.calib_images)
     seg = BoxPromptSegmenter(base)
     t = time.time()
-    gptq = {}  # GPTQ overwrites the weights: keep the float ones, so that "weights off" means float weights
-    original = gptq_mod.apply_gptq
-
-    def snapshot(model, *args, **kw):
-        floats = {m: m.weight.detach().clone() for m in model.modules() if isinstance(m, _QuantWeightMixin)}
-        info = original(model, *args, **kw)
-        gptq.update({m: (w, m.weight.detach().clone()) for m, w in floats.items() if not torch.equal(w, m.weight)})
-        return info
-    with mock.patch.object(gptq_mod, "apply_gptq", snapshot):
-        quantize_segmenter(seg, samples, qcfg, True, torch.device("cpu"), log=lambda *x: None)
+    quantize_segmenter(seg, samples, qcfg, True, torch.device("cpu"), log=lambda *x: None)
     sam = seg.sam
 
     def error_with(part: str) -> float:
@@ -120,7 +98,6 @@ def main(argv=None):
                     enable_quantization(m.weight_quantizer)
                 if part in ("all", "activations", "layer_inputs"):
                     enable_quantization(m.input_quant)
-        _set_weights(gptq, quantized=part in ("all", "weights"))
         if part in ("all", "activations", "attention"):
             for n, m in sam.named_modules():
                 if n.endswith(ATTENTION_POINTS):
@@ -134,7 +111,7 @@ def main(argv=None):
 
     logits = {part: error_with(part) for part in ("all", "weights", "activations", "layer_inputs", "attention")
               + tuple(f"attention.{k}" for k in ATTENTION_POINTS)}
-    layers = local_errors(sam, lambda: [seg(s.image, s.boxes) for s in probe[: a.layer_images]], gptq)
+    layers = local_errors(sam, lambda: [seg(s.image, s.boxes) for s in probe[: a.layer_images]])
     enc = [v for n, v in layers.items() if n.startswith("image_encoder")]
     dec = [v for n, v in layers.items() if not n.startswith("image_encoder")]
     doc = {"command": "python tools/layer_errors.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -69,7 +69,7 @@ def integer_grid(layer):
     """(q, scale, zero point, axis) with ``(q - zp) * scale`` == the layer's quantized weight, q integers in
     [quant_min, quant_max] (float tensor; axis -1: per tensor), or None if the weight is not exactly on its grid."""
     wq = layer.weight_quantizer
-    w_q = wq(layer.weight).detach()
+    w_q = wq(layer.quant_source()).detach()
     scale, zp = wq._eval_params()
     axis = -1 if wq.ch_axis == -1 else wq.ch_axis % w_q.dim()
     shape = _bshape(w_q, axis) if axis != -1 else [1] * w_q.dim()
@@ -105,6 +105,7 @@ def save_compact(sam: nn.Module, path, q_config: Dict, quant_encoder: bool, info
         q, bits = got
         int_weights[name] = {"q": pack(q, bits).cpu(), "bits": bits, "shape": list(q.shape)}
         state.pop(f"{name}.weight")
+        state.pop(f"{name}.gptq_weight", None)  # GPTQ's weight: its quantization is in q
         state.pop(f"{name}.weight_quantizer.alpha", None)  # AdaRound's learned rounding: in q now
     # a weight observer's per-channel ranges only served to find the scale / zero point, which are kept
     state = {k: v for k, v in state.items() if ".weight_quantizer.observer." not in k}

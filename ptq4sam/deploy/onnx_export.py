@@ -17,8 +17,9 @@ What each quantizer becomes (the manifest ``export.json`` lists them by name and
   ``axis`` = the quantizer's channel axis); AdaRound's learned rounding is in the integers, BIG's sign folds are in the
   float weights it quantized. When ``q - z`` fits int8 (always for W <= 7 bits) it is stored as that with zero point 0
   (symmetric form: the U8S8 kernels of ONNX Runtime and OpenVINO need it); else as uint8 with per-channel zero points;
-* the AGQ log2 softmax quantizer has no integer ONNX operator: it is emulated in float (``Log``, ``Round``, ``Pow``;
-  the same numbers as our quantizer up to the last bit of log2), marked ``emulated`` in the manifest.
+* the AGQ log2 softmax quantizer has no integer ONNX operator: it is emulated in float with the very operations the
+  torch quantizer computes (``Log``, ``Round``, ``Exp``: :mod:`ptq4sam.quantization.logq`), marked ``emulated`` in
+  the manifest.
 
 The legacy TorchScript exporter is used (``dynamo=False``): it runs the model's Python forward once, so our quantized
 modules export as they compute, and an ``autograd.Function.symbolic`` emits each QDQ pair.
@@ -40,6 +41,7 @@ from ..errors import InputError, atomic_write, atomic_write_text
 from ..quantization import AdaRoundFakeQuantize, AGQFakeQuantize, FakeQuantizeBase, HLUQFakeQuantize
 from ..quantization.fake_quant import _bshape
 from ..quantization.hluq import per_channel
+from ..quantization.logq import agq_reference
 from ..quantization.qmodules import QuantLinear, _QuantWeightMixin
 from .compact import integer_grid
 
@@ -116,13 +118,6 @@ def _rank(value) -> int:
     return r
 
 
-def agq_float(x: torch.Tensor, scale: torch.Tensor, tau: int, levels: int) -> torch.Tensor:
-    """AGQ with ONNX-exportable ops (natural log and exp instead of log2 and exp2)."""
-    t = torch.round(torch.log(torch.clamp(x / scale, min=1e-30)) * (-tau / math.log(2.0)))
-    t = torch.clamp(t, min=0)
-    return (scale * torch.exp(t * (-math.log(2.0) / tau))).masked_fill(t >= levels, 0.0)
-
-
 def hluq_float(x: torch.Tensor, fp_min, scale_log, scale_uni, levels_log: int, levels_uni: int) -> torch.Tensor:
     """HLUQ (:func:`ptq4sam.quantization.hluq_quantize`) with ONNX-exportable ops."""
     xs = x - fp_min
@@ -156,7 +151,7 @@ def _act_forward(q: FakeQuantizeBase, name: str, records: List[QuantizerExport])
     if isinstance(q, AGQFakeQuantize):
         scale = q._eval_params()[0].reshape(())
         records.append(QuantizerExport(name, "emulated-agq", q.bit, "float", False))
-        return lambda x: agq_float(x, scale, q.tau, q.levels)
+        return lambda x: agq_reference(x, scale, q.tau, q.levels)
     if isinstance(q, HLUQFakeQuantize):
         params = q._eval_params()
         records.append(QuantizerExport(name, "emulated-hluq", q.bit, "float", bool(q.group.numel())))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteActivation
+from .logq import agq_nonzero_levels, agq_quantize, agq_quantize_, agq_reference
 from .observer import ObserverBase, memory_order, qrange
 
 
@@ -93,8 +94,12 @@ class FakeQuantizeBase(nn.Module):
         return self._eval_params()
 
     def learnable_params(self):
-        """The quantization parameters a reconstruction may learn (the scale, when it is a parameter)."""
+        """The scale-like parameters a reconstruction may learn (positive: learnable in log space too)."""
         return [self.scale] if isinstance(self.scale, nn.Parameter) else []
+
+    def learnable_offsets(self):
+        """The offset-like parameters a reconstruction may learn (any sign: learned in linear space)."""
+        return []
 
     def learns_qparams(self) -> bool:
         """Whether a backward pass needs gradients for this quantizer's scale / zero point."""
@@ -237,6 +242,9 @@ class LSQPlusFakeQuantize(LSQFakeQuantize):
         self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float())
         self.zero_point = nn.Parameter(zero_point.detach().clone().reshape(-1).float())
 
+    def learnable_offsets(self):
+        return [self.zero_point]
+
     def _params(self, x):
         scale, _ = super()._params(x)
         zp = torch.clamp(round_ste(grad_scale(self.zero_point, self.grad_factor(x))), self.quant_min, self.quant_max)
@@ -299,22 +307,25 @@ class AdaRoundFakeQuantize(FakeQuantizeBase):
 
 
 class AGQFakeQuantize(FakeQuantizeBase):
-    """Adaptive Granularity Quantization for post-softmax values (x in [0, 1]).
+    """Adaptive Granularity Quantization for post-softmax values (x in [0, 1]): the log2 grid of base 2^(1/tau) and
+    scale s of :mod:`ptq4sam.quantization.logq` (one formula for training, evaluation, search and export).
 
-    x_int = round(-tau * log2(x / s)); x_int >= 2^b maps to 0, else x_hat = s * 2^(-x_int / tau).
-    ``tau`` (1, 2, 4, ...) is chosen by :func:`ptq4sam.agq.search_tau`; ``s`` is learnable (LSQ-style STE).
+    ``tau`` (1, 2, 4, ...) and ``s`` are chosen by :mod:`ptq4sam.agq`; ``s`` is learnable with LSQ-form gradients.
+    ``levels``: ``'paper'`` (2^b non-zero levels + zero, the paper code's 2^b + 1 values) or ``'exact'`` (2^b - 1
+    non-zero levels + zero: a b-bit code).
     """
 
     learnable = True
     uniform = False
 
-    def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1, tau: int = 1):
+    def __init__(self, observer, bit=8, symmetric=False, ch_axis=-1, tau: int = 1, levels: str = "paper"):
         super().__init__(observer, bit, False, -1)
         self.tau = tau
-        self.levels = 2 ** bit
+        self.levels_mode = levels
+        self.levels = agq_nonzero_levels(bit, levels)  # non-zero levels (codes k < levels)
 
     def extra_repr(self):
-        return super().extra_repr() + f", tau={self.tau}"
+        return super().extra_repr() + f", tau={self.tau}, levels={self.levels_mode}"
 
     def set_qparams(self, scale, zero_point):
         self.scale = nn.Parameter(scale.detach().clone().reshape(-1).float()[:1])
@@ -332,44 +343,22 @@ class AGQFakeQuantize(FakeQuantizeBase):
 
     def quantize(self, x):
         if not torch.is_grad_enabled():
-            return agq_quantize_(x, self._no_grad_params(x)[0], self.tau, self.levels)
+            scale = self._no_grad_params(x)[0]
+            if _compiled_agq is not None and x.is_cuda:
+                return _compiled_agq(x, scale, self.tau, self.levels)
+            return agq_quantize_(x, scale, self.tau, self.levels)
         return agq_quantize(x, self.scale.abs().clamp(min=1e-8), self.tau, self.levels)
-
-
-def _agq_eval(x: torch.Tensor, scale: torch.Tensor, tau: int, levels: int) -> torch.Tensor:
-    t = torch.clamp(torch.round(-tau * torch.log2(torch.clamp(x / scale, min=1e-30))), min=0)
-    return torch.where(t >= levels, torch.zeros_like(x), scale * torch.exp2(t / -tau))
 
 
 _compiled_agq = None
 
 
 def use_compiled_agq(enabled: bool = True) -> None:
-    """Opt-in: evaluate AGQ on CUDA tensors with a ``torch.compile``-fused kernel (one pass over the softmax map
-    instead of seven). Triton's log2/exp2 may differ from eager in the last bit, so results are not bit-identical
-    to the default path; benchmarks report it separately (``tools/benchmark_speed.py --compile``)."""
+    """Opt-in: evaluate AGQ on CUDA tensors with a ``torch.compile``-fused kernel of the same formula (one pass over
+    the softmax map instead of several). Triton's log / exp may differ from eager in the last bit, so results are not
+    bit-identical to the default path; benchmarks report it separately (``tools/benchmark_speed.py --compile``)."""
     global _compiled_agq
-    _compiled_agq = torch.compile(_agq_eval, dynamic=True) if enabled else None
-
-
-@torch.no_grad()
-def agq_quantize_(x: torch.Tensor, scale, tau, levels: int) -> torch.Tensor:
-    """:func:`agq_quantize` for evaluation: the same numbers, computed in place in one work buffer (a softmax map
-    is the largest tensor of an attention, so every temporary of the autograd version costs a full pass)."""
-    if _compiled_agq is not None and x.is_cuda:
-        return _compiled_agq(x, scale, tau, levels)
-    t = (x / scale).clamp_(min=1e-30).log2_().mul_(-tau).round_().clamp_(min=0)
-    drop = t >= levels
-    return t.div_(-tau).exp2_().mul_(scale).masked_fill_(drop, 0.0)
-
-
-def agq_quantize(x: torch.Tensor, scale, tau, levels: int) -> torch.Tensor:
-    """The AGQ formula (broadcasting over ``scale`` / ``tau``), with straight-through rounding."""
-    ratio = torch.clamp(x / scale, min=1e-30)
-    x_int = round_ste(-tau * torch.log2(ratio))
-    x_int = torch.clamp(x_int, min=0)  # values above s saturate at s
-    out = scale * torch.exp2(-x_int / tau)
-    return torch.where(x_int.detach() >= levels, torch.zeros_like(out), out)
+    _compiled_agq = torch.compile(agq_reference, dynamic=True) if enabled else None
 
 
 QUANTIZERS: Dict[str, Type[FakeQuantizeBase]] = {

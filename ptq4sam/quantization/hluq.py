@@ -25,6 +25,7 @@ from torch import nn
 
 from .cag import group_channels, group_ranges
 from .fake_quant import QUANTIZERS, FakeQuantizeBase, _bshape, round_ste
+from .logq import lsq_form
 from .observer import OBSERVERS, ObserverBase, data_range
 
 
@@ -39,11 +40,17 @@ def hluq_levels(bit: int, grid_rate: float) -> Tuple[int, int]:
 
 
 def hluq_quantize(x: torch.Tensor, fp_min, scale_log, scale_uni, levels_log: int, levels_uni: int) -> torch.Tensor:
-    """The HLUQ grid (module docstring) with straight-through rounding; broadcasting over the parameters."""
+    """The HLUQ grid (module docstring); broadcasting over the parameters. Gradients: the uniform branch LSQ's
+    (straight-through rounding), the log branch LSQ's form too (:func:`ptq4sam.quantization.logq.lsq_form`: a
+    straight-through rounding inside the log would make the split point's gradient exactly 0 for every value)."""
     xs = x - fp_min
-    n = round_ste(-torch.log2(torch.clamp(xs / scale_log, min=1e-30)))
-    log_val = scale_log * torch.exp2(-torch.clamp(n, min=0.0, max=levels_log - 1))
-    log_val = torch.where(n.detach() >= levels_log, torch.zeros_like(log_val), log_val)
+    with torch.no_grad():
+        n = torch.round(-torch.log2(torch.clamp(xs / scale_log, min=1e-30)))
+        log_q = scale_log * torch.exp2(-torch.clamp(n, min=0.0, max=levels_log - 1))
+        flushed = n >= levels_log
+        log_q = torch.where(flushed, torch.zeros_like(log_q), log_q)
+    s_log = scale_log if torch.is_tensor(scale_log) else torch.as_tensor(scale_log, dtype=xs.dtype, device=xs.device)
+    log_val = lsq_form(log_q, xs, s_log, ~flushed) if torch.is_grad_enabled() else log_q
     u = torch.clamp(round_ste((xs - scale_log) / scale_uni), 0.0, levels_uni - 1)
     uni_val = scale_log + u * scale_uni
     return torch.where(xs <= scale_log, log_val, uni_val) + fp_min

@@ -44,15 +44,32 @@ class _QuantWeightMixin:
         if q is not None and q.observer_enabled and hasattr(q.observer, "set_layer"):
             q.observer.set_layer(self.weight, self.bias, fn)
 
+    def quant_source(self) -> torch.Tensor:
+        """The tensor the weight quantizer rounds: the float weight, or the weight GPTQ chose for it
+        (:meth:`set_quant_source`). The float weight itself never changes, so a forward with the quantizers off is
+        the float model's."""
+        src = self._buffers.get("gptq_weight")
+        return self.weight if src is None else src
+
+    @torch.no_grad()
+    def set_quant_source(self, w: torch.Tensor) -> None:
+        """Quantize ``w`` (same shape as the weight, e.g. GPTQ's compensated weight) instead of the float weight;
+        the float weight stays for float forwards and as the reconstruction's reference."""
+        if tuple(w.shape) != tuple(self.weight.shape):
+            raise ValueError(f"quantization source of shape {tuple(w.shape)} for a weight of {tuple(self.weight.shape)}")
+        self.register_buffer("gptq_weight", w.detach().to(self.weight).clone())
+        self.unfreeze()
+
     def qweight(self) -> torch.Tensor:
         wq = self.weight_quantizer
-        if wq is None:
+        if wq is None or not wq.fake_quant_enabled:
             return self.weight
-        if not torch.is_grad_enabled() and wq.fake_quant_enabled:
-            frozen = self.__dict__.get("_frozen_weight")  # (weight version, device, quantized weight)
-            if frozen is not None and frozen[0] == self.weight._version and frozen[1] == self.weight.device:
+        src = self.quant_source()
+        if not torch.is_grad_enabled():
+            frozen = self.__dict__.get("_frozen_weight")  # (source version, device, quantized weight)
+            if frozen is not None and frozen[0] == src._version and frozen[1] == src.device:
                 return frozen[2]
-        return wq(self.weight)
+        return wq(src)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -61,7 +78,8 @@ class _QuantWeightMixin:
         self.unfreeze()
         wq = self.weight_quantizer
         if wq is not None and wq.fake_quant_enabled:
-            self.__dict__["_frozen_weight"] = (self.weight._version, self.weight.device, wq(self.weight).detach())
+            src = self.quant_source()
+            self.__dict__["_frozen_weight"] = (src._version, src.device, wq(src).detach())
 
     def unfreeze(self) -> None:
         self.__dict__.pop("_frozen_weight", None)

@@ -105,6 +105,9 @@ def restore_quantizers(model: nn.Module, state: dict, meta: dict) -> None:
             key = f"{name}.observer.{bname}"
             if key in state:
                 setattr(q.observer, bname, state[key].clone())
+    for key in state:
+        if key.endswith(".gptq_weight"):  # GPTQ's weights, quantized instead of the (kept) float weights
+            mods[key[: -len(".gptq_weight")]].set_quant_source(state[key])
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Cache of weight ranges: a weight is observed once, and its MSE range search (the paper's 2-D search over ranges x
 zero points) is the most expensive part of calibration on a CPU. The chosen (min, max) per channel is a deterministic
-function of the weight's bytes and the observer's settings, so it is stored under a hash of both and reused by any
-later run (another bit width or observer is another key).
+function of the weight's bytes, the observer's settings and the observers' code, so it is stored under a hash of the
+three and reused by any later run (another bit width, observer or version of the search is another key).
 
 Location: ``$PTQ4SAM_CACHE_DIR/weight_ranges`` (default ``~/.cache/ptq4sam/weight_ranges``);
 ``PTQ4SAM_WEIGHT_CACHE=off`` disables it. Files are written atomically and read with ``weights_only=True``.
@@ -18,7 +18,19 @@ import torch
 from ..errors import atomic_write
 from .observer import ObserverBase
 
-VERSION = "2d-walk-1"  # bump when a search changes its result
+
+def _code_version() -> str:
+    """A hash of the code whose results are cached (the observers' searches, this file): a change to a search is a
+    new key, never a stale hit from a warm cache."""
+    from . import observer  # noqa: PLC0415
+
+    h = hashlib.sha1()
+    for f in (Path(observer.__file__), Path(__file__)):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+VERSION = _code_version()
 
 
 def cache_dir() -> Optional[Path]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ptq4sam.errors import ImageReadError, InputError, InputNotFound, UnknownName
+from ptq4sam.mixed import average_bits, layer_bits, layer_macs
 from ptq4sam.ptq import CalibSample, ReconCheckpoint, load_quantized, quantize_segmenter, save_quantized
 from ptq4sam.quant_sam import quantize_sam
 
@@ -67,7 +68,7 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
         info["loaded_from"] = args.load_sam_path
         info["load_s"] = round(time.time() - t, 2)
         return info
-    torch.manual_seed(qcfg.seed if args.seed is None else args.seed)
+    torch.manual_seed(qcfg.seed)  # (--seed is in qcfg.seed): QDrop's masks inside units draw from it
     t = time.time()
     samples, names, skipped = calibration_samples(model, cfg, qcfg, device, qcfg.seed)
     info["calibration_images"] = names
@@ -79,6 +80,10 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
                                  write=rank == 0, log=print if rank == 0 else (lambda *a: 0))
     info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device, paper_eval_bugs=args.paper_eval_bugs,
                                    log=print if rank == 0 else (lambda *a: 0), checkpoint=checkpoint))
+    if qcfg.overrides:  # mixed precision: the MAC-weighted average bits name the run (never "W4A4")
+        probe = next(s for s in samples if len(s.boxes))
+        info["avg_bits"] = dict(zip(("w", "a"), average_bits(layer_bits(seg.sam), layer_macs(
+            seg.sam, lambda: seg(probe.image, probe.boxes[:1])))))
     if args.save_sam_path and rank == 0:
         size = save_quantized(seg.sam, args.save_sam_path, qcfg.to_dict(), args.quant_encoder,
                               {k: v for k, v in info.items() if k != "calibration_images"})
@@ -108,5 +113,5 @@ def fingerprint(args, qcfg, names, samples) -> dict:
             elif k != "source":
                 yield f"q_config.{prefix}{k}", v
     return {**dict(flat(qcfg.to_dict())), "quant_encoder": bool(args.quant_encoder),
-            "seed": int(qcfg.seed if args.seed is None else args.seed), "paper_eval_bugs": bool(args.paper_eval_bugs),
+            "seed": int(qcfg.seed), "paper_eval_bugs": bool(args.paper_eval_bugs),
             "config": str(args.config), "calibration_images": names, "calibration_boxes_sha256": boxes.hexdigest()[:16]}

@@ -210,7 +210,8 @@ def evaluate(dataset, results, metrics):
 def fp_cache_path(model, dataset, cfg, args, n: int, device, world: int) -> Path:
     """Where the FP baseline of this exact evaluation is kept: a hash of the model's float weights (SAM and prompt
     detector), the resolved config, the annotation file and the evaluated images' names / sizes / times, the toolkit's
-    source (ptq4sam/, projects/), the torch / mmdet versions, the device type, the image count and the metrics."""
+    source (ptq4sam/, projects/), the torch / mmdet versions, the device type, the image count and the metrics; in
+    ``$PTQ4SAM_CACHE_DIR/fp_eval`` when that is set, else ``work_dirs/.fp_cache``."""
     import hashlib  # noqa: PLC0415
 
     import mmdet  # noqa: PLC0415
@@ -228,7 +229,9 @@ def fp_cache_path(model, dataset, cfg, args, n: int, device, world: int) -> Path
     for root in ("ptq4sam", "projects"):
         for f in sorted((REPO_ROOT / root).rglob("*.py")):
             h.update(str(f.relative_to(REPO_ROOT)).encode() + f.read_bytes())
-    return REPO_ROOT / "work_dirs" / ".fp_cache" / f"{h.hexdigest()[:20]}.json"
+    root = Path(os.environ["PTQ4SAM_CACHE_DIR"]) / "fp_eval" if os.environ.get("PTQ4SAM_CACHE_DIR") \
+        else REPO_ROOT / "work_dirs" / ".fp_cache"
+    return root / f"{h.hexdigest()[:20]}.json"
 
 
 def print_table(rows: dict, keys=("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP")):
@@ -267,6 +270,8 @@ def run(args):
         from ptq4sam.qconfig import load_qconfig  # noqa: PLC0415
 
         qcfg = load_qconfig(args.q_config, args.q_options)
+        if args.seed is not None:  # one seed for the whole run: calibration order, QDrop masks, reconstruction
+            qcfg.seed = args.seed
     if args.backend != "torch":
         if not args.onnx:
             raise InputError(f"--backend {args.backend} runs exported graphs: give --onnx DIR (tools/export_onnx.py)")
@@ -291,7 +296,7 @@ def run(args):
             check_writable_dir(Path(out).parent, f"{flag} folder")
     rank, world = init_dist(args.launcher)
     device = pick_device(args.gpu_id, args.launcher)
-    seed = args.seed if args.seed is not None else (qcfg.seed if qcfg is not None else 0)
+    seed = qcfg.seed if qcfg is not None else (args.seed if args.seed is not None else 0)
     set_seed(seed)
     timer = PhaseTimer()
 
@@ -376,7 +381,14 @@ def run(args):
 
             use_compiled_agq(True)
         metrics["compile_agq"] = args.compile_agq
-    name = "FP" if qcfg is None else f"W{qcfg.w_qconfig.bit}A{qcfg.a_qconfig.bit}"
+    if qcfg is not None:
+        from ptq4sam.mixed import bits_label  # noqa: PLC0415
+
+        avg = metrics.get("avg_bits")
+        name = bits_label(qcfg.w_qconfig.bit, qcfg.a_qconfig.bit, (avg["w"], avg["a"]) if avg else None,
+                          mixed=bool(qcfg.overrides))
+    else:
+        name = "FP"
     if args.backend != "torch":
         eq = model.segmenter.manifest["q_config"]
         name = (f"W{eq['w_qconfig']['bit']}A{eq['a_qconfig']['bit']}" if eq else "FP") + f" ({args.backend})"
