@@ -257,24 +257,12 @@ def _per_image_eval(ann_file, results: List[dict], image_ids: List[int]):
         return _evaluated(COCO(str(ann_file)), results, image_ids, "segm")
 
 
-def _resampled_map(ev, base: list, n_img: int, idx: np.ndarray) -> float:
-    """mask mAP (IoU .50:.95, all areas, 1000 detections: ``stats[0]``) of the split made of images ``idx`` (positions
-    in the sorted image ids, repeats allowed): the per-image matches are reused and only the accumulation is redone,
-    with a repeated image counted as a distinct image."""
-    n_cat, n_area = len(ev._paramsEval.catIds), len(ev._paramsEval.areaRng)
-    ev.evalImgs = [base[(k * n_area + a) * n_img + i] for k in range(n_cat) for a in range(n_area) for i in idx]
-    ev.params.imgIds = ev._paramsEval.imgIds = list(range(len(idx)))
-    with contextlib.redirect_stdout(io.StringIO()):
-        ev.accumulate()
-    p = ev.eval["precision"][:, :, :, 0, -1]  # areaRng 'all', maxDets[-1]: what summarize() reports as stats[0]
-    return float(np.mean(p[p > -1])) if np.any(p > -1) else -1.0
-
-
 def bootstrap_map(ann_file, preds: List[dict], samples: int = 1000, seed: int = 0) -> Dict[str, object]:
     """Paired bootstrap over images of mask mAP: each sample draws len(images) images with replacement (the same
     draw for every model) and recomputes every model's mAP on it. ``preds``: predictions written by :func:`evaluate`
     (``save_predictions``) on the same images. Returns ``full`` (each model's mAP on the split itself, equal to
-    :func:`coco_metrics`' ``segm_mAP`` before rounding) and ``samples`` (samples x models)."""
+    :func:`coco_metrics`' ``segm_mAP`` before rounding) and ``samples`` (samples x models). A repeated image counts as
+    that many distinct images (:class:`ResampledMAP`)."""
     if not preds:
         raise InputError("bootstrap_map: no predictions given")
     ids = list(preds[0]["image_ids"])
@@ -284,13 +272,94 @@ def bootstrap_map(ann_file, preds: List[dict], samples: int = 1000, seed: int = 
                              f"({len(p['image_ids'])} vs {len(ids)} images); a paired bootstrap needs the same split")
     if samples < 1:
         raise InputError(f"bootstrap_map: samples must be >= 1, got {samples}")
-    evs = [_per_image_eval(ann_file, p["results"], ids) for p in preds]
-    n_img = len(evs[0]._paramsEval.imgIds)
-    bases = [list(ev.evalImgs) for ev in evs]
-    full = [_resampled_map(ev, b, n_img, np.arange(n_img)) for ev, b in zip(evs, bases)]
-    rng = np.random.default_rng(seed)
-    out = np.empty((samples, len(preds)))
-    for s in progress(range(samples), desc="bootstrap", leave=False):
-        idx = rng.integers(0, n_img, n_img)
-        out[s] = [_resampled_map(ev, b, n_img, idx) for ev, b in zip(evs, bases)]
+    n_img = len(ids)
+    full = resampled_maps(ann_file, preds, np.ones((1, n_img)))[0].tolist()
+    out = resampled_maps(ann_file, preds, bootstrap_draws(n_img, samples, seed))
     return {"full": full, "samples": out, "images": n_img}
+
+
+class ResampledMAP:
+    """Mask mAP (IoU .50:.95, area 'all', 1000 detections: COCOeval's ``stats[0]``) of one model's predictions on any
+    resample of the split's images, from COCOeval's per-image matches computed once.
+
+    A resample is a vector of image multiplicities; a repeated image counts as that many distinct images: the result
+    is COCOeval's on a split that holds each image as often as drawn, the copies next to their original (its
+    accumulation, redone here on arrays: the detections of every copy in image order, stably sorted by score, so
+    tied scores are ordered as COCOeval orders them)."""
+
+    def __init__(self, ev):
+        p = ev._paramsEval
+        self.n_img, self.rec_thrs = len(p.imgIds), np.asarray(p.recThrs)
+        n_area, max_det = len(p.areaRng), p.maxDets[-1]
+        self.n_thr = len(p.iouThrs)
+        self.cats = []  # per category with a GT or a detection: (score, image, tp (T, D), fp (T, D), GT per image)
+        for k in range(len(p.catIds)):
+            es = [ev.evalImgs[(k * n_area) * self.n_img + i] for i in range(self.n_img)]  # area 'all' is index 0
+            if all(e is None for e in es):
+                continue
+            gt = np.array([0 if e is None else int(np.sum(np.asarray(e["gtIgnore"]) == 0)) for e in es], np.float64)
+            scores, imgs, tps, fps = [], [], [], []
+            for i, e in enumerate(es):
+                if e is None or not len(e["dtScores"]):
+                    continue
+                m, ig = np.asarray(e["dtMatches"])[:, :max_det], np.asarray(e["dtIgnore"])[:, :max_det].astype(bool)
+                scores.append(np.asarray(e["dtScores"][:max_det], np.float64))
+                imgs.append(np.full(m.shape[1], i))
+                tps.append((m != 0) & ~ig)
+                fps.append((m == 0) & ~ig)
+            if scores:
+                self.cats.append((np.concatenate(scores), np.concatenate(imgs), np.concatenate(tps, 1),
+                                  np.concatenate(fps, 1), gt))
+            else:
+                self.cats.append((np.zeros(0), np.zeros(0, np.int64), np.zeros((self.n_thr, 0), bool),
+                                  np.zeros((self.n_thr, 0), bool), gt))
+
+    def __call__(self, weights: np.ndarray) -> float:
+        """mAP of the resample with image multiplicities ``weights`` (n_img,); -1 if no category has a GT."""
+        w_int = np.asarray(weights).astype(np.int64)
+        aps = []
+        for score, img, tp, fp, gt in self.cats:
+            npig = float(w_int @ gt)
+            if npig == 0:
+                continue  # COCOeval: -1, left out of the mean
+            rep = w_int[img]
+            if not rep.sum():
+                aps.append(np.zeros(self.n_thr))
+                continue
+            j = np.repeat(np.arange(len(score)), rep)  # every copy of every detection
+            start = np.repeat(np.cumsum(rep) - rep, rep)
+            copy = np.arange(len(j)) - start
+            # COCOeval: detections concatenated image by image (each copy of an image in turn), then a stable sort
+            # by descending score
+            order = np.lexsort((j, copy, img[j], -score[j]))
+            jj = j[order]
+            tp_sum, fp_sum = np.cumsum(tp[:, jj], 1, dtype=np.float64), np.cumsum(fp[:, jj], 1, dtype=np.float64)
+            rc = tp_sum / npig
+            pr = tp_sum / (fp_sum + tp_sum + np.spacing(1))
+            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # the precision envelope
+            ap = np.zeros(self.n_thr)
+            for t in range(self.n_thr):
+                inds = np.searchsorted(rc[t], self.rec_thrs, side="left")
+                ok = inds < rc.shape[1]
+                ap[t] = np.where(ok, pr[t, np.minimum(inds, rc.shape[1] - 1)], 0.0).mean()
+            aps.append(ap)
+        return float(np.mean(np.concatenate(aps))) if aps else -1.0
+
+
+def resampled_maps(ann_file, preds: List[dict], draws: np.ndarray) -> np.ndarray:
+    """(draws, models) mask mAP of each model on each resample; ``draws``: (S, n_img) image multiplicities of the
+    sorted image ids. Each model's per-image matching runs once (:class:`ResampledMAP`)."""
+    out = np.empty((draws.shape[0], len(preds)))
+    for j, p in enumerate(preds):
+        rm = ResampledMAP(_per_image_eval(ann_file, p["results"], list(p["image_ids"])))
+        for s in range(draws.shape[0]):
+            out[s, j] = rm(draws[s])
+    return out
+
+
+def bootstrap_draws(n_img: int, samples: int, seed: int = 0) -> np.ndarray:
+    """(samples, n_img) multiplicities of ``samples`` draws of n_img images with replacement (seeded): the same draws
+    pair every model compared on the split."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n_img, n_img), minlength=n_img) for _ in range(samples)]).astype(
+        np.float64)

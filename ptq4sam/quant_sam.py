@@ -229,14 +229,6 @@ if tinyvit is not None:
         fuse_conv_bn(m), ctx.w_cfg, ctx.conv_input_cfg(m.c))  # models built by build_sam come folded already
 
 
-def register_quant_module(module_type: type):
-    """Decorator: ``@register_quant_module(MyAttention)`` on a ``fn(module, ctx) -> quantized module``."""
-    def deco(fn):
-        QUANT_MODULE_REGISTRY[module_type] = fn
-        return fn
-    return deco
-
-
 def convert_module(module: nn.Module, ctx: QuantContext, skip: set, prefix: str = "") -> nn.Module:
     """Recursively replace registered module types below ``module`` (not ``module`` itself); ``prefix`` is
     ``module``'s name in the model (per-module bit overrides match full names)."""
@@ -386,3 +378,23 @@ def recon_units(sam, quant_encoder: bool, granularity: str = "module") -> List[n
 
 def quant_attentions(module: nn.Module) -> List[QuantAttentionBase]:
     return [m for m in module.modules() if isinstance(m, QuantAttentionBase)]
+
+
+def build_context(qcfg) -> QuantContext:
+    """The quantization context of a q_config (:class:`ptq4sam.qconfig.QConfig`)."""
+    wkw = {"round_mode": qcfg.recon.round_mode} if qcfg.w_qconfig.quantizer == "AdaRoundFakeQuantize" else {}
+    a = qcfg.ahcptq
+    hluq = None
+    if a.HLUQ and qcfg.a_qconfig.bit is not None:
+        hluq = QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", qcfg.a_qconfig.bit, False, -1,
+                               observer_kwargs={"range_rates": list(a.range_rates), "grid_rates": list(a.grid_rates),
+                                                "top_rates": list(a.top_rates), "groups": a.hluq_groups})
+    return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
+                        agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, agq_levels=qcfg.ptq4sam.agq_levels,
+                        big=qcfg.ptq4sam.BIG,
+                        dw_act_per_channel=qcfg.depthwise_act_per_channel,
+                        big_k_observer=qcfg.ptq4sam.big_k_observer, hluq_cfg=hluq,
+                        cag_groups=a.groups if a.CAG else 0, cag_observer=a.cag_observer,
+                        ahcptq_convs=a.convs,
+                        overrides=list(qcfg.overrides))
+

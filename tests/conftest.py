@@ -45,7 +45,7 @@ def calib_samples(n: int, ann_file=CALIB_ANN):
     """The first n images (by id) of a split with their GT boxes, as PTQ calibration samples (no mmcv needed:
     the GPU machines have none)."""
     from ptq4sam.images import read_rgb
-    from ptq4sam.ptq import CalibSample
+    from ptq4sam.samples import CalibSample
 
     ann = json.loads(Path(ann_file).read_text())
     out = []

@@ -6,11 +6,13 @@ import pytest
 import torch
 from conftest import calib_samples
 
+from ptq4sam.checkpoint import load_quantized, save_quantized
 from ptq4sam.deploy.compact import fp_state_bytes, pack, read_compact, unpack
 from ptq4sam.models import BoxPromptSegmenter, CheckpointError, build_sam
-from ptq4sam.ptq import CalibSample, build_context, load_quantized, quantize_segmenter, save_quantized
+from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import load_qconfig
-from ptq4sam.quant_sam import quantize_sam
+from ptq4sam.quant_sam import build_context, quantize_sam
+from ptq4sam.samples import CalibSample
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

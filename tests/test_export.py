@@ -9,11 +9,12 @@ from ptq4sam.deploy.onnx_export import DecoderGraph, export_sam, integer_weight
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph
 from ptq4sam.errors import InputError
 from ptq4sam.models import BoxPromptSegmenter, build_sam
-from ptq4sam.ptq import CalibSample, quantize_segmenter
+from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import load_qconfig
 from ptq4sam.quantization import agq_quantize
 from ptq4sam.quantization.logq import agq_quantize_, agq_reference
 from ptq4sam.quantization.state import disable_all, enable_quantization
+from ptq4sam.samples import CalibSample
 
 CPU = torch.device("cpu")
 

@@ -7,10 +7,10 @@ import torch
 
 from ptq4sam.agq import PaperAGQSearch
 from ptq4sam.big import bandwidth, big_sample, kde
-from ptq4sam.ptq import lp_loss, temperature
 from ptq4sam.quantization import LSQFakeQuantize, LSQPlusFakeQuantize, MinMaxObserver, MSEObserver
 from ptq4sam.quantization.fake_quant import agq_quantize
 from ptq4sam.quantization.observer import MSEFastObserver, fake_quant_ref, qparams_from_range
+from ptq4sam.reconstruction import lp_loss, temperature
 
 
 def test_lp_loss_paper_reduction_sums_dim1():

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from ptq4sam.ptq import UnitCache, reconstruct_unit
 from ptq4sam.qconfig import ReconSection, load_qconfig
 from ptq4sam.quantization import (
     AGQFakeQuantize,
@@ -18,6 +17,7 @@ from ptq4sam.quantization import (
     hluq_quantize,
 )
 from ptq4sam.quantization.logq import agq_nonzero_levels, agq_quantize, lsq_form
+from ptq4sam.reconstruction import UnitCache, reconstruct_unit
 
 
 def _per_element_grads(fn, x, s):

@@ -158,8 +158,8 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
     evaluates identically."""
     import torch
 
+    from ptq4sam.checkpoint import without_wall_times
     from ptq4sam.deploy.compact import same_checkpoint
-    from ptq4sam.ptq import without_wall_times
 
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "3",
               "--q-options", "calibrate=2", "recon.iters=2", "recon.max_boxes=2", "ptq4sam.agq_images=1",
@@ -195,8 +195,8 @@ def test_resume_state_of_other_settings_is_refused(tmp_path):
     import pytest
     import torch
 
+    from ptq4sam.checkpoint import ReconCheckpoint
     from ptq4sam.models.sam_builder import CheckpointError
-    from ptq4sam.ptq import ReconCheckpoint
 
     path = tmp_path / "recon_state.pt"
     ReconCheckpoint(path, {"q_config": {"recon": {"iters": 2}}, "seed": 1}).save(
@@ -236,7 +236,7 @@ def test_torch_only_coco_eval_equals_mmdet_pipeline(fp_gt4):
 def test_seed_reaches_calibration_order_qdrop_and_reconstruction(tmp_path):
     """--seed is the run's one seed: it picks the calibration images (calibrate_mode random), QDrop's masks and the
     reconstruction's sampling; metrics.json and the resolved q_config record it; the same seed is bit-identical."""
-    from ptq4sam.ptq import without_wall_times
+    from ptq4sam.checkpoint import without_wall_times
 
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "1",
               "--q-options", "calibrate=2", "calibrate_mode=random", "recon.iters=3", "recon.max_boxes=2",

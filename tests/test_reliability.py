@@ -330,7 +330,7 @@ def test_interrupted_write_leaves_the_old_file_whole_and_no_temporary(tmp_path):
 
 
 def test_resume_of_a_paper_eval_bugs_run_is_refused():
-    from ptq4sam.ptq import reconstruct
+    from ptq4sam.reconstruction import reconstruct
 
     with pytest.raises(InputError, match="--paper-eval-bugs"):
         reconstruct(None, [], [], None, 0, torch.device("cpu"), paper_bugs=True, done=[{"unit": "x"}])

@@ -9,10 +9,11 @@ from conftest import calib_samples
 
 from ptq4sam.big import apply_big, channel_signs, detect_bimodal, find_peaks, fold_signs, kde
 from ptq4sam.models import BoxPromptSegmenter, build_sam
-from ptq4sam.ptq import build_context, quantize_segmenter, record
+from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import QConfig, QConfigError, load_qconfig
-from ptq4sam.quant_sam import QuantDecoderAttention, quant_attentions, quantize_sam, recon_units
+from ptq4sam.quant_sam import QuantDecoderAttention, build_context, quant_attentions, quantize_sam, recon_units
 from ptq4sam.quantization import FakeQuantizeBase, disable_all, min_drop_prob
+from ptq4sam.samples import record
 
 ROOT_EXP = "exp/demo/config66.yaml"
 
@@ -281,7 +282,7 @@ def test_module_units_log_both_gradient_norms_and_match_the_paper_granularity(li
 
 
 def test_calibration_images_without_boxes_are_skipped_by_the_decoder(lite):
-    from ptq4sam.ptq import CalibSample
+    from ptq4sam.samples import CalibSample
 
     s = calib_samples(2)
     empty = CalibSample(s[0].image, np.zeros((0, 4), np.float32))
@@ -324,7 +325,7 @@ def test_vit_encoder_and_decoder_quantization_random_weights(model_type):
     sam = build_sam(model_type, random_init=True, image_size=64)
     seg = BoxPromptSegmenter(sam)
     img = _image(48, 64)
-    from ptq4sam.ptq import CalibSample
+    from ptq4sam.samples import CalibSample
 
     samples = [CalibSample(img, np.array([[5, 5, 40, 30], [10, 0, 60, 47]], np.float32))]
     ref = seg(img, samples[0].boxes).low_res_logits

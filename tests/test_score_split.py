@@ -135,7 +135,7 @@ def test_bootstrap_resamples_images_exactly_and_pairs_models(tmp_path):
     assert np.all(b["samples"][:, 1] == 1.0) and np.all(b["samples"][:, 0] < 1.0)
     # a draw with image 1 twice = COCOeval on a split holding image 1 and an exact copy of it
     ev = coco_eval._per_image_eval(path, half["results"], [1, 2])
-    got = coco_eval._resampled_map(ev, list(ev.evalImgs), 2, np.array([0, 0]))
+    got = coco_eval.ResampledMAP(ev)(np.array([2.0, 0.0]))
     dpath, dres, dids = _dup_first_image(tmp_path, boxes, half)
     assert round(got, 4) == coco_eval.coco_metrics(dpath, dres, dids, ("segm",))["segm_mAP"]
     with pytest.raises(InputError, match="other images"):
@@ -164,3 +164,37 @@ def test_bootstrap_resamples_images_exactly_and_pairs_models(tmp_path):
     r = subprocess.run([sys.executable, "tools/compare_predictions.py", "--ref", str(tmp_path / "nope.json"), "--q",
                         str(tmp_path / "exact.json")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "nope.json" in r.stderr
+
+
+def test_resampled_map_equals_cocoeval_on_the_duplicated_split_with_tied_scores(tmp_path):
+    """On real predictions with many tied scores (a quantized IoU head): the weighted resample equals COCOeval run on
+    a split that holds each drawn image as often as drawn (copies next to their original)."""
+    ann = json.loads((ROOT / "data/coco128/annotations/instances_eval96.json").read_text())
+    pred = coco_eval.load_predictions(
+        ROOT / "docs/results/deploy_s11/predictions/ORT_quantize_static_W8A8__MinMax__ort.json.gz")
+    assert len({r["score"] for r in pred["results"]}) < len(pred["results"]) / 2  # ties
+    ids = sorted(pred["image_ids"])[:20]
+    pred = {"image_ids": ids, "results": [r for r in pred["results"] if r["image_id"] in ids]}
+    sub = dict(ann, images=[im for im in ann["images"] if im["id"] in ids],
+               annotations=[a for a in ann["annotations"] if a["image_id"] in ids])
+    (tmp_path / "sub.json").write_text(json.dumps(sub))
+    ev = coco_eval._per_image_eval(tmp_path / "sub.json", pred["results"], ids)
+    rm = coco_eval.ResampledMAP(ev)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        w = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids))
+        images, anns, res, new = [], [], [], 0
+        for pos, img in enumerate(ids):  # the drawn split, copies adjacent, ids renumbered in that order
+            for _ in range(w[pos]):
+                new += 1
+                im = next(i for i in sub["images"] if i["id"] == img)
+                images.append(dict(im, id=new))
+                for a in sub["annotations"]:
+                    if a["image_id"] == img:
+                        anns.append(dict(a, image_id=new, id=len(anns) + 1))
+                res += [dict(r, image_id=new) for r in pred["results"] if r["image_id"] == img]
+        (tmp_path / "dup.json").write_text(json.dumps(dict(sub, images=images, annotations=anns)))
+        ref = coco_eval._per_image_eval(tmp_path / "dup.json", res, list(range(1, new + 1)))
+        ref.accumulate()
+        p = ref.eval["precision"][:, :, :, 0, -1]
+        assert rm(w.astype(float)) == pytest.approx(float(np.mean(p[p > -1])), abs=1e-12)

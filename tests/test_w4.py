@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import calib_samples
 
+from ptq4sam.checkpoint import load_quantized, save_quantized
 from ptq4sam.models import BoxPromptSegmenter, build_sam
-from ptq4sam.ptq import UnitCache, build_context, load_quantized, quantize_segmenter, reconstruct_unit, save_quantized
+from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import QConfigError, ReconSection, load_qconfig
-from ptq4sam.quant_sam import quantize_sam
+from ptq4sam.quant_sam import build_context, quantize_sam
 from ptq4sam.quantization import (
     AvgMinMaxObserver,
     CAGFakeQuantize,
@@ -30,6 +31,7 @@ from ptq4sam.quantization import (
     qparams_from_range,
     unfreeze,
 )
+from ptq4sam.reconstruction import UnitCache, reconstruct_unit
 from ptq4sam.smooth import smooth_sam
 
 ROOT_EXP = "exp/demo/config44.yaml"
@@ -291,7 +293,7 @@ def test_hluq_cag_smooth_gptq_save_load_identical_and_frozen_path(lite, tmp_path
     with torch.no_grad():
         again = BoxPromptSegmenter(fresh)(img, boxes).low_res_logits
     assert torch.equal(again, frozen)
-    from ptq4sam.ptq import quant_state, restore_quant_state  # the --resume state carries GPTQ's weights too
+    from ptq4sam.checkpoint import quant_state, restore_quant_state  # the --resume state carries GPTQ's weights too
 
     resumed = copy.deepcopy(lite)
     quantize_sam(resumed, build_context(q), False)

@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.mixed import average_bits, bits_label, layer_bits, layer_macs  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
-from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
+from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 from ptq4sam.quantization import perturbed_outputs  # noqa: E402
+from ptq4sam.samples import CalibSample  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
 METHODS = {
@@ -173,7 +174,7 @@ def main(argv=None):
                 seg.sam, lambda sg=seg, pr=probe: sg(pr.image, pr.boxes[:1])))
             saved = None
             if a.save_dir:
-                from ptq4sam.ptq import save_quantized  # noqa: PLC0415
+                from ptq4sam.checkpoint import save_quantized  # noqa: PLC0415
 
                 saved = Path(a.save_dir) / f"{kind}_w{bits}a{bits}_{method.replace('+', '_')}.pth"
                 saved.parent.mkdir(parents=True, exist_ok=True)

@@ -120,7 +120,7 @@ def main(argv=None):
     if not have(fp_dir):
         export_sam(sam, fp_dir, img_size, info={"model": "lite_medsam float"})
     models.append(("FP32", fp_dir, ("ort", "openvino")))
-    from ptq4sam.ptq import load_quantized_file  # noqa: PLC0415
+    from ptq4sam.checkpoint import load_quantized_file  # noqa: PLC0415
 
     for spec in a.ours:
         name, _, ckpt = spec.partition("=")

@@ -47,8 +47,8 @@ def main(argv=None):
     import torch  # noqa: PLC0415
 
     sys.path.insert(0, str(ROOT))
+    from ptq4sam.checkpoint import without_wall_times  # noqa: PLC0415
     from ptq4sam.deploy.compact import same_checkpoint  # noqa: PLC0415
-    from ptq4sam.ptq import without_wall_times  # noqa: PLC0415
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
-from ptq4sam.ptq import CalibSample, quantize_segmenter  # noqa: E402
+from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 from ptq4sam.quant_sam import recon_units  # noqa: E402
 from ptq4sam.quantization import freeze, unfreeze, use_compiled_agq  # noqa: E402
+from ptq4sam.samples import CalibSample  # noqa: E402
 
 
 def sync(device):

@@ -48,7 +48,7 @@ def run(args) -> None:
     sam = build_sam(m.get("model_type", "lite_medsam"), m.get("sam_checkpoint"), random_init=m.get("random_init", False))
     q_config = quant_encoder = info = None
     if args.load_sam_path:
-        from ptq4sam.ptq import load_quantized_file  # noqa: PLC0415
+        from ptq4sam.checkpoint import load_quantized_file  # noqa: PLC0415
 
         if not Path(args.load_sam_path).is_file():
             raise InputNotFound(f"--load_sam_path: {args.load_sam_path} not found")

@@ -24,10 +24,14 @@ from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.agq import search_tau  # noqa: E402
 from ptq4sam.big import channel_signs, detect_bimodal  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
-from ptq4sam.ptq import build_context, gt_box_samples, record  # noqa: E402
 from ptq4sam.qconfig import QConfig  # noqa: E402
-from ptq4sam.quant_sam import quant_attentions, quantize_sam  # noqa: E402
+from ptq4sam.quant_sam import (  # noqa: E402
+    build_context,  # noqa: E402
+    quant_attentions,
+    quantize_sam,
+)
 from ptq4sam.quantization import disable_all  # noqa: E402
+from ptq4sam.samples import gt_box_samples, record  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
 

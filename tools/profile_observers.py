@@ -20,9 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
-from ptq4sam.ptq import gt_box_samples, quantize_segmenter  # noqa: E402
+from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 from ptq4sam.quantization import observer  # noqa: E402
+from ptq4sam.samples import gt_box_samples  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
 

@@ -27,11 +27,12 @@ from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.mixed import layer_macs  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.progress import progress  # noqa: E402
-from ptq4sam.ptq import gt_box_samples, quantize_segmenter  # noqa: E402
+from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
 from ptq4sam.quant_sam import recon_units  # noqa: E402
 from ptq4sam.quantization import disable_all, enable_quantization, freeze  # noqa: E402
 from ptq4sam.quantization.qmodules import _QuantWeightMixin  # noqa: E402
+from ptq4sam.samples import gt_box_samples  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
 

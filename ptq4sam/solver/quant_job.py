@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ptq4sam.checkpoint import ReconCheckpoint, load_quantized, save_quantized
 from ptq4sam.errors import ImageReadError, InputError, InputNotFound, UnknownName
 from ptq4sam.mixed import average_bits, layer_bits, layer_macs
-from ptq4sam.ptq import CalibSample, ReconCheckpoint, load_quantized, quantize_segmenter, save_quantized
+from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.quant_sam import quantize_sam
+from ptq4sam.samples import CalibSample
 
 from .data import build_eval_dataset, collate_one
 
@@ -56,7 +58,7 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
             "float_modules": list(qcfg.float_modules), "q_config_resolved": qcfg.to_dict()}
     if args.load_sam_path:
         t = time.time()
-        from ptq4sam.ptq import build_context  # noqa: PLC0415
+        from ptq4sam.quant_sam import build_context  # noqa: PLC0415
 
         if not Path(args.load_sam_path).is_file():
             raise InputNotFound(f"--load_sam_path: {args.load_sam_path} not found")

@@ -50,7 +50,6 @@ def parse_args(argv=None):
                    help="override config keys, e.g. data.test.ann_file=... data.calib.img_prefix=...")
     p.add_argument("--q-options", nargs="+", default=[], help="override q_config keys, e.g. recon.iters=200")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0)
     p.add_argument("--gpu-id", type=int, default=0)
     p.add_argument("--seed", type=int, default=None, help="default: the q_config's seed, else 0")
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (debugging)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -298,6 +298,3 @@ def check_images(img: torch.Tensor, img_metas: List[dict], who: str) -> None:
     if len(img_metas) != img.shape[0]:
         raise ValueError(f"{who}: {len(img_metas)} img_metas for a batch of {img.shape[0]}")
 
-
-def optional_float(x) -> Optional[float]:
-    return None if x is None else float(x)
