@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import atomic_write
+from .methods import STRUCTURAL as METHOD_STRUCTURAL
 from .models.sam_builder import CheckpointError, load_state_dict_strict, load_weights_file
 from .qconfig import QConfig
 from .quant_sam import build_context, quantize_sam
@@ -21,10 +22,8 @@ from .quantization.state import quant_meta, restore_quantizers
 # ---- save / load ----------------------------------------------------------------------------------------------
 # q_config keys that decide which quantizers exist and what they compute: a checkpoint made with other values cannot be
 # loaded into this model (recon / calibration keys only decide how the saved values were found)
-STRUCTURAL_KEYS = ("a_qconfig", "w_qconfig", "float_modules", "depthwise_act_per_channel", "ptq4sam.BIG",
-                   "ptq4sam.AGQ", "ptq4sam.agq_levels", "ptq4sam.big_k_observer", "recon.round_mode", "ahcptq.HLUQ", "ahcptq.CAG",
-                   "ahcptq.groups", "ahcptq.cag_observer", "ahcptq.convs", "ahcptq.hluq_groups",
-                   "overrides")
+STRUCTURAL_KEYS = ("a_qconfig", "w_qconfig", "float_modules", "depthwise_act_per_channel", "recon.round_mode",
+                   "overrides") + tuple(dict.fromkeys(METHOD_STRUCTURAL))  # each method's own (ptq4sam.methods)
 
 
 def quant_state(sam) -> Dict:

@@ -99,6 +99,17 @@ def predict(seg, ann: dict, img_dir, prompts: Dict[int, Prompt], use_sam_iou=Tru
     return results
 
 
+def save_predictions_file(path, image_ids: List[int], results: List[dict]) -> None:
+    """Predictions as :func:`load_predictions` reads them (gzipped when the name ends in ``.gz``), written atomically."""
+    from .errors import atomic_write  # noqa: PLC0415
+
+    raw = json.dumps({"image_ids": list(image_ids), "results": results}).encode()
+    if str(path).endswith(".gz"):
+        raw = gzip.compress(raw, mtime=0)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
+
+
 def load_predictions(path) -> dict:
     """Predictions written by :func:`evaluate` (``save_predictions``; the benchmarks' ``--save-predictions``), as
     JSON or gzipped JSON (``.gz``)."""
@@ -155,8 +166,7 @@ def evaluate(seg, ann_file, img_dir, prompts, use_sam_iou=True, max_images=None,
     res = predict(seg, ann, img_dir, prompts, use_sam_iou, max_images, desc)
     ids = [im["id"] for im in first_images(ann, max_images)]
     if save_predictions:
-        Path(save_predictions).parent.mkdir(parents=True, exist_ok=True)
-        Path(save_predictions).write_text(json.dumps({"image_ids": ids, "results": res}))
+        save_predictions_file(save_predictions, ids, res)
     return {**coco_metrics(ann_file, res, ids), "num_images": len(ids)}
 
 

@@ -85,3 +85,21 @@ def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+KNOWN_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def run_cli(fn, args) -> int:
+    """``fn(args)``; a known input error becomes one line ``error: ...`` on stderr and exit status 2 (``args.debug``:
+    raised with its traceback)."""
+    import sys  # noqa: PLC0415
+
+    try:
+        return fn(args) or 0
+    except KNOWN_USER_ERRORS as e:
+        if getattr(args, "debug", False):
+            raise
+        msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())  # one line, even for key lists
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import yaml
 
 from .errors import InputNotFound, UserError
-from .gptq import DEFAULT_DAMP
+from .methods import SECTIONS as METHOD_SECTIONS
 from .quantization import OBSERVERS, QUANTIZERS, QuantizerConfig
 
 
@@ -69,81 +69,35 @@ class ReconSection:
     scale_space: str = "linear"  # learned activation scales: Adam on s ('linear', the paper) or on log(s) ('log')
 
 
-@dataclass
-class PTQ4SAMSection:
-    BIG: bool = True
-    AGQ: bool = True
-    global_num: int = 128
-    peak_distance: int = 32
-    peak_height: float = 0.01
-    big_layers: List[str] = field(default_factory=lambda: ["token_to_image", "final_attn_token_to_image"])
-    taus: List[int] = field(default_factory=lambda: [1, 2, 4])
-    scale_ratios: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
-    agq_images: int = 0  # calibration images the AGQ search sees (0 = all, the paper)
-    agq_search: str = "paper"  # 'paper': per tau and image a bounded scalar search of s; 'grid': tau x scale_ratios (old)
-    # AGQ's levels at b bits: 'paper' = the paper code's 2^b non-zero levels + an exact zero (2^b + 1 values, one
-    # more than b bits hold); 'exact' = 2^b - 1 non-zero levels + zero (a b-bit code, for export / integer kernels)
-    agq_levels: str = "paper"
-    p: float = 2.4
-    big_sample: str = "first_prompt"  # BIG's test data: 'first_prompt' of the first image (the paper) or 'pooled'
-    big_bandwidth: str = "scott"  # KDE bandwidth: 'scott' (scipy's gaussian_kde default) or 'silverman' (old)
-    big_k_observer: str = "AvgMSEFastObserver"  # observer of the decoder key quantizers when BIG is on ('' = a_qconfig's)
+_CORE_FIELDS = [
+    ("a_qconfig", QuantizerSection, field(default_factory=QuantizerSection)),
+    ("w_qconfig", QuantizerSection, field(default_factory=lambda: QuantizerSection(
+        "AdaRoundFakeQuantize", "MSEObserver", 8, False, 0))),
+    ("calibrate", int, 32),
+    ("calibrate_mode", str, "first"),  # 'first' N images by id (the paper) or 'random' (seeded)
+    ("recon", ReconSection, field(default_factory=ReconSection)),
+    ("float_modules", List[str], field(default_factory=lambda: [
+        "patch_embed", "output_upscaling", "iou_prediction_head", "output_hypernetworks_mlps"])),
+    ("depthwise_act_per_channel", bool, True),  # inputs of depthwise convs (TinyViT) per channel; see quant_sam
+]
+_TAIL_FIELDS = [
+    ("overrides", List[Dict[str, Any]], field(default_factory=list)),  # [{pattern: glob on module names, w_bit, a_bit}]
+    ("seed", int, 1005),
+    ("source", str, ""),
+]
 
 
-@dataclass
-class AHCPTQSection:
-    HLUQ: bool = False  # post-GELU linear inputs: hybrid log-uniform quantizer (HLUQFakeQuantize)
-    CAG: bool = False  # other linear inputs: channel-aware groups sharing scale / zero point (CAGFakeQuantize)
-    groups: int = 4  # CAG groups per layer (AHCPTQ's `group: 4`); 1 = per tensor
-    cag_observer: str = "AvgMinMaxObserver"  # per-channel ranges the CAG groups are built from (AHCPTQ's choice)
-    hluq_groups: int = 1  # HLUQ grids per layer, channels grouped as CAG does (ours; AHCPTQ: 1 = per tensor)
-    convs: bool = False  # also dense convolutions' inputs (TinyViT, SAM's neck): HLUQ after a GELU, CAG elsewhere
-    range_rates: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])  # HLUQ split-point candidates
-    grid_rates: List[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # HLUQ share of log levels
-    top_rates: List[float] = field(default_factory=lambda: [1.0])  # HLUQ range clipped at the top (ours; AHCPTQ: 1)
+def _to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
-@dataclass
-class SmoothSection:
-    enabled: bool = False
-    alpha: float = 0.5  # migration strength: s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
-    folds: List[str] = field(default_factory=lambda: ["norm", "v_out"])  # LayerNorm -> linear; v -> output proj.
+# The q_config: the core sections above, then one section per registered method (ptq4sam.methods.SECTIONS: the
+# paper's `ptq4sam:`, `ahcptq:`, `smooth:`, `gptq:`, ...), so a new method's section needs no edit here.
+QConfig = dataclasses.make_dataclass(
+    "QConfig", _CORE_FIELDS + [(name, cls, field(default_factory=cls)) for name, cls in METHOD_SECTIONS.items()]
+    + _TAIL_FIELDS, namespace={"to_dict": _to_dict, "__module__": __name__})
 
-
-@dataclass
-class GPTQSection:
-    enabled: bool = False  # GPTQ weights after calibration (ptq4sam/gptq.py); AdaRound, if it learns, starts there
-    damp: float = DEFAULT_DAMP  # Hessian dampening, a fraction of its mean diagonal (gptq.DEFAULT_DAMP)
-    act_order: bool = True  # columns by decreasing Hessian diagonal
-    inputs: str = "quantized"  # Hessians of the layer inputs with the activation quantizers on, or 'float'
-
-
-@dataclass
-class QConfig:
-    a_qconfig: QuantizerSection = field(default_factory=QuantizerSection)
-    w_qconfig: QuantizerSection = field(default_factory=lambda: QuantizerSection(
-        "AdaRoundFakeQuantize", "MSEObserver", 8, False, 0))
-    calibrate: int = 32
-    calibrate_mode: str = "first"  # 'first' N images by id (the paper) or 'random' (seeded)
-    recon: ReconSection = field(default_factory=ReconSection)
-    ptq4sam: PTQ4SAMSection = field(default_factory=PTQ4SAMSection)
-    float_modules: List[str] = field(default_factory=lambda: [
-        "patch_embed", "output_upscaling", "iou_prediction_head", "output_hypernetworks_mlps"])
-    depthwise_act_per_channel: bool = True  # inputs of depthwise convs (TinyViT) per channel; see quant_sam
-    ahcptq: AHCPTQSection = field(default_factory=AHCPTQSection)
-    smooth: SmoothSection = field(default_factory=SmoothSection)
-    gptq: GPTQSection = field(default_factory=GPTQSection)
-    overrides: List[Dict[str, Any]] = field(default_factory=list)  # [{pattern: glob on module names, w_bit, a_bit}]
-    seed: int = 1005
-    source: str = ""
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-SECTIONS = {"a_qconfig": QuantizerSection, "w_qconfig": QuantizerSection, "recon": ReconSection,
-            "ptq4sam": PTQ4SAMSection, "ahcptq": AHCPTQSection, "smooth": SmoothSection,
-            "gptq": GPTQSection}
+SECTIONS = {"a_qconfig": QuantizerSection, "w_qconfig": QuantizerSection, "recon": ReconSection, **METHOD_SECTIONS}
 
 
 def _check_type(key: str, value, typ, src: str):
@@ -273,49 +227,16 @@ def validate(q: QConfig, src: str) -> QConfig:
         bad("recon.round_mode", f"must be 'learned_hard_sigmoid' or 'nearest', got {r.round_mode!r}")
     if r.scale_lr < 0 or r.round_lr < 0 or r.weight < 0:
         bad("recon", "learning rates and weight must be >= 0")
-    p = q.ptq4sam
-    if p.global_num < 3 or p.peak_distance < 1 or not 0 <= p.peak_height < 1:
-        bad("ptq4sam", "needs global_num >= 3, peak_distance >= 1 and 0 <= peak_height < 1")
-    if not p.taus or any(not isinstance(t, int) or t < 1 for t in p.taus):
-        bad("ptq4sam.taus", f"must be a list of positive integers, got {p.taus}")
-    if p.agq_images < 0:
-        bad("ptq4sam.agq_images", f"must be >= 0 (0 = all calibration images), got {p.agq_images}")
     for key, val, allowed in (("recon.units", r.units, ("module", "block")), ("recon.loss", r.loss, ("paper", "mean")),
                               ("recon.b_decay", r.b_decay, ("linear", "cosine")),
                               ("recon.scale_space", r.scale_space, ("linear", "log")),
-                              ("ptq4sam.agq_search", p.agq_search, ("paper", "grid")),
-                              ("ptq4sam.agq_levels", p.agq_levels, ("paper", "exact")),
-                              ("ptq4sam.big_sample", p.big_sample, ("first_prompt", "pooled")),
-                              ("ptq4sam.big_bandwidth", p.big_bandwidth, ("scott", "silverman")),
                               ("a_qconfig.mse_search", q.a_qconfig.mse_search, ("paper", "shrink")),
                               ("w_qconfig.mse_search", q.w_qconfig.mse_search, ("paper", "shrink")),
                               ("a_qconfig.grad_scale", q.a_qconfig.grad_scale, ("paper", "numel"))):
         if val not in allowed:
             bad(key, f"must be one of {list(allowed)}, got {val!r}")
-    a = q.ahcptq
-    if a.groups < 1:
-        bad("ahcptq.groups", f"must be >= 1, got {a.groups}")
-    if a.hluq_groups < 1:
-        bad("ahcptq.hluq_groups", f"must be >= 1, got {a.hluq_groups}")
-    if not a.range_rates or any(not 0 < r < 1 for r in a.range_rates):
-        bad("ahcptq.range_rates", f"must be a list of numbers in (0, 1), got {a.range_rates}")
-    if not a.grid_rates or any(not 0 < r < 1 for r in a.grid_rates):
-        bad("ahcptq.grid_rates", f"must be a list of numbers in (0, 1), got {a.grid_rates}")
-    if not a.top_rates or any(not 0 < r <= 1 for r in a.top_rates):
-        bad("ahcptq.top_rates", f"must be a list of numbers in (0, 1], got {a.top_rates}")
-    if a.cag_observer not in OBSERVERS:
-        bad("ahcptq.cag_observer", f"unknown '{a.cag_observer}', expected one of {sorted(OBSERVERS)}")
-    if (a.HLUQ or a.CAG) and q.a_qconfig.bit is None:
-        bad("ahcptq", "HLUQ / CAG quantize activations: a_qconfig.bit must not be off")
-    if q.gptq.inputs not in ("float", "quantized"):
-        bad("gptq.inputs", f"must be 'float' or 'quantized', got {q.gptq.inputs!r}")
-    if not 0 < q.gptq.damp < 1:
-        bad("gptq.damp", f"must be in (0, 1), got {q.gptq.damp}")
-    if not 0 <= q.smooth.alpha <= 1:
-        bad("smooth.alpha", f"must be in [0, 1], got {q.smooth.alpha}")
-    unknown = sorted(set(q.smooth.folds) - {"norm", "v_out"})
-    if unknown:
-        bad("smooth.folds", f"unknown {unknown}, expected some of ['norm', 'v_out']")
+    for name in METHOD_SECTIONS:  # each method's section checks itself
+        getattr(q, name).check(bad, q)
     for i, o in enumerate(q.overrides):
         key = f"overrides[{i}]"
         if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
@@ -326,8 +247,6 @@ def validate(q: QConfig, src: str) -> QConfig:
         for b in ("w_bit", "a_bit"):
             if b in o and not (isinstance(o[b], int) and not isinstance(o[b], bool) and 2 <= o[b] <= 16):
                 bad(f"{key}.{b}", f"must be an integer in 2..16, got {o[b]!r}")
-    if p.big_k_observer and p.big_k_observer not in OBSERVERS:
-        bad("ptq4sam.big_k_observer", f"unknown '{p.big_k_observer}', expected '' or one of {sorted(OBSERVERS)}")
     return q
 
 

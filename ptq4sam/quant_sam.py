@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from segment_anything.modeling import common
@@ -38,19 +38,15 @@ except ImportError:  # pragma: no cover
 
 @dataclass
 class QuantContext:
+    """What the conversion of one module needs: the weight / activation quantizer configs (after the module's bit
+    overrides), whether it takes a GELU's output, and the active methods (``ptq4sam.methods``) that may claim its
+    quantization sites (the first that claims a site gives its quantizer; none: the plain activation config)."""
+
     w_cfg: QuantizerConfig
     a_cfg: QuantizerConfig
-    agq: bool = False
-    agq_bit: Optional[int] = None
-    agq_levels: str = "paper"  # AGQ's non-zero levels: 'paper' (2^b, + zero) or 'exact' (2^b - 1, + zero)
-    big: bool = False
+    methods: List[Tuple[Any, Any]] = field(default_factory=list)  # (Method, its yaml section), registry order
     dw_act_per_channel: bool = True
-    big_k_observer: str = ""  # observer of the decoder attentions' key quantizers when BIG is on ('' = a_cfg's)
     roles: Dict[int, str] = field(default_factory=dict)  # id(decoder Attention) -> role
-    hluq_cfg: Optional[QuantizerConfig] = None  # inputs of the MLPs' second linear (post-GELU), when HLUQ is on
-    cag_groups: int = 0  # >0: inputs of the other linear layers grouped per channel (CAG)
-    cag_observer: str = "AvgMinMaxObserver"
-    ahcptq_convs: bool = False  # HLUQ / CAG on dense convolutions' inputs too (AHCPTQ itself: linear layers only)
     overrides: List[Dict] = field(default_factory=list)  # [{pattern, w_bit, a_bit}]: bits by module-name pattern
     post_gelu: bool = False  # set by convert_module for the layer being converted
 
@@ -65,43 +61,32 @@ class QuantContext:
         if ov:
             w_bit, a_bit = ov[-1].get("w_bit", self.w_cfg.bit), ov[-1].get("a_bit", self.a_cfg.bit)
             c.w_cfg, c.a_cfg = self.w_cfg.with_(bit=w_bit), self.a_cfg.with_(bit=a_bit)
-            c.agq_bit = a_bit if self.agq_bit is None else self.agq_bit
-            if self.hluq_cfg is not None:
-                c.hluq_cfg = self.hluq_cfg.with_(bit=a_bit)
         return c
 
+    def site(self, site: str, base: QuantizerConfig, **kw) -> QuantizerConfig:
+        """The quantizer at ``site`` (``ptq4sam.methods.base.SITES``): the first active method's, else ``base``."""
+        for method, sec in self.methods:
+            cfg = method.site_quantizer(sec, site, self, base, **kw)
+            if cfg is not None:
+                return cfg
+        return base
+
     def linear_input_cfg(self, ch_axis: int = -1) -> QuantizerConfig:
-        """Input quantizer of a Linear: HLUQ after a GELU, CAG groups elsewhere (channels on ``ch_axis``, -1 = the
-        last), else the activation config."""
-        if self.post_gelu and self.hluq_cfg is not None:
-            return self.hluq_cfg.with_(ch_axis=ch_axis)
-        if self.cag_groups:
-            kw = {k: v for k, v in self.a_cfg.quantizer_kwargs.items() if k == "grad_scale_mode"}
-            okw = {"p": self.a_cfg.observer_kwargs.get("p", 2.4)} if "MSE" in self.cag_observer else {}
-            return self.a_cfg.with_(quantizer="CAGFakeQuantize", quantizer_kwargs={**kw, "groups": self.cag_groups},
-                                    observer=self.cag_observer, observer_kwargs=okw, ch_axis=ch_axis)
-        return self.a_cfg
+        """Input quantizer of a Linear (channels on ``ch_axis``, -1 = the last), e.g. HLUQ after a GELU, CAG groups."""
+        return self.site("linear_input", self.a_cfg, ch_axis=ch_axis)
 
     def conv_input_cfg(self, conv: nn.Conv2d) -> QuantizerConfig:
         """Depthwise convs process each channel alone, so a per-channel input scale folds exactly into their
-        per-channel weights (integer arithmetic stays per tensor): quantize their input per channel if asked.
-        With ``ahcptq_convs`` the other (dense) convolutions take HLUQ / CAG as a Linear would (channels on axis 1:
-        CAG's G groups are G partial integer convolutions), and post-GELU depthwise ones HLUQ per channel."""
-        if self.dw_act_per_channel and conv.groups > 1 and conv.groups == conv.in_channels:
-            if self.ahcptq_convs and self.post_gelu and self.hluq_cfg is not None:  # HLUQ, one grid per channel
-                return self.hluq_cfg.with_(ch_axis=1, observer_kwargs={**self.hluq_cfg.observer_kwargs,
-                                                                       "groups": conv.in_channels})
-            return self.a_cfg.with_(ch_axis=1)
-        if self.ahcptq_convs and conv.groups == 1:
-            return self.linear_input_cfg(ch_axis=1)
-        return self.a_cfg
+        per-channel weights (integer arithmetic stays per tensor): quantize their input per channel if asked."""
+        depthwise = self.dw_act_per_channel and conv.groups > 1 and conv.groups == conv.in_channels
+        return self.site("conv_input", self.a_cfg.with_(ch_axis=1) if depthwise else self.a_cfg, conv=conv,
+                         depthwise=depthwise)
 
     def softmax_cfg(self) -> QuantizerConfig:
-        if self.agq:
-            return QuantizerConfig(quantizer="AGQFakeQuantize", observer="MinMaxObserver",
-                                   bit=self.agq_bit or self.a_cfg.bit, symmetric=False, ch_axis=-1,
-                                   quantizer_kwargs={"levels": self.agq_levels})
-        return self.a_cfg.with_(symmetric=False, ch_axis=-1)
+        return self.site("softmax", self.a_cfg.with_(symmetric=False, ch_axis=-1))
+
+    def key_cfg(self, decoder: bool) -> QuantizerConfig:
+        return self.site("attn_key", self.a_cfg.with_(ch_axis=-1), decoder=decoder)
 
 
 class QuantAttentionBase(nn.Module):
@@ -110,13 +95,10 @@ class QuantAttentionBase(nn.Module):
     ``record`` (set by BIG / AGQ searches) collects float tensors during a forward.
     """
 
-    def _init_points(self, ctx: QuantContext, k_observer: str = ""):
+    def _init_points(self, ctx: QuantContext, decoder: bool = False):
         per_tensor = ctx.a_cfg.with_(ch_axis=-1)
         self.q_quant = QuantPoint(per_tensor)
-        k_cfg = per_tensor
-        if k_observer:
-            k_cfg = per_tensor.with_(observer=k_observer, observer_kwargs={"p": per_tensor.observer_kwargs.get("p", 2.4)})
-        self.k_quant = QuantPoint(k_cfg)
+        self.k_quant = QuantPoint(ctx.key_cfg(decoder))
         self.v_quant = QuantPoint(per_tensor)
         self.attn_quant = QuantPoint(ctx.softmax_cfg())
         self.record: Optional[Dict[str, List[torch.Tensor]]] = None
@@ -138,8 +120,7 @@ class QuantDecoderAttention(QuantAttentionBase):
         self.embedding_dim, self.internal_dim, self.num_heads = m.embedding_dim, m.internal_dim, m.num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = m.q_proj, m.k_proj, m.v_proj, m.out_proj
         self.role = ctx.roles.get(id(m), "attention")
-        # the paper: with BIG, every decoder attention's key quantizer is the sign-aware one with an MSE observer
-        self._init_points(ctx, ctx.big_k_observer if ctx.big else "")
+        self._init_points(ctx, decoder=True)
 
     def _separate_heads(self, x, n):
         b, t, c = x.shape
@@ -382,19 +363,9 @@ def quant_attentions(module: nn.Module) -> List[QuantAttentionBase]:
 
 def build_context(qcfg) -> QuantContext:
     """The quantization context of a q_config (:class:`ptq4sam.qconfig.QConfig`)."""
-    wkw = {"round_mode": qcfg.recon.round_mode} if qcfg.w_qconfig.quantizer == "AdaRoundFakeQuantize" else {}
-    a = qcfg.ahcptq
-    hluq = None
-    if a.HLUQ and qcfg.a_qconfig.bit is not None:
-        hluq = QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", qcfg.a_qconfig.bit, False, -1,
-                               observer_kwargs={"range_rates": list(a.range_rates), "grid_rates": list(a.grid_rates),
-                                                "top_rates": list(a.top_rates), "groups": a.hluq_groups})
-    return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
-                        agq=qcfg.ptq4sam.AGQ and qcfg.a_qconfig.bit is not None, agq_levels=qcfg.ptq4sam.agq_levels,
-                        big=qcfg.ptq4sam.BIG,
-                        dw_act_per_channel=qcfg.depthwise_act_per_channel,
-                        big_k_observer=qcfg.ptq4sam.big_k_observer, hluq_cfg=hluq,
-                        cag_groups=a.groups if a.CAG else 0, cag_observer=a.cag_observer,
-                        ahcptq_convs=a.convs,
-                        overrides=list(qcfg.overrides))
+    from . import methods  # noqa: PLC0415
 
+    wkw = {"round_mode": qcfg.recon.round_mode} if qcfg.w_qconfig.quantizer == "AdaRoundFakeQuantize" else {}
+    return QuantContext(w_cfg=qcfg.w_qconfig.to_quantizer_config(**wkw), a_cfg=qcfg.a_qconfig.to_quantizer_config(),
+                        methods=methods.active(qcfg), dw_act_per_channel=qcfg.depthwise_act_per_channel,
+                        overrides=list(qcfg.overrides))

@@ -72,6 +72,10 @@ class UnitCache:
     def store(self, x):
         return _map_tensors(x, lambda t: t.detach().to(self.storage))
 
+    def store_copy(self, x):
+        """:meth:`store` as a copy: the rest of a forward cannot change it in place."""
+        return _map_tensors(x, lambda t: t.detach().to(self.storage, copy=True))
+
     def load(self, x):
         return _map_tensors(x, lambda t: t.to(self.compute))
 
@@ -130,6 +134,30 @@ class UnitCache:
         finally:
             unit.__dict__.pop("forward", None)
         return captured
+
+    def capture_float_units(self, stage: nn.Module, units: List[nn.Module], stage_inputs) -> Dict[int, Any]:
+        """For every unit inside ``stage``: (inputs, outputs) per sample, from one pass of the stage over its cached
+        float inputs (hooks, no early stop). Valid for the whole stage: the float model does not change while its
+        units are reconstructed. Call with every quantizer off. A unit not called exactly once per sample is left
+        out (its caller captures it alone)."""
+        ins: Dict[int, List[Any]] = {id(u): [] for u in units}
+        outs: Dict[int, List[Any]] = {id(u): [] for u in units}
+        hooks = []
+        for u in units:
+            got_in, got_out = ins[id(u)], outs[id(u)]
+            hooks.append(u.register_forward_pre_hook(
+                lambda m, a, k, _i=got_in: _i.append(self.store_copy((a, k))), with_kwargs=True))
+            hooks.append(u.register_forward_hook(lambda m, a, o, _o=got_out: _o.append(self.store_copy(o))))
+        try:
+            with torch.no_grad():
+                for args, kwargs in stage_inputs:
+                    a, k = self.load((args, kwargs))
+                    stage(*a, **k)
+        finally:
+            for h in hooks:
+                h.remove()
+        n = len(stage_inputs)
+        return {i: (ins[i], outs[i]) for i in ins if len(ins[i]) == n and len(outs[i]) == n}
 
     @torch.no_grad()
     def run(self, module: nn.Module, inputs):
@@ -355,22 +383,35 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
             disable_all(sam)
             f_stage_in = cache.capture_inputs(seg, samples, idx, i, "fp")
             trained = False
+            inner = [un for un in units if un is not stage]
+            # encoder stages: every unit's float inputs and outputs from one float pass (an image's tensors are
+            # small); decoder stages hold every prompt's tokens: one unit at a time
+            f_units = {}
+            if len(inner) > 1 and id(stage) not in dec_ids and u + len(units) > skip:
+                disable_all(sam)
+                f_units = cache.capture_float_units(stage, inner, f_stage_in)
             for unit in units:
                 u += 1
                 if u <= skip:  # finished before the resume: its state is loaded
+                    f_units.pop(id(unit), None)
                     continue
                 trained = True
                 next(ticks, None)
                 t_unit = time.time()
+                fp_out = None
                 if unit is stage:
                     quant_in, fp_in = q_stage_in, f_stage_in
                 else:
                     quant_state()
                     quant_in = cache.capture_within(stage, unit, q_stage_in)
                     disable_all(sam)
-                    fp_in = cache.capture_within(stage, unit, f_stage_in)
+                    if id(unit) in f_units:
+                        fp_in, fp_out = f_units.pop(id(unit))
+                    else:
+                        fp_in = cache.capture_within(stage, unit, f_stage_in)
                 disable_all(sam)
-                fp_out = cache.run(unit, fp_in)
+                if fp_out is None:
+                    fp_out = cache.run(unit, fp_in)
                 quant_state()
                 name = f"unit {len(infos) + 1}/{n_units} {type(unit).__name__}"
                 with torch.enable_grad():

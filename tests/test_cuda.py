@@ -36,7 +36,7 @@ def test_quantized_on_cuda_evaluates_like_on_cpu(case):
     q = load_qconfig(yaml, SHORT + opts)
     seg = BoxPromptSegmenter(build_sam("lite_medsam").cuda())
     info = quantize_segmenter(seg, samples, q, quant_encoder=True, device=torch.device("cuda"), log=lambda *a: None)
-    assert info["recon_units"] > 0 and info["gptq"]["layers"] > 0
+    assert info.recon_units > 0 and info.methods["gptq"]["layers"] > 0
     img, boxes = samples[0].image, samples[0].boxes
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

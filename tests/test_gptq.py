@@ -169,7 +169,7 @@ def test_gptq_dampening_default_is_one_value():
     import inspect
 
     from ptq4sam.gptq import DEFAULT_DAMP
-    from ptq4sam.qconfig import GPTQSection
+    from ptq4sam.methods.gptq import GPTQSection
 
     for fn in (apply_gptq, gptq_quantize):
         assert inspect.signature(fn).parameters["damp"].default == DEFAULT_DAMP == GPTQSection().damp

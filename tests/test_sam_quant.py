@@ -249,11 +249,11 @@ def test_reconstruction_beats_round_to_nearest_and_evaluates_fully_quantized(lit
               "recon.units=block"]  # 3 units (the per-module units are tested below)
     _, rtn = _decoder_ptq(lite, samples, common + ["recon.round_mode=nearest", "recon.scale_lr=0"])
     sam, rec = _decoder_ptq(lite, samples, common + ["recon.round_lr=0.01"])
-    e_rtn = [u["final_rec_loss"] for u in rtn["recon"]]
-    e_rec = [u["final_rec_loss"] for u in rec["recon"]]
+    e_rtn = [u["final_rec_loss"] for u in rtn.recon]
+    e_rec = [u["final_rec_loss"] for u in rec.recon]
     assert e_rec[0] < e_rtn[0] and sum(e_rec) < sum(e_rtn)
-    assert rec["adaround_hardened"] == rec["adaround_layers"] > 0 and min_drop_prob(sam) == 1.0
-    assert not rec["paper_eval_bugs"]
+    assert rec.adaround_hardened == rec.adaround_layers > 0 and min_drop_prob(sam) == 1.0
+    assert not rec.paper_eval_bugs
     assert all(q.hard for q in sam.modules() if hasattr(q, "hard"))
 
 
@@ -262,23 +262,23 @@ def test_paper_eval_bugs_are_explicit_and_reproduce_both_leaks(lite):
 
     s1 = calib_samples(1)
     sam, info = _decoder_ptq(lite, s1, ["recon.iters=2", "recon.max_boxes=2"], legacy=True)
-    assert info["paper_eval_bugs"] and min_drop_prob(sam) == 0.5
+    assert info.paper_eval_bugs and min_drop_prob(sam) == 0.5
     units = recon_units(sam, False)  # the paper's units: only the first AdaRound layer of each is hard
     for u in units:
         ada = [q for q in u.modules() if isinstance(q, AdaRoundFakeQuantize)]
         assert ada[0].hard and not any(q.hard for q in ada[1:])
-    assert info["adaround_hardened"] == len(units) < info["adaround_layers"]
+    assert info.adaround_hardened == len(units) < info.adaround_layers
     # without the flag everything is hard and drop probability 1: test_reconstruction_beats_round_to_nearest_...
 
 
 def test_module_units_log_both_gradient_norms_and_match_the_paper_granularity(lite):
     sam, info = _decoder_ptq(lite, calib_samples(1), ["recon.iters=3", "recon.warm_up=0", "recon.max_boxes=2"])
-    names = [u["unit"].split()[-1] for u in info["recon"]]
+    names = [u["unit"].split()[-1] for u in info.recon]
     assert names == ["QuantDecoderAttention"] * 2 + ["MLPBlock"] + ["QuantDecoderAttention"] * 3 + ["MLPBlock"] + \
         ["QuantDecoderAttention"] * 2
-    assert all(u["grad_norm_rec"] > 0 and u["grad_norm_round"] > 0 for u in info["recon"])
+    assert all(u["grad_norm_rec"] > 0 and u["grad_norm_round"] > 0 for u in info.recon)
     _, blk = _decoder_ptq(lite, calib_samples(1), ["recon.iters=1", "recon.units=block", "recon.max_boxes=2"])
-    assert [u["unit"].split()[-1] for u in blk["recon"]] == ["TwoWayAttentionBlock"] * 2 + ["QuantDecoderAttention"]
+    assert [u["unit"].split()[-1] for u in blk.recon] == ["TwoWayAttentionBlock"] * 2 + ["QuantDecoderAttention"]
 
 
 def test_calibration_images_without_boxes_are_skipped_by_the_decoder(lite):
@@ -287,7 +287,7 @@ def test_calibration_images_without_boxes_are_skipped_by_the_decoder(lite):
     s = calib_samples(2)
     empty = CalibSample(s[0].image, np.zeros((0, 4), np.float32))
     sam, info = _decoder_ptq(lite, [empty, s[1], empty], ["recon.iters=1", "recon.max_boxes=2"])
-    assert info["calib_images_without_boxes"] == 2 and len(info["recon"]) == 9
+    assert info.calib_images_without_boxes == 2 and len(info.recon) == 9
     q = load_qconfig(ROOT_EXP, ["recon.iters=0"])
     with pytest.raises(ValueError, match="none of the 2 calibration images has a box"):
         quantize_segmenter(BoxPromptSegmenter(copy.deepcopy(lite)), [empty, empty], q, quant_encoder=True,
@@ -333,8 +333,8 @@ def test_vit_encoder_and_decoder_quantization_random_weights(model_type):
                                 "a_qconfig.observer=MinMaxObserver", "a_qconfig.bit=8", "w_qconfig.bit=8"])
     info = quantize_segmenter(seg, samples, q, quant_encoder=True, device=torch.device("cpu"), log=lambda *a: None)
     out = seg(img, samples[0].boxes).low_res_logits
-    assert len(info["recon"]) == 2 * len(sam.image_encoder.blocks) + 1 + 9  # attn + mlp per block, neck, decoder
-    assert info["uncalibrated_quantizers"] == 0
+    assert len(info.recon) == 2 * len(sam.image_encoder.blocks) + 1 + 9  # attn + mlp per block, neck, decoder
+    assert info.uncalibrated_quantizers == 0
     assert not torch.equal(out, ref)  # quantized ...
     assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.9  # ... and still close at W8A8
 
@@ -369,8 +369,8 @@ def test_after_gptq_quantizers_off_is_the_float_lite_medsam_and_phase_times_add_
     t = time.time()
     info = quantize_segmenter(seg, samples, qcfg, False, torch.device("cpu"), log=lambda *a: None)
     wall = time.time() - t
-    assert info["gptq"]["layers"] > 10
-    assert sum(info["ptq_phases_s"].values()) <= wall + 0.05, (info["ptq_phases_s"], wall)
+    assert info.methods["gptq"]["layers"] > 10
+    assert sum(info.ptq_phases_s.values()) <= wall + 0.05, (info.ptq_phases_s, wall)
     disable_all(seg.sam)
     ref = BoxPromptSegmenter(lite)
     s = samples[0]

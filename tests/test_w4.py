@@ -277,8 +277,8 @@ def test_hluq_cag_smooth_gptq_save_load_identical_and_frozen_path(lite, tmp_path
     info = quantize_segmenter(seg, samples, q, quant_encoder=False, device=torch.device("cpu"), log=lambda *a: None)
     kinds = [type(m) for m in sam.modules()]
     assert kinds.count(HLUQFakeQuantize) == 2 and kinds.count(CAGFakeQuantize) == 7 * 4 + 2  # 7 attentions, 2 MLPs
-    assert len(info["smooth"]) == 7  # decoder: v_proj -> out_proj of every attention
-    assert info["gptq"]["layers"] == 2 * 2 + 7 * 4 and info["gptq"]["proxy_ratio_median"] < 1  # MLPs, attentions
+    assert len(info.methods["smooth"]) == 7  # decoder: v_proj -> out_proj of every attention
+    assert info.methods["gptq"]["layers"] == 2 * 2 + 7 * 4 and info.methods["gptq"]["proxy_ratio_median"] < 1  # MLPs, attentions
     img, boxes = samples[0].image, samples[0].boxes
     with torch.no_grad():
         frozen = seg(img, boxes).low_res_logits
@@ -286,7 +286,7 @@ def test_hluq_cag_smooth_gptq_save_load_identical_and_frozen_path(lite, tmp_path
         full = seg(img, boxes).low_res_logits
         freeze(sam)
     assert torch.equal(frozen, full)
-    save_quantized(sam, tmp_path / "q.pth", q.to_dict(), False, info)
+    save_quantized(sam, tmp_path / "q.pth", q.to_dict(), False, info.to_dict())
     fresh = copy.deepcopy(lite)
     quantize_sam(fresh, build_context(q), False)
     load_quantized(fresh, tmp_path / "q.pth", torch.device("cpu"), q, False)
@@ -300,7 +300,7 @@ def test_hluq_cag_smooth_gptq_save_load_identical_and_frozen_path(lite, tmp_path
     restore_quant_state(resumed, quant_state(sam), "recon_state.pt")
     with torch.no_grad():
         assert torch.equal(BoxPromptSegmenter(resumed)(img, boxes).low_res_logits, frozen)
-    assert sum(n.endswith("gptq_weight") for n, _ in resumed.named_buffers()) == info["gptq"]["layers"]
+    assert sum(n.endswith("gptq_weight") for n, _ in resumed.named_buffers()) == info.methods["gptq"]["layers"]
     other = load_qconfig(ROOT_EXP, opts + ["ahcptq.groups=2"])
     with pytest.raises(Exception, match="ahcptq.groups"):
         load_quantized(copy.deepcopy(fresh), tmp_path / "q.pth", torch.device("cpu"), other, False)

@@ -167,7 +167,7 @@ def main(argv=None):
                 samples.append(CalibSample(coco_eval.read_rgb(DATA / "train2017" / im["file_name"]),
                                            cal_prompts[im["id"]][0]))
             t = time.time()
-            info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None)
+            info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None).to_dict()
             t_q = time.time() - t
             probe = next(s for s in samples if len(s.boxes))  # MACs of one image with one box
             avg_w, avg_a = average_bits(layer_bits(seg.sam), layer_macs(

@@ -118,7 +118,7 @@ def main(argv=None):
     reset_peak(device)
     sync(device)
     t = time.perf_counter()
-    info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None)
+    info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None).to_dict()
     sync(device)
     n_units = len(recon_units(sam, not a.decoder_only))
     res["ptq"] = {"total_s": round(time.perf_counter() - t, 2), "calibration_s_per_image":

@@ -113,7 +113,8 @@ def main(argv=None):
         qseg = BoxPromptSegmenter(copy.deepcopy(base), box_batch=seg.box_batch)
         samples = gt_box_samples(calib_ann, DATA / "train2017", qcfg.calibrate)
         t = time.perf_counter()
-        info = quantize_segmenter(qseg, samples, qcfg, not a.decoder_only, torch.device("cpu"), log=lambda *x: None)
+        info = quantize_segmenter(qseg, samples, qcfg, not a.decoder_only, torch.device("cpu"),
+                                  log=lambda *x: None).to_dict()
         res["ptq"] = {"q_config": a.q_config, "q_options": a.q_options, "calibration_images": len(samples),
                       "recon_iters": qcfg.recon.iters, "total_s": round(time.perf_counter() - t, 1),
                       "phases_s": info["ptq_phases_s"],

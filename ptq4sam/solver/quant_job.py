@@ -81,7 +81,7 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
     checkpoint = ReconCheckpoint(recon_state_path(args), fingerprint(args, qcfg, names, samples), resume=args.resume,
                                  write=rank == 0, log=print if rank == 0 else (lambda *a: 0))
     info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device, paper_eval_bugs=args.paper_eval_bugs,
-                                   log=print if rank == 0 else (lambda *a: 0), checkpoint=checkpoint))
+                                   log=print if rank == 0 else (lambda *a: 0), checkpoint=checkpoint).to_dict())
     if qcfg.overrides:  # mixed precision: the MAC-weighted average bits name the run (never "W4A4")
         probe = next(s for s in samples if len(s.boxes))
         info["avg_bits"] = dict(zip(("w", "a"), average_bits(layer_bits(seg.sam), layer_macs(

@@ -17,11 +17,11 @@ from ptq4sam.errors import (
     InputError,
     InputNotFound,
     UnknownName,
-    UserError,
     WorkDirError,
     atomic_write,
     atomic_write_text,
     check_writable_dir,
+    run_cli,
 )
 from ptq4sam.progress import PhaseTimer, progress
 from ptq4sam.solver.data import build_eval_dataset, collate_one
@@ -241,25 +241,9 @@ def print_table(rows: dict, keys=("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbo
         print(f"{name:<28}" + "".join(f"{m.get(k, float('nan')):>13.4f}" for k in keys))
 
 
-KNOWN_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
 def main(argv=None):
     """The CLI: known input errors are one line on stderr and exit status 2 (``--debug``: with the traceback)."""
     return run_cli(run, parse_args(argv))
-
-
-def run_cli(fn, args) -> int:
-    """``fn(args)``; a known input error becomes one line ``error: ...`` on stderr and exit status 2 (``--debug``:
-    raised with its traceback)."""
-    try:
-        return fn(args) or 0
-    except KNOWN_USER_ERRORS as e:
-        if args.debug:
-            raise
-        msg = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())  # one line, even for key lists
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
 
 
 def run(args):

@@ -1,0 +1,32 @@
+"""The registry of quantization methods: the pipeline runs, and the SAM adapter consults, the methods listed here in
+this order (the first method claiming a quantization site gives its quantizer). A new method is a file of this
+package (its yaml section, its site quantizers and steps: :class:`base.Method`) plus one line below."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+from .ahcptq import CAG, HLUQ
+from .base import CalibrationJob, Method  # noqa: F401
+from .gptq import GPTQ
+from .ptq4sam import AGQ, BIG
+from .smooth import Smoothing
+
+METHODS: List[Method] = [
+    Smoothing(),
+    BIG(),
+    HLUQ(),
+    CAG(),
+    GPTQ(),
+    AGQ(),
+]
+
+SECTIONS: Dict[str, type] = {}  # yaml section -> its dataclass
+for _m in METHODS:
+    if SECTIONS.setdefault(_m.section, _m.section_cls) is not _m.section_cls:
+        raise TypeError(f"methods {_m.name}: section {_m.section!r} is declared by two different classes")
+STRUCTURAL: Tuple[str, ...] = tuple(k for m in METHODS for k in m.structural)
+
+
+def active(qcfg) -> List[Tuple[Method, object]]:
+    """(method, its yaml section) of every enabled method, in registry order."""
+    return [(m, getattr(qcfg, m.section)) for m in METHODS if m.enabled(getattr(qcfg, m.section), qcfg)]
