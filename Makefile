@@ -1,8 +1,13 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv, then W6A6 PTQ4SAM of LiteMedSAM (encoder + decoder) on the bundled data, FP beside it
-#   make test   set up .venv, then ruff + the test suite
+#   make demo   set up .venv, then FP and the recommended W6A6 recipe of LiteMedSAM (encoder + decoder; calibrated on
+#               DEMO_OPTIONS' 4 images to finish in minutes) side by side on the first DEMO_IMAGES test images
+#   make test   set up .venv, then ruff + the test suite (two pytest workers)
 PY := .venv/bin/python
 DEMO_WORK ?= work_dirs/demo
+DEMO_RECIPE ?= exp/recipes/w6a6-cpu.yaml
+DEMO_IMAGES ?= 24
+DEMO_OPTIONS ?= calibrate=4
+TEST_WORKERS ?= 2
 
 .PHONY: env demo test lint fp yolox-nano bench-speed gpu-bench
 env:
@@ -15,7 +20,8 @@ yolox-nano: env ckpt/yolox_nano_coco_from_onnx.pth
 
 demo: env
 	$(PY) ptq4sam/solver/test_quant.py --config projects/configs/lite_medsam/gt-box_lite-medsam.py \
-	    --q_config exp/demo/config66.yaml --quant-encoder --fp-baseline --work-dir $(DEMO_WORK)
+	    --q_config $(DEMO_RECIPE) --q-options $(DEMO_OPTIONS) --quant-encoder --fp-baseline --max-images $(DEMO_IMAGES) \
+	    --work-dir $(DEMO_WORK) --show-dir $(DEMO_WORK)/show
 
 fp: env
 	$(PY) ptq4sam/solver/test_quant.py --config projects/configs/lite_medsam/gt-box_lite-medsam.py --fp --work-dir work_dirs/fp
@@ -25,7 +31,7 @@ lint: env
 
 test: env ckpt/yolox_nano_coco_from_onnx.pth
 	.venv/bin/ruff check .
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=10
+	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=10
 
 bench-speed: env
 	$(PY) tools/benchmark_speed.py --model-type lite_medsam --boxes 1 50

@@ -4,7 +4,7 @@
 minimisation (scipy's ``minimize_scalar``, method 'bounded') of the image's mean ``|Q(attn; s, tau) @ v - attn @ v|^p``
 over s in [min(0.1, 0.01 amax), amax]; tau = argmin of the per-image optimal errors summed over images, s = the mean of
 that tau's per-image optima (:class:`PaperAGQSearch`, fed one image at a time).
-``search='grid'`` (this toolkit's former search): one joint argmin over tau x ``scale_ratios`` * amax of the errors
+``search='grid'`` (an option, not the paper's): one joint argmin over tau x ``scale_ratios`` * amax of the errors
 summed over the images (:func:`search_tau`).
 """
 from __future__ import annotations

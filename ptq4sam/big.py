@@ -16,7 +16,7 @@ from .quantization.observer import subsample
 
 def bandwidth(values: torch.Tensor, rule: str = "scott") -> float:
     """KDE bandwidth of 1-D ``values``: ``'scott'`` = std (ddof 1) * n^(-1/5), what ``scipy.stats.gaussian_kde``
-    uses by default (the paper's test); ``'silverman'`` = 1.06 * std * n^(-1/5) (this toolkit's former choice)."""
+    uses by default (the paper's test); ``'silverman'`` = 1.06 * std * n^(-1/5) (an option)."""
     v = values.reshape(-1).double()
     factor = {"scott": 1.0, "silverman": 1.06}[rule]
     return float(factor * v.std() * v.numel() ** (-1 / 5)) or 1e-6

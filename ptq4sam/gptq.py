@@ -26,7 +26,7 @@ from .quantization.fake_quant import AdaRoundFakeQuantize
 from .quantization.qmodules import QuantConv2d, QuantLinear
 
 # Hessian dampening, a fraction of its mean diagonal: GPTQ's 0.01 is for float inputs; with 4-bit activations 0.1
-# measured better (docs/results.md, "GPTQ weights"). The q_config's gptq.damp defaults to this too.
+# measured better (docs/methods.md, "GPTQ weights"). The q_config's gptq.damp defaults to this too.
 DEFAULT_DAMP = 0.1
 
 

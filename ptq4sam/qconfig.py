@@ -36,7 +36,7 @@ class QuantizerSection:
     symmetric: bool = False
     ch_axis: int = -1
     p: float = 2.4  # Lp norm of the MSE observers' search
-    mse_search: str = "paper"  # MSE(Avg)Observer: 'paper' (1-D one-sided / 2-D ranges x zero points) or 'shrink' (old)
+    mse_search: str = "paper"  # MSE(Avg)Observer: 'paper' (1-D one-sided / 2-D ranges x zero points) or 'shrink' (an option)
     grad_scale: str = "paper"  # LSQ gradient scale 1/sqrt(N/C * qmax) per channel ('paper') or 1/sqrt(N * qmax) ('numel')
 
     def to_quantizer_config(self, **quantizer_kwargs) -> QuantizerConfig:
@@ -63,9 +63,9 @@ class ReconSection:
     round_mode: str = "learned_hard_sigmoid"
     drop_prob: float = 0.5
     max_boxes: int = 0  # >0: each step uses a random subset of at most this many prompts of an image (decoder units)
-    units: str = "module"  # 'module': each attention / MLP / lone layer (the paper); 'block': whole blocks (old)
-    loss: str = "paper"  # 'paper': |q - f|^p summed over dim 1, mean over the rest; 'mean': mean over all (old)
-    b_decay: str = "linear"  # AdaRound temperature: 'linear' (the paper's LinearTempDecay) or 'cosine' (old)
+    units: str = "module"  # 'module': each attention / MLP / lone layer (the paper); 'block': whole blocks
+    loss: str = "paper"  # 'paper': |q - f|^p summed over dim 1, mean over the rest; 'mean': mean over all
+    b_decay: str = "linear"  # AdaRound temperature: 'linear' (the paper's LinearTempDecay) or 'cosine'
     scale_space: str = "linear"  # learned activation scales: Adam on s ('linear', the paper) or on log(s) ('log')
 
 

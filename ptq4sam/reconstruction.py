@@ -176,7 +176,7 @@ class UnitCache:
 
 def lp_loss(pred, tgt, p=2.0, reduction: str = "paper"):
     """Reconstruction loss. ``'paper'``: ``|pred - tgt|^p`` summed over dim 1 (tokens / channels), averaged over the
-    rest, as the paper's code; ``'mean'``: averaged over every element (this toolkit before; 7x-4096x weaker beside
+    rest, as the paper's code; ``'mean'``: averaged over every element (an option; 7x-4096x weaker beside
     AdaRound's summed regulariser, depending on dim 1)."""
     d = (pred - tgt).abs().pow(p)
     if reduction == "paper" and d.dim() > 1:
@@ -188,7 +188,7 @@ def temperature(it: int, iters: int, warm_up: float, b_range, mode: str = "linea
     """AdaRound's annealed exponent b at step ``it`` (0-based), or None during the warm-up (no rounding loss).
 
     ``'linear'``: the paper's ``LinearTempDecay`` (its step counter starts at 1; b falls linearly from b_range[0] to
-    b_range[1] between warm_up * iters and iters). ``'cosine'``: this toolkit's former schedule."""
+    b_range[1] between warm_up * iters and iters). ``'cosine'``: a cosine schedule between the same bounds (an option)."""
     b_hi, b_lo = b_range
     if mode == "linear":
         t, start = it + 1, warm_up * iters

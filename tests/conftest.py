@@ -12,11 +12,21 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# every on-disk cache of the toolkit (weight ranges, FP evaluations) in a folder of this test session only, so a warm
-# ~/.cache or work_dirs/ can neither hide a change nor be written by the tests; subprocesses inherit it
-_CACHE = tempfile.mkdtemp(prefix="ptq4sam-test-cache-")
-atexit.register(shutil.rmtree, _CACHE, True)
+# every on-disk cache of the toolkit (weight ranges, FP evaluations) in a folder of this pytest run only, so a warm
+# ~/.cache or work_dirs/ can neither hide a change nor be written by the tests; subprocesses inherit it. The
+# pytest-xdist workers share their controller's folder (it is made before they start; its files are written
+# atomically; the controller removes it): a weight's range search runs once per test run.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PTQ4SAM_TEST_CACHE"):
+    _CACHE = os.environ["PTQ4SAM_TEST_CACHE"]
+else:
+    _CACHE = tempfile.mkdtemp(prefix="ptq4sam-test-cache-")
+    atexit.register(shutil.rmtree, _CACHE, True)
+    os.environ["PTQ4SAM_TEST_CACHE"] = _CACHE
 os.environ["PTQ4SAM_CACHE_DIR"] = _CACHE
+# under pytest-xdist (make test: two workers on two cores) each worker and the CLI runs it starts use one thread
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "coco128"
 CALIB_ANN = DATA / "annotations" / "instances_calib32.json"

@@ -1,13 +1,13 @@
 """The solver on a CUDA device (skipped without one; run on a lent GPU: ``python -m pytest tests/test_cuda.py``).
 
 CPU-only CI cannot see device bugs (a CPU tensor made inside a CUDA computation, a kernel that wants another dtype on
-CUDA than on the CPU; session 10 found two on an H200: GPTQ's dampening eye and the fused QDrop fake-quant's flag):
-quantize LiteMedSAM on the GPU with every method switch, then evaluate the same quantized model on the GPU (TF32 off)
-and on the CPU. The two must agree up to float rounding. At W8A8 that is a few pixels near the mask threshold. At
-W4A4 it is not a usable check: a 4-bit LiteMedSAM amplifies any float difference (this test's first form, at W4A4, on
-an H200 against the CPU: 95.1 / 98.5 % identical mask pixels, logits up to 17 apart,
-docs/results/gpu_h200_s10/cuda_test.txt; what that does to mAP: ``tools/benchmark_accuracy.py --perturb``),
-so the check runs at 8 bits: the code paths are the same."""
+CUDA than on the CPU, e.g. GPTQ's dampening identity or the fused QDrop fake-quant's enable flag): quantize
+LiteMedSAM on the GPU with every method switch, then evaluate the same quantized model on the GPU (TF32 off) and on
+the CPU. The two must agree up to float rounding. At W8A8 that is a few pixels near the mask threshold. At W4A4 it is
+not a usable check: a 4-bit LiteMedSAM amplifies any float difference (the same comparison at W4A4, an H200 against
+the CPU: 95.1 / 98.5 % identical mask pixels, logits up to 17 apart, docs/results/gpu_h200_w4/cuda_test.txt; what
+that does to mAP: ``tools/benchmark_accuracy.py --perturb``), so the check runs at 8 bits: the code paths are the
+same."""
 import copy
 
 import pytest
@@ -25,7 +25,7 @@ W8 = ["w_qconfig.bit=8", "a_qconfig.bit=8"]
 CASES = {  # q_config, options
     "ptq4sam_adaround_lsq": ("exp/demo/config88.yaml", ["recon.scale_lr=0.0001", "gptq.enabled=true",
                                                         "gptq.act_order=false"]),
-    "best44": ("exp/demo/best44.yaml", W8),  # every switch of the best W4A4 combination, at 8 bits
+    "w4a4_recipe": ("exp/recipes/w4a4-cpu.yaml", W8),  # every switch of the W4A4 recipe, at 8 bits
 }
 
 

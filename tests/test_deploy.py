@@ -19,7 +19,8 @@ from ptq4sam.samples import CalibSample
 def test_pack_unpack_round_trip(bits):
     q = torch.randint(0, 2 ** bits, (7, 5), dtype=torch.int32)
     p = pack(q, bits)
-    assert p.dtype == torch.uint8 and p.numel() == (35 + 1) // 2 if bits <= 4 else p.numel() == 35
+    assert p.dtype == torch.uint8  # every width: bytes
+    assert p.numel() == ((35 + 1) // 2 if bits <= 4 else 35)  # two values per byte at 4 bits and below
     assert torch.equal(unpack(p, bits, 35).reshape(7, 5).to(torch.int32), q)
 
 
@@ -45,7 +46,7 @@ def test_compact_checkpoint_is_small_and_reloads_bit_identical(lite, tmp_path, w
     ref = BoxPromptSegmenter(sam)(sample.image, sample.boxes).low_res_logits
     path = tmp_path / "q.pth"
     size = save_quantized(sam, path, q.to_dict(), True, {"note": "test"})
-    print(f"lite_medsam W{wbits}: {size}, ratio {size.ratio:.3f}")  # docs/RESULTS.md (pytest -s)
+    print(f"lite_medsam W{wbits}: {size}, ratio {size.ratio:.3f}")  # docs/deploy.md (pytest -s)
     assert size.float_layers == 0 and size.int_layers == 99
     assert size.bytes == path.stat().st_size and size.fp_bytes == fp_state_bytes(lite)
     assert size.ratio <= max_ratio, size
@@ -85,7 +86,7 @@ def test_compact_sam_vit_b_meets_the_size_targets(tmp_path, wbits, max_ratio):
     quantize_segmenter(seg, [sample], q, quant_encoder=True, device=torch.device("cpu"), log=lambda *a: None)
     ref = seg(img, sample.boxes).low_res_logits
     size = save_quantized(sam, tmp_path / "q.pth", q.to_dict(), True)
-    print(f"vit_b W{wbits}: {size}, ratio {size.ratio:.3f}")  # docs/RESULTS.md (pytest -s)
+    print(f"vit_b W{wbits}: {size}, ratio {size.ratio:.3f}")  # docs/deploy.md (pytest -s)
     assert size.float_layers == 0 and size.ratio <= max_ratio, size
     fresh = build_sam("vit_b", random_init=True, image_size=64)
     fresh.load_state_dict({k: v for k, v in sam.state_dict().items() if "quantizer" not in k}, strict=False)

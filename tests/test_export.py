@@ -134,8 +134,20 @@ def test_float_export_and_decoder_graph_equal_the_torch_model(tmp_path):
         d = tmp_path / backend
         man = make(d)
         assert man["quantized"] and set(man["files"]) == {"encoder", "decoder"}
+        if backend == "ort":  # the graphs really are quantized: QDQ pairs on the encoder's MatMuls / Convs
+            import onnx
+
+            ops = [n.op_type for n in onnx.load(str(d / man["files"]["encoder"])).graph.node]
+            assert ops.count("QuantizeLinear") >= 10 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
+        else:
+            xml = (d / man["files"]["encoder"]).read_text()
+            assert xml.count('type="FakeQuantize"') >= 10
         got = OnnxSegmenter(seg, d, backend)(img, boxes.numpy())
         assert got.masks.shape == (3, 48, 64)
+        # W8A8 of a float graph: the logits stay close to the float model's (and are not the float model's)
+        lo = torch.as_tensor(got.low_res_logits)
+        err = float((lo - low).norm() / low.norm())
+        assert 0 < err < 0.2, (backend, err)
 
 
 def test_vit_b_w4a4_export_matches_fake_quant(tmp_path):

@@ -75,7 +75,7 @@ def test_2d_weight_mse_search_equals_brute_force(bit):
     e = (fake_quant_ref(w, s[:, None], zp[:, None], 0, 2 ** bit - 1) - w).abs().pow(2.4).double().mean(1)
     assert torch.allclose(e, be, rtol=1e-6)  # the optimum error, per channel
     assert torch.allclose(obs.min_val, bl, atol=1e-6) and torch.allclose(obs.max_val, bh, atol=1e-6)
-    # the former 1-D shrink search cannot move the zero point: it is worse on these channels
+    # the 1-D shrink search (an option) cannot move the zero point: it is worse on these channels
     old = MSEObserver(bit=bit, ch_axis=0, exact=True, search="shrink")
     old(w)
     s, zp = qparams_from_range(old.min_val, old.max_val, bit, False)

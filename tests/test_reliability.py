@@ -1,4 +1,4 @@
-"""Bad inputs and faults (docs/RELIABILITY.md): each row of the table there is pinned by a case here.
+"""Bad inputs and faults (docs/reliability.md): each row of the table there is pinned by a case here.
 
 CLI cases run the real ``test_quant.py`` entry (``runner.main``) in process: a known input error is one line on stderr
 and exit status 2, naming the file / key / value; handled cases (unreadable images, odd prompt boxes) warn and count.

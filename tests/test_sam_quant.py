@@ -216,12 +216,15 @@ def test_non_checkpoint_sam_file_is_refused_without_running_it(tmp_path, kind):
     assert not marker.exists()
 
 
-def test_every_shipped_yaml_loads_and_tuned_differs_from_its_root_only_in_the_activation_observer():
+def test_every_shipped_yaml_loads_and_mse_differs_from_its_root_only_in_the_activation_observer():
     root = Path(__file__).resolve().parents[1] / "exp"
     for f in sorted(root.rglob("*.yaml")):
         load_qconfig(f)  # validates every key
+    for b in ("44", "48", "66", "88"):  # the paper's paths stay: thin files over exp/paper/
+        assert load_qconfig(root / f"config{b}.yaml").to_dict() | {"source": ""} == \
+            load_qconfig(root / f"paper/config{b}.yaml").to_dict() | {"source": ""}
     for b in ("44", "66"):
-        tuned, demo = load_qconfig(root / f"tuned/demo/config{b}.yaml").to_dict(), load_qconfig(
+        tuned, demo = load_qconfig(root / f"demo/config{b}-mse.yaml").to_dict(), load_qconfig(
             root / f"demo/config{b}.yaml").to_dict()
         diff = {k for k in tuned if k != "source" and tuned[k] != demo[k]}
         assert diff == {"a_qconfig"} and tuned["a_qconfig"]["observer"] == "AvgMSEObserver"
@@ -336,7 +339,8 @@ def test_vit_encoder_and_decoder_quantization_random_weights(model_type):
     assert len(info.recon) == 2 * len(sam.image_encoder.blocks) + 1 + 9  # attn + mlp per block, neck, decoder
     assert info.uncalibrated_quantizers == 0
     assert not torch.equal(out, ref)  # quantized ...
-    assert torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1] > 0.9  # ... and still close at W8A8
+    # ... and close at W8A8: relative logit error 0.058 measured (random weights, 2 reconstruction steps)
+    assert float((out - ref).norm() / ref.norm()) < 0.1
 
 
 def test_strict_checkpoint_load_lists_missing_unexpected_and_misshapen_keys():

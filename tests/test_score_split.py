@@ -171,7 +171,7 @@ def test_resampled_map_equals_cocoeval_on_the_duplicated_split_with_tied_scores(
     a split that holds each drawn image as often as drawn (copies next to their original)."""
     ann = json.loads((ROOT / "data/coco128/annotations/instances_eval96.json").read_text())
     pred = coco_eval.load_predictions(
-        ROOT / "docs/results/deploy_s11/predictions/ORT_quantize_static_W8A8__MinMax__ort.json.gz")
+        ROOT / "docs/results/deploy_w8a8_gptq/predictions/ORT_quantize_static_W8A8__MinMax__ort.json.gz")
     assert len({r["score"] for r in pred["results"]}) < len(pred["results"]) / 2  # ties
     ids = sorted(pred["image_ids"])[:20]
     pred = {"image_ids": ids, "results": [r for r in pred["results"] if r["image_id"] in ids]}

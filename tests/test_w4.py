@@ -1,4 +1,4 @@
-"""Issue 11: HLUQ, CAG, exact smoothing, log-space scale learning, per-module bit overrides (references from the
+"""HLUQ, CAG, exact smoothing, log-space scale learning, per-module bit overrides (references from the
 formulas; exact equalities where the maths says so)."""
 import copy
 import itertools
@@ -381,16 +381,16 @@ def test_mixed_runs_are_labelled_with_their_average_bits_never_w4a4():
                                          {"rel": 1e-3, "n": 3, "mean": 0.2, "std": 0.1, "min": 0.1, "max": 0.3}]
 
 
-def test_shipped_best44_is_the_measured_combination():
+def test_shipped_w4a4_recipe_is_the_measured_combination():
     opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "a_qconfig.observer=AvgMSEObserver", "ahcptq.HLUQ=true",
             "ahcptq.CAG=true", "smooth.enabled=true", "recon.scale_lr=0.001", "recon.scale_space=log",
             "ahcptq.convs=true", "ahcptq.cag_observer=AvgMSEObserver", "ahcptq.top_rates=[1.0,0.75,0.5,0.35]",
             "ahcptq.hluq_groups=4", "recon.round_mode=nearest", "gptq.enabled=true", "ptq4sam.AGQ=true"]
-    # ^ the w4_best_gptq_agq row's --methods qdrop --q-options
-    best = load_qconfig("exp/demo/best44.yaml").to_dict()
+    # ^ the switches of the recipe, one by one on the paper's CPU-budget W4A4 yaml
+    best = load_qconfig("exp/recipes/w4a4-cpu.yaml").to_dict()
     measured = load_qconfig(ROOT_EXP, opts).to_dict()
     assert {k for k in best if best[k] != measured[k]} == {"source"}
-    full = load_qconfig("exp/best44.yaml").to_dict()
+    full = load_qconfig("exp/recipes/w4a4.yaml").to_dict()
     assert {k for k in full if full[k] != best[k]} == {"source", "calibrate", "recon", "ptq4sam"}
     assert full["recon"]["iters"] == 20000 and full["ptq4sam"]["agq_images"] == 0
 

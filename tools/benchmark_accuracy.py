@@ -42,7 +42,7 @@ METHODS = {
     "qdrop+agq": ["ptq4sam.BIG=false"],
     "ptq4sam": [],
     "ptq4sam_calib": ["recon.iters=0"],  # BIG + AGQ + calibrated ranges, round-to-nearest weights, no reconstruction
-    # issue 11: AHCPTQ's quantizers, smoothing and log-space scale learning on top of PTQ4SAM
+    # AHCPTQ's quantizers, smoothing and log-space scale learning on top of PTQ4SAM
     "ptq4sam+hluq": ["ahcptq.HLUQ=true"],
     "ptq4sam+cag": ["ahcptq.CAG=true"],
     "ahcptq": ["ahcptq.HLUQ=true", "ahcptq.CAG=true"],
@@ -87,7 +87,7 @@ def main(argv=None):
     p.add_argument("--eval-images", type=int, default=None, help="first N evaluation images (default: all 96)")
     p.add_argument("--quick", action="store_true", help="CI-sized: 8 eval images, 2 calib images, 5 iters")
     p.add_argument("--out-dir", default=str(ROOT / "docs" / "results"))
-    p.add_argument("--markdown", default=str(ROOT / "docs" / "RESULTS_accuracy.md"))
+    p.add_argument("--markdown", default=str(ROOT / "docs" / "results_accuracy.md"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ablation", nargs="*", type=int, default=[],
                    help="also run QDrop+BIG and QDrop+AGQ at these bit widths (GT prompts)")

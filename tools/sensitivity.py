@@ -40,8 +40,8 @@ DATA = ROOT / "data" / "coco128"
 def calibrated_setup(bits: int, q_config, q_options, calib_images: int):
     """(q_config path, QConfig with recon.iters=0, calibration samples, float LiteMedSAM, its segmenter, the first
     ``calib_images`` samples with boxes, their float low-res mask logits) for the tools that quantize without
-    reconstruction (default q_config: exp/tuned/demo/config<b><b>.yaml)."""
-    qpath = Path(q_config) if q_config else ROOT / "exp" / "tuned" / "demo" / f"config{bits}{bits}.yaml"
+    reconstruction (default q_config: exp/demo/config<b><b>-mse.yaml)."""
+    qpath = Path(q_config) if q_config else ROOT / "exp" / "demo" / f"config{bits}{bits}-mse.yaml"
     qcfg = load_qconfig(qpath, ["recon.iters=0"] + list(q_options))
     torch.manual_seed(qcfg.seed)
     samples = gt_box_samples(coco_eval.load_ann(DATA / "annotations/instances_calib32.json"), DATA / "train2017",
@@ -57,7 +57,7 @@ def calibrated_setup(bits: int, q_config, q_options, calib_images: int):
 def add_setup_args(p: argparse.ArgumentParser) -> None:
     """The arguments of :func:`calibrated_setup` (shared with tools/layer_errors.py)."""
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--q-config", default=None, help="default: exp/tuned/demo/config<b><b>.yaml")
+    p.add_argument("--q-config", default=None, help="default: exp/demo/config<b><b>-mse.yaml (4 or 6 bits)")
     p.add_argument("--q-options", nargs="*", default=[])
     p.add_argument("--calib-images", type=int, default=4, help="calibration images the logit errors are measured on")
 

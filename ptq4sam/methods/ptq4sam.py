@@ -25,13 +25,13 @@ class PTQ4SAMSection:
     taus: List[int] = field(default_factory=lambda: [1, 2, 4])
     scale_ratios: List[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     agq_images: int = 0  # calibration images the AGQ search sees (0 = all, the paper)
-    agq_search: str = "paper"  # 'paper': per tau and image a bounded scalar search of s; 'grid': tau x scale_ratios (old)
+    agq_search: str = "paper"  # 'paper': per tau and image a bounded scalar search of s; 'grid': tau x scale_ratios
     # AGQ's levels at b bits: 'paper' = the paper code's 2^b non-zero levels + an exact zero (2^b + 1 values, one
     # more than b bits hold); 'exact' = 2^b - 1 non-zero levels + zero (a b-bit code, for export / integer kernels)
     agq_levels: str = "paper"
     p: float = 2.4
     big_sample: str = "first_prompt"  # BIG's test data: 'first_prompt' of the first image (the paper) or 'pooled'
-    big_bandwidth: str = "scott"  # KDE bandwidth: 'scott' (scipy's gaussian_kde default) or 'silverman' (old)
+    big_bandwidth: str = "scott"  # KDE bandwidth: 'scott' (scipy's gaussian_kde default) or 'silverman'
     big_k_observer: str = "AvgMSEFastObserver"  # observer of the decoder key quantizers when BIG is on ('' = a_qconfig's)
 
     def check(self, bad, q) -> None:
@@ -92,7 +92,7 @@ class AGQ(Method):
                                symmetric=False, ch_axis=-1, quantizer_kwargs={"levels": sec.agq_levels})
 
     def after_calibration(self, sec, job) -> List[Dict]:
-        """Choose tau and s of every AGQ quantizer (the paper's per-image search or the former grid)."""
+        """Choose tau and s of every AGQ quantizer (the paper's per-image search or the grid)."""
         from ..quant_sam import quant_attentions  # noqa: PLC0415
         from ..samples import record  # noqa: PLC0415
 

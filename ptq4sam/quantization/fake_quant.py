@@ -202,8 +202,8 @@ class FixedFakeQuantize(FakeQuantizeBase):
 
 class LSQFakeQuantize(FakeQuantizeBase):
     """LSQ: learnable scale with the gradient scaled by g = 1/sqrt(N * qmax), N = elements per scale (numel / C per
-    channel, as the paper's code; ``grad_scale_mode='numel'``: numel for every channel, this toolkit's former
-    choice), fixed zero point."""
+    channel, as the paper's code; ``grad_scale_mode='numel'``, an option: numel for every channel), fixed zero
+    point."""
 
     learnable = True
 

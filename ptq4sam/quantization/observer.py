@@ -136,7 +136,7 @@ class MSEObserver(ObserverBase):
     [-z * delta_i, (qmax - z) * delta_i]. For each range the error is a (discrete) convex function of z (clipping only
     adds error, and more so the further a boundary moves into the data), so its minimum is found by a vectorised
     bisection on z: O(log 2^b) evaluations instead of 2^b, the same optimum as the brute-force loop (tested).
-    ``search='shrink'``: this toolkit's former 1-D search (lo and hi shrunk by one ratio; the zero point never moves).
+    ``search='shrink'`` (an option): a 1-D search (lo and hi shrunk by one ratio; the zero point never moves).
     Batches are combined with a running min / max of the chosen ranges (weights: one batch).
     """
 

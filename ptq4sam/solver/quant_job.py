@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -51,23 +53,39 @@ def calibration_samples(model, cfg, qcfg, device, seed: int):
     return samples, names, skipped
 
 
-def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dict:
+@dataclass(frozen=True)
+class QuantJob:
+    """What a quantization run needs from the command line, as plain values (the CLI layer builds it)."""
+    config: str  # the mmdet config path (part of the resume fingerprint)
+    work_dir: Path  # where recon_state.pt (crash-safe resume state) lives
+    quant_encoder: bool = False
+    load_sam_path: Optional[str] = None
+    save_sam_path: Optional[str] = None
+    resume: bool = False
+    paper_eval_bugs: bool = False
+
+    @property
+    def recon_state_path(self) -> Path:
+        return Path(self.work_dir) / "recon_state.pt"
+
+
+def quantize_model(model, cfg, qcfg, job: QuantJob, device, rank: int, world: int) -> dict:
     seg = model.segmenter
     info = {"bits": {"w": qcfg.w_qconfig.bit, "a": qcfg.a_qconfig.bit},
-            "quantized_parts": ["mask_decoder.transformer"] + (["image_encoder"] if args.quant_encoder else []),
+            "quantized_parts": ["mask_decoder.transformer"] + (["image_encoder"] if job.quant_encoder else []),
             "float_modules": list(qcfg.float_modules), "q_config_resolved": qcfg.to_dict()}
-    if args.load_sam_path:
+    if job.load_sam_path:
         t = time.time()
         from ptq4sam.quant_sam import build_context  # noqa: PLC0415
 
-        if not Path(args.load_sam_path).is_file():
-            raise InputNotFound(f"--load_sam_path: {args.load_sam_path} not found")
+        if not Path(job.load_sam_path).is_file():
+            raise InputNotFound(f"--load_sam_path: {job.load_sam_path} not found")
         for p in seg.sam.parameters():
             p.requires_grad_(False)
-        quantize_sam(seg.sam, build_context(qcfg), args.quant_encoder, float_modules=tuple(qcfg.float_modules))
-        saved = load_quantized(seg.sam, args.load_sam_path, device, qcfg, args.quant_encoder)
+        quantize_sam(seg.sam, build_context(qcfg), job.quant_encoder, float_modules=tuple(qcfg.float_modules))
+        saved = load_quantized(seg.sam, job.load_sam_path, device, qcfg, job.quant_encoder)
         info.update(saved)
-        info["loaded_from"] = args.load_sam_path
+        info["loaded_from"] = job.load_sam_path
         info["load_s"] = round(time.time() - t, 2)
         return info
     torch.manual_seed(qcfg.seed)  # (--seed is in qcfg.seed): QDrop's masks inside units draw from it
@@ -78,32 +96,27 @@ def quantize_model(model, cfg, qcfg, args, device, rank: int, world: int) -> dic
     info["calibration_boxes"] = int(sum(len(s.boxes) for s in samples))
     info["prompt_calibration_s"] = round(time.time() - t, 2)
     # every rank resumes from the same file; rank 0 writes it
-    checkpoint = ReconCheckpoint(recon_state_path(args), fingerprint(args, qcfg, names, samples), resume=args.resume,
+    checkpoint = ReconCheckpoint(job.recon_state_path, fingerprint(job, qcfg, names, samples), resume=job.resume,
                                  write=rank == 0, log=print if rank == 0 else (lambda *a: 0))
-    info.update(quantize_segmenter(seg, samples, qcfg, args.quant_encoder, device, paper_eval_bugs=args.paper_eval_bugs,
+    info.update(quantize_segmenter(seg, samples, qcfg, job.quant_encoder, device, paper_eval_bugs=job.paper_eval_bugs,
                                    log=print if rank == 0 else (lambda *a: 0), checkpoint=checkpoint).to_dict())
     if qcfg.overrides:  # mixed precision: the MAC-weighted average bits name the run (never "W4A4")
         probe = next(s for s in samples if len(s.boxes))
         info["avg_bits"] = dict(zip(("w", "a"), average_bits(layer_bits(seg.sam), layer_macs(
             seg.sam, lambda: seg(probe.image, probe.boxes[:1])))))
-    if args.save_sam_path and rank == 0:
-        size = save_quantized(seg.sam, args.save_sam_path, qcfg.to_dict(), args.quant_encoder,
+    if job.save_sam_path and rank == 0:
+        size = save_quantized(seg.sam, job.save_sam_path, qcfg.to_dict(), job.quant_encoder,
                               {k: v for k, v in info.items() if k != "calibration_images"})
-        info["saved_to"] = args.save_sam_path
+        info["saved_to"] = job.save_sam_path
         info["saved_checkpoint"] = {"bytes": size.bytes, "fp_state_dict_bytes": size.fp_bytes,
                                     "ratio": round(size.ratio, 4), "int_layers": size.int_layers,
                                     "off_grid_layers_kept_float": size.float_layers}
-        print(f"saved {args.save_sam_path}: {size.bytes / 2**20:.2f} MB, {size.int_layers} layers as "
+        print(f"saved {job.save_sam_path}: {size.bytes / 2**20:.2f} MB, {size.int_layers} layers as "
               f"W{qcfg.w_qconfig.bit} integers ({size.ratio:.3f}x the FP state dict's {size.fp_bytes / 2**20:.2f} MB)")
     return info
 
 
-def recon_state_path(args) -> Path:
-    """Where the crash-safe reconstruction state lives: the run's work dir."""
-    return Path(args.work_dir_resolved) / "recon_state.pt"
-
-
-def fingerprint(args, qcfg, names, samples) -> dict:
+def fingerprint(job: QuantJob, qcfg, names, samples) -> dict:
     """What must be equal for --resume to continue a run: q_config, flags, seed, calibration images and prompts."""
     boxes = hashlib.sha256()
     for s in samples:
@@ -114,6 +127,6 @@ def fingerprint(args, qcfg, names, samples) -> dict:
                 yield from flat(v, f"{prefix}{k}.")
             elif k != "source":
                 yield f"q_config.{prefix}{k}", v
-    return {**dict(flat(qcfg.to_dict())), "quant_encoder": bool(args.quant_encoder),
-            "seed": int(qcfg.seed), "paper_eval_bugs": bool(args.paper_eval_bugs),
-            "config": str(args.config), "calibration_images": names, "calibration_boxes_sha256": boxes.hexdigest()[:16]}
+    return {**dict(flat(qcfg.to_dict())), "quant_encoder": bool(job.quant_encoder),
+            "seed": int(qcfg.seed), "paper_eval_bugs": bool(job.paper_eval_bugs),
+            "config": str(job.config), "calibration_images": names, "calibration_boxes_sha256": boxes.hexdigest()[:16]}

@@ -206,7 +206,7 @@ def evaluate(dataset, results, metrics):
     return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float))}, buf.getvalue()
 
 
-def fp_cache_path(model, dataset, cfg, args, n: int, device, world: int) -> Path:
+def fp_cache_path(model, dataset, cfg, eval_metrics, n: int, device, world: int) -> Path:
     """Where the FP baseline of this exact evaluation is kept: a hash of the model's float weights (SAM and prompt
     detector), the resolved config, the annotation file and the evaluated images' names / sizes / times, the toolkit's
     source (ptq4sam/, projects/), the torch / mmdet versions, the device type, the image count and the metrics; in
@@ -216,7 +216,7 @@ def fp_cache_path(model, dataset, cfg, args, n: int, device, world: int) -> Path
     import mmdet  # noqa: PLC0415
 
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.pretty_text, n, args.eval, torch.__version__, mmdet.__version__, device.type,
+    h.update(json.dumps([cfg.pretty_text, n, list(eval_metrics), torch.__version__, mmdet.__version__, device.type,
                          world]).encode())
     for t in model.state_dict().values():
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -233,12 +233,15 @@ def fp_cache_path(model, dataset, cfg, args, n: int, device, world: int) -> Path
     return root / f"{h.hexdigest()[:20]}.json"
 
 
-def print_table(rows: dict, keys=("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP")):
-    head = f"{'model':<28}" + "".join(f"{k:>13}" for k in keys)
+def print_table(rows: dict, keys=("segm_mAP", "segm_mAP_50", "segm_mAP_75", "bbox_mAP"), fp=None):
+    """One line per model; with an FP row, each model's mask mAP as a share of FP's too."""
+    head = f"{'model':<28}" + "".join(f"{k:>13}" for k in keys) + (f"{'% of FP':>10}" if fp else "")
     print(head)
     print("-" * len(head))
     for name, m in rows.items():
-        print(f"{name:<28}" + "".join(f"{m.get(k, float('nan')):>13.4f}" for k in keys))
+        pct = (f"{100 * m.get('segm_mAP', float('nan')) / fp['segm_mAP']:>10.1f}" if fp and fp.get("segm_mAP")
+               else (f"{'':>10}" if fp else ""))
+        print(f"{name:<28}" + "".join(f"{m.get(k, float('nan')):>13.4f}" for k in keys) + pct)
 
 
 def main(argv=None):
@@ -246,7 +249,8 @@ def main(argv=None):
     return run_cli(run, parse_args(argv))
 
 
-def run(args):
+def check_args(args):
+    """CLI-level checks before any work: (the mmdet config, the q_config or None, the writable work dir)."""
     cfg = load_config(args.config, args.cfg_options)
     qcfg = None
     if args.q_config and not args.fp:
@@ -269,7 +273,6 @@ def run(args):
         raise InputError("--resume and --load_sam_path exclude each other (a loaded model is not reconstructed)")
     # outputs are checked before any work: a folder that cannot be written fails now, not after hours
     work_dir = check_writable_dir(args.work_dir or REPO_ROOT / "work_dirs" / Path(args.config).stem, "--work-dir")
-    args.work_dir_resolved = str(work_dir)
     if args.show_dir:
         check_writable_dir(args.show_dir, "--show-dir")
     for flag, out in (("--save_sam_path", args.save_sam_path), ("--out", args.out)):
@@ -277,32 +280,87 @@ def run(args):
             if Path(out).is_dir():
                 raise WorkDirError(f"{flag} {out}: is a folder; give a file path")
             check_writable_dir(Path(out).parent, f"{flag} folder")
+    return cfg, qcfg, work_dir
+
+
+def build_model(cfg, device, backend: str, onnx_dir, threads: int):
+    """The evaluation dataset and the detector + SAM model (or SAM as exported graphs on an ONNX backend)."""
+    from mmdet.models import build_detector  # noqa: PLC0415
+
+    dataset = build_eval_dataset(cfg.data.test, "data.test")
+    if len(dataset) == 0:
+        raise InputError(f"data.test: {cfg.data.test.ann_file} lists no images: nothing to evaluate")
+    try:
+        model = build_detector(cfg.model)
+    except TypeError as e:  # mmcv's build_from_cfg: a config argument the class does not take, or lacks
+        if "argument" not in str(e):
+            raise
+        raise InputError(f"{cfg.filename}: model: {e}") from None
+    model.CLASSES = dataset.CLASSES
+    model.to(device).eval()
+    if backend != "torch":
+        from ptq4sam.deploy.runtime import OnnxSegmenter  # noqa: PLC0415
+
+        model.segmenter = OnnxSegmenter(model.segmenter, onnx_dir, backend, threads)
+    return dataset, model
+
+
+class Evaluator:
+    """Runs the model on this rank's images, gathers the results and scores them with COCO's metrics."""
+
+    def __init__(self, model, dataset, device, n: int, rank: int, world: int, timer: PhaseTimer, metrics: dict,
+                 eval_metrics, show_dir=None, show_score_thr=0.3, show=False):
+        self.model, self.dataset, self.device, self.n, self.rank, self.world = model, dataset, device, n, rank, world
+        self.indices = list(range(rank, n, world))
+        self.timer, self.metrics, self.eval_metrics = timer, metrics, eval_metrics
+        self.show_dir, self.show_score_thr, self.show = show_dir, show_score_thr, show
+
+    def __call__(self, name: str):
+        with self.timer.phase(f"eval_{name}"):
+            res, skipped = run_inference(self.model, self.dataset, self.device, self.indices,
+                                         self.show_dir if name != "fp_baseline" else None, self.show_score_thr,
+                                         desc=name, show=self.show)
+            res, skipped = gather_results(res, skipped, self.world)
+        self.metrics[f"images_per_s_{name}"] = round(len(self.indices) / max(self.timer.times[f"eval_{name}"], 1e-9), 3)
+        if self.rank != 0:
+            return None, None
+        keep = [i for i in range(self.n) if i in res]
+        if not keep:
+            raise InputError(f"data.test: none of the {self.n} images could be read ({skipped[0]['file']}: "
+                             f"{skipped[0]['reason']}, ...)")
+        self.metrics["skipped_images" if name != "fp_baseline" else "skipped_images_fp_baseline"] = skipped
+        subset = self.dataset if len(keep) == len(self.dataset) else _subset_dataset(self.dataset, keep)
+        ev, _ = evaluate(subset, [res[i] for i in keep], self.eval_metrics)
+        if skipped:
+            print(f"warning: {len(skipped)} of {self.n} images could not be read and are left out of the evaluation "
+                  f"(metrics.json 'skipped_images'): {', '.join(s['file'] for s in skipped[:5])}", file=sys.stderr)
+        return ev, [res[i] for i in keep]
+
+
+def fp_baseline(evaluator: Evaluator, cfg, use_cache: bool) -> dict:
+    """The float model's metrics on the same images: from the FP cache when this exact evaluation ran before."""
+    e = evaluator
+    cache = fp_cache_path(e.model, e.dataset, cfg, e.eval_metrics, e.n, e.device, e.world) if use_cache else None
+    if cache is not None and cache.is_file():  # the same float model, data and code: evaluated before
+        print(f"FP baseline from {cache} (same model weights, config, data and code; --no-fp-cache to redo)")
+        e.metrics["fp_cached"] = str(cache)
+        return json.loads(cache.read_text())["fp"]
+    ev, _ = e("fp_baseline")
+    if e.rank == 0 and cache is not None:
+        atomic_write_text(cache, json.dumps({"fp": ev, "config": cfg.filename, "num_images": e.n}, indent=1))
+    return ev
+
+
+def run(args):
+    cfg, qcfg, work_dir = check_args(args)
     rank, world = init_dist(args.launcher)
     device = pick_device(args.gpu_id, args.launcher)
     seed = qcfg.seed if qcfg is not None else (args.seed if args.seed is not None else 0)
     set_seed(seed)
     timer = PhaseTimer()
-
-    from mmdet.models import build_detector  # noqa: PLC0415
-
     with timer.phase("setup"):
-        dataset = build_eval_dataset(cfg.data.test, "data.test")
-        if len(dataset) == 0:
-            raise InputError(f"data.test: {cfg.data.test.ann_file} lists no images: nothing to evaluate")
-        try:
-            model = build_detector(cfg.model)
-        except TypeError as e:  # mmcv's build_from_cfg: a config argument the class does not take, or lacks
-            if "argument" not in str(e):
-                raise
-            raise InputError(f"{args.config}: model: {e}") from None
-        model.CLASSES = dataset.CLASSES
-        model.to(device).eval()
-        if args.backend != "torch":
-            from ptq4sam.deploy.runtime import OnnxSegmenter  # noqa: PLC0415
-
-            model.segmenter = OnnxSegmenter(model.segmenter, args.onnx, args.backend, args.threads)
+        dataset, model = build_model(cfg, device, args.backend, args.onnx, args.threads)
     n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
-    indices = list(range(rank, n, world))
     metrics = {"config": args.config, "q_config": args.q_config, "seed": seed, "num_images": n,
                "world_size": world, "device": str(device), "model_type": model.model_type,
                "prompt": cfg.model.prompt.get("type"), "split": cfg.data.test.ann_file, "backend": args.backend}
@@ -311,46 +369,23 @@ def run(args):
         metrics.update({"onnx": args.onnx, "threads": args.threads, "quantized_export": man["quantized"],
                         "export_q_config": man["q_config"], "export_quant_encoder": man["quant_encoder"],
                         "export_file_bytes": man["file_bytes"], "export_emulated": man["emulated"]})
+    evaluator = Evaluator(model, dataset, device, n, rank, world, timer, metrics, args.eval, args.show_dir,
+                          args.show_score_thr, args.show)
     rows = {}
-
-    def evaluate_model(name):
-        with timer.phase(f"eval_{name}"):
-            res, skipped = run_inference(model, dataset, device, indices, args.show_dir if name != "fp_baseline"
-                                         else None, args.show_score_thr, desc=name, show=args.show)
-            res, skipped = gather_results(res, skipped, world)
-        metrics[f"images_per_s_{name}"] = round(len(indices) / max(timer.times[f"eval_{name}"], 1e-9), 3)
-        if rank != 0:
-            return None, None
-        keep = [i for i in range(n) if i in res]
-        if not keep:
-            raise InputError(f"data.test: none of the {n} images could be read ({skipped[0]['file']}: "
-                             f"{skipped[0]['reason']}, ...)")
-        metrics["skipped_images" if name != "fp_baseline" else "skipped_images_fp_baseline"] = skipped
-        subset = dataset if len(keep) == len(dataset) else _subset_dataset(dataset, keep)
-        ev, log = evaluate(subset, [res[i] for i in keep], args.eval)
-        if skipped:
-            print(f"warning: {len(skipped)} of {n} images could not be read and are left out of the evaluation "
-                  f"(metrics.json 'skipped_images'): {', '.join(s['file'] for s in skipped[:5])}", file=sys.stderr)
-        return ev, [res[i] for i in keep]
-
+    job = None
     if qcfg is not None:
-        from ptq4sam.solver.quant_job import quantize_model, recon_state_path  # noqa: PLC0415
+        from ptq4sam.mixed import bits_label  # noqa: PLC0415
+        from ptq4sam.solver.quant_job import QuantJob, quantize_model  # noqa: PLC0415
 
         if args.fp_baseline:
-            cache = None if args.no_fp_cache else fp_cache_path(model, dataset, cfg, args, n, device, world)
-            if cache is not None and cache.is_file():  # the same float model, data and code: evaluated before
-                ev = json.loads(cache.read_text())["fp"]
-                print(f"FP baseline from {cache} (same model weights, config, data and code; --no-fp-cache to redo)")
-                metrics["fp_cached"] = str(cache)
-            else:
-                ev, _ = evaluate_model("fp_baseline")
-                if rank == 0 and cache is not None:
-                    atomic_write_text(cache, json.dumps({"fp": ev, "config": args.config, "num_images": n}, indent=1))
+            ev = fp_baseline(evaluator, cfg, use_cache=not args.no_fp_cache)
             if rank == 0:
-                rows["FP"] = ev
-                metrics["fp"] = ev
+                rows["FP"] = metrics["fp"] = ev
+        job = QuantJob(config=args.config, work_dir=work_dir, quant_encoder=args.quant_encoder,
+                       load_sam_path=args.load_sam_path, save_sam_path=args.save_sam_path, resume=args.resume,
+                       paper_eval_bugs=args.paper_eval_bugs)
         t = time.time()
-        qinfo = quantize_model(model, cfg, qcfg, args, device, rank, world)
+        qinfo = quantize_model(model, cfg, qcfg, job, device, rank, world)
         metrics.update(qinfo)
         # recon_state_saves is part of reconstruction (shown apart in metrics.json): not a phase of its own here
         phases = {k: v for k, v in qinfo.get("ptq_phases_s", {}).items() if k != "recon_state_saves"}
@@ -364,18 +399,15 @@ def run(args):
 
             use_compiled_agq(True)
         metrics["compile_agq"] = args.compile_agq
-    if qcfg is not None:
-        from ptq4sam.mixed import bits_label  # noqa: PLC0415
-
         avg = metrics.get("avg_bits")
         name = bits_label(qcfg.w_qconfig.bit, qcfg.a_qconfig.bit, (avg["w"], avg["a"]) if avg else None,
                           mixed=bool(qcfg.overrides))
-    else:
-        name = "FP"
-    if args.backend != "torch":
+    elif args.backend != "torch":
         eq = model.segmenter.manifest["q_config"]
         name = (f"W{eq['w_qconfig']['bit']}A{eq['a_qconfig']['bit']}" if eq else "FP") + f" ({args.backend})"
-    ev, res = evaluate_model(args.backend if args.backend != "torch" else "fp" if qcfg is None else "quant")
+    else:
+        name = "FP"
+    ev, res = evaluator(args.backend if args.backend != "torch" else "fp" if qcfg is None else "quant")
     metrics["timings"] = {f"{k}_s": v for k, v in timer.times.items()}
     if rank == 0:
         metrics.update(ev)
@@ -386,12 +418,14 @@ def run(args):
 
             atomic_write(args.out, lambda tmp: mmcv.dump(res, tmp, file_format="pkl"))
         atomic_write_text(work_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-        if qcfg is not None and not args.load_sam_path:  # the run is complete: its resume state is not needed
-            recon_state_path(args).unlink(missing_ok=True)
+        if job is not None and not job.load_sam_path:  # the run is complete: its resume state is not needed
+            job.recon_state_path.unlink(missing_ok=True)
         print(f"config={args.config} q_config={args.q_config} seed={seed} images={n} split={cfg.data.test.ann_file}")
-        print_table(rows)
+        print_table(rows, fp=rows.get("FP"))
         print(timer.summary())
-        print(f"wrote {work_dir / 'metrics.json'}")
+        print(f"wrote {work_dir / 'metrics.json'}" + (f"; images with masks, boxes and scores in {args.show_dir}"
+                                                        if args.show_dir else "")
+              + (f"; quantized model in {args.save_sam_path}" if job is not None and job.save_sam_path else ""))
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
