@@ -1,12 +1,12 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv, then FP and the recommended W6A6 recipe of LiteMedSAM (encoder + decoder; calibrated on
-#               DEMO_OPTIONS' 4 images to finish in minutes) side by side on the first DEMO_IMAGES test images
+#   make demo   set up .venv, then FP and the recommended W6A6 CPU recipe of LiteMedSAM (encoder + decoder) side by
+#               side on the first DEMO_IMAGES images of the test split (DEMO_OPTIONS: extra --q-options)
 #   make test   set up .venv, then ruff + the test suite (two pytest workers)
 PY := .venv/bin/python
 DEMO_WORK ?= work_dirs/demo
 DEMO_RECIPE ?= exp/recipes/w6a6-cpu.yaml
 DEMO_IMAGES ?= 24
-DEMO_OPTIONS ?= calibrate=4
+DEMO_OPTIONS ?=
 TEST_WORKERS ?= 2
 
 .PHONY: env demo test lint fp yolox-nano bench-speed gpu-bench
@@ -20,7 +20,7 @@ yolox-nano: env ckpt/yolox_nano_coco_from_onnx.pth
 
 demo: env
 	$(PY) ptq4sam/solver/test_quant.py --config projects/configs/lite_medsam/gt-box_lite-medsam.py \
-	    --q_config $(DEMO_RECIPE) --q-options $(DEMO_OPTIONS) --quant-encoder --fp-baseline --max-images $(DEMO_IMAGES) \
+	    --q_config $(DEMO_RECIPE) $(if $(DEMO_OPTIONS),--q-options $(DEMO_OPTIONS)) --quant-encoder --fp-baseline --max-images $(DEMO_IMAGES) \
 	    --work-dir $(DEMO_WORK) --show-dir $(DEMO_WORK)/show
 
 fp: env

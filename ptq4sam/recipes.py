@@ -21,7 +21,6 @@ class Method:
     yaml: str  # q_config path relative to the repo root; "{b}" = bit width
     options: Tuple[str, ...] = ()
     paper: str = ""
-    deterministic: bool = False  # no reconstruction: every seed gives the same model (run once)
     bits: Tuple[int, ...] = (8, 6, 5, 4)  # the widths it is defined at
 
     def q_config(self, bits: int) -> Path:
@@ -36,8 +35,7 @@ _MINMAX_RTN = ("w_qconfig.quantizer=FixedFakeQuantize", "w_qconfig.observer=MinM
                "a_qconfig.quantizer=FixedFakeQuantize", "a_qconfig.observer=MinMaxObserver", "recon.iters=0") + _NO_PTQ4SAM
 
 _LIST: List[Method] = [
-    Method("minmax_rtn", "MinMax RTN (no reconstruction)", _DEMO, _MINMAX_RTN, "round-to-nearest baseline",
-           deterministic=True),
+    Method("minmax_rtn", "MinMax RTN (no reconstruction)", _DEMO, _MINMAX_RTN, "round-to-nearest baseline"),
     Method("qdrop", "QDrop", _DEMO, _NO_PTQ4SAM, "Wei et al., ICLR 2022"),
     Method("ptq4sam", "PTQ4SAM (paper-exact: QDrop + BIG + AGQ)", _DEMO, (), "Lv et al., CVPR 2024"),
     Method("ahcptq", "AHCPTQ (PTQ4SAM + HLUQ + CAG)", _DEMO, ("ahcptq.HLUQ=true", "ahcptq.CAG=true"),
@@ -49,8 +47,7 @@ _LIST: List[Method] = [
     # single switches on QDrop / PTQ4SAM (ablations; the dev-split recipe search)
     Method("qdrop+big", "QDrop + BIG", _DEMO, ("ptq4sam.AGQ=false",)),
     Method("qdrop+agq", "QDrop + AGQ", _DEMO, ("ptq4sam.BIG=false",)),
-    Method("ptq4sam_calib", "PTQ4SAM, calibration only (BIG + AGQ, no reconstruction)", _DEMO, ("recon.iters=0",),
-           deterministic=True),
+    Method("ptq4sam_calib", "PTQ4SAM, calibration only (BIG + AGQ, no reconstruction)", _DEMO, ("recon.iters=0",)),
     Method("ptq4sam+hluq", "PTQ4SAM + HLUQ", _DEMO, ("ahcptq.HLUQ=true",)),
     Method("ptq4sam+cag", "PTQ4SAM + CAG", _DEMO, ("ahcptq.CAG=true",)),
     Method("ptq4sam+smooth", "PTQ4SAM + smoothing", _DEMO, ("smooth.enabled=true",)),
@@ -77,8 +74,7 @@ def custom(name: str, spec: str) -> Method:
     if not parts or "=" in parts[0]:
         raise InputError(f"--variant {name}={spec}: expected YAML[,key=value...], e.g. exp/demo/config{{b}}{{b}}.yaml,"
                          "gptq.enabled=true")
-    return Method(name, name, parts[0], tuple(parts[1:]), "variant", deterministic=any(
-        p.replace(" ", "") == "recon.iters=0" for p in parts[1:]))
+    return Method(name, name, parts[0], tuple(parts[1:]), "variant")
 
 
 def resolve(names: List[str], variants: Optional[Dict[str, str]] = None) -> List[Method]:

@@ -81,6 +81,8 @@ def _load_qcfg(m: recipes.Method, bits: int, st: Settings, seed: int):
     from ptq4sam.qconfig import load_qconfig  # noqa: PLC0415
 
     opts = list(m.options) + list(st.extra_options) + [f"seed={seed}"]
+    if st.extra_options and load_qconfig(m.q_config(bits), list(m.options)).recon.iters == 0:
+        opts.append("recon.iters=0")  # a method without reconstruction stays so (--quick's recon.iters is for the rest)
     q = load_qconfig(m.q_config(bits), opts)
     if q.calibrate > CALIB_MAX:
         raise InputError(f"{_rel(m.q_config(bits))}: calibrate: {q.calibrate} images; this protocol calibrates on the "
@@ -149,7 +151,7 @@ class Runner:
         from ptq4sam.samples import gt_box_samples  # noqa: PLC0415
 
         # no reconstruction (the method's or its yaml's recon.iters 0): every seed gives the same model, run once
-        deterministic = m.deterministic or _load_qcfg(m, bits, self.st, self.st.seeds[0])[0].recon.iters == 0
+        deterministic = _load_qcfg(m, bits, self.st, self.st.seeds[0])[0].recon.iters == 0
         seeds = list(self.st.seeds[:1] if deterministic else self.st.seeds)
         todo = []
         for seed in seeds:

@@ -425,7 +425,7 @@ def run(args):
         print(timer.summary())
         print(f"wrote {work_dir / 'metrics.json'}" + (f"; images with masks, boxes and scores in {args.show_dir}"
                                                         if args.show_dir else "")
-              + (f"; quantized model in {args.save_sam_path}" if job is not None and job.save_sam_path else ""))
+              + (f"; quantized model in {metrics['saved_to']}" if "saved_to" in metrics else ""))
     if world > 1:
         import torch.distributed as dist  # noqa: PLC0415
 
