@@ -150,12 +150,11 @@ class Runner:
         from ptq4sam.ptq import calibrate_segmenter, reconstruct_segmenter  # noqa: PLC0415
         from ptq4sam.samples import gt_box_samples  # noqa: PLC0415
 
+        loaded = [(seed, *_load_qcfg(m, bits, self.st, seed)) for seed in self.st.seeds]
         # no reconstruction (the method's or its yaml's recon.iters 0): every seed gives the same model, run once
-        deterministic = _load_qcfg(m, bits, self.st, self.st.seeds[0])[0].recon.iters == 0
-        seeds = list(self.st.seeds[:1] if deterministic else self.st.seeds)
+        deterministic = loaded[0][1].recon.iters == 0
         todo = []
-        for seed in seeds:
-            q, opts = _load_qcfg(m, bits, self.st, seed)
+        for seed, q, opts in loaded[:1] if deterministic else loaded:
             spec = _spec_hash({"q": q.to_dict() | {"source": ""}, "split": self.st.split,
                                "eval_images": self.st.eval_images, "device": self.st.device})
             path = self.cell_path(m.name, bits, seed)
