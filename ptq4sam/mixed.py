@@ -56,6 +56,19 @@ def average_bits(bits: Dict[str, Tuple[Optional[int], Optional[int]]], macs: Dic
     return round(w, 3), round(a, 3)
 
 
+def mac_weighted_bits(seg, samples, float_bits: int = 32) -> Tuple[float, float]:
+    """:func:`average_bits` of a quantized segmenter (``seg.sam``), MACs counted on the first sample with a box
+    (one box). Where every quantized layer has the same (weight, input) bits, that pair is the average whatever the
+    MACs are, and no forward pass runs."""
+    bits = layer_bits(seg.sam)
+    pairs = set(bits.values())
+    if len(pairs) == 1 and None not in next(iter(pairs)):
+        w, a = next(iter(pairs))
+        return float(w), float(a)
+    probe = next(s for s in samples if len(s.boxes))
+    return average_bits(bits, layer_macs(seg.sam, lambda: seg(probe.image, probe.boxes[:1])), float_bits)
+
+
 def choose_overrides(units: List[Dict], macs: Dict[str, int], low: int, high: int, budget: float) -> List[Dict]:
     """Greedy: raise whole units (``{"name", "layers", "error"}``) from ``low`` to ``high`` bits (weights and
     activations), most error removed per MAC first, while the MAC-weighted average stays <= ``budget``.

@@ -1,10 +1,13 @@
 import atexit
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,31 @@ def run_cli(args, timeout=900, env=None):
     p = subprocess.run([sys.executable, str(ROOT / "ptq4sam/solver/test_quant.py"), *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout)
     return p
+
+
+def run_main(args, env=None):
+    """test_quant.py's ``main(args)`` in this process, as :func:`run_cli` reports it (returncode, stdout, stderr):
+    the same code path without an interpreter start-up and the mmdet imports per run (~8 s each). An exception that
+    would end the CLI with a traceback gives returncode 1 and the traceback on stderr. ``env``: variables set for
+    this run only."""
+    from ptq4sam.solver.runner import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                rc = 1
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())

@@ -246,3 +246,15 @@ def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
     with pytest.raises(InputError, match="exported from 'a.pth', not from 'b.pth'"):
         bd.main(["--ours", "X=b.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
                  "--out-dir", str(tmp_path / "o")])
+
+
+def test_backend_threads_follow_omp_num_threads_unless_given(monkeypatch):
+    from ptq4sam.deploy.runtime import runtime_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runtime_threads(0) == 1 and runtime_threads(3) == 3
+    for env in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+        assert runtime_threads(0) == 0
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert runtime_threads(0) == 0 and runtime_threads(2) == 2

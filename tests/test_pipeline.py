@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, EVAL_ANN, ROOT, needs_mmdet, run_cli
+from conftest import DATA, EVAL_ANN, ROOT, needs_mmdet, run_cli, run_main
 
 pytestmark = needs_mmdet
 GT_CFG = "projects/configs/lite_medsam/gt-box_lite-medsam.py"
@@ -46,8 +46,8 @@ def test_cfg_options_override_data_and_image_without_boxes(tmp_path):
            "categories": ann["categories"]}
     p = tmp_path / "ann.json"
     p.write_text(json.dumps(sub))
-    r = run_cli(["--config", GT_CFG, "--fp", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.pkl"),
-                 "--cfg-options", f"data.test.ann_file={p}"])
+    r = run_main(["--config", GT_CFG, "--fp", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "r.pkl"),
+                  "--cfg-options", f"data.test.ann_file={p}"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((tmp_path / "w" / "metrics.json").read_text())["num_images"] == 2
     import mmcv
@@ -165,14 +165,15 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
               "--q-options", "calibrate=1", "recon.iters=2", "recon.max_boxes=2", "ptq4sam.agq_images=1",
               # repeatability, not the algorithms (tests/test_fidelity.py): the cheaper AGQ grid
               "ptq4sam.agq_search=grid"]
-    a = run_cli(common + ["--work-dir", str(tmp_path / "a"), "--save_sam_path", str(tmp_path / "a.pth")])
+    a = run_main(common + ["--work-dir", str(tmp_path / "a"), "--save_sam_path", str(tmp_path / "a.pth")])
     assert a.returncode == 0, a.stderr[-3000:]
+    # a real process that dies (the others run test_quant.py's main() in this process: the same code path)
     crash = run_cli(common + ["--work-dir", str(tmp_path / "b")], env={"PTQ4SAM_CRASH_AFTER_UNIT": "4"})
     assert crash.returncode != 0 and "simulated crash after reconstruction unit 4" in crash.stderr
     assert not (tmp_path / "b" / "metrics.json").exists() and (tmp_path / "b" / "recon_state.pt").is_file()
     # (a resume with other settings is refused: test_resume_state_of_other_settings_is_refused)
-    b = run_cli(common + ["--work-dir", str(tmp_path / "b"), "--resume", "--save_sam_path", str(tmp_path / "b.pth")])
-    c = run_cli(common + ["--work-dir", str(tmp_path / "c"), "--load_sam_path", str(tmp_path / "a.pth")])
+    b = run_main(common + ["--work-dir", str(tmp_path / "b"), "--resume", "--save_sam_path", str(tmp_path / "b.pth")])
+    c = run_main(common + ["--work-dir", str(tmp_path / "c"), "--load_sam_path", str(tmp_path / "a.pth")])
     assert b.returncode == 0 and c.returncode == 0, b.stderr[-2000:] + c.stderr[-2000:]
     assert "4 of 9 reconstruction units done" in b.stdout
     assert not (tmp_path / "b" / "recon_state.pt").exists()  # the finished run removes its resume state
@@ -212,7 +213,7 @@ def test_fp_baseline_is_cached_and_equals_a_fresh_evaluation(tmp_path):
               "--q-options", "calibrate=1", "recon.iters=0", "ptq4sam.AGQ=false", "ptq4sam.BIG=false"]
     runs = {}
     for name, extra in (("fresh", ["--no-fp-cache"]), ("first", []), ("second", [])):
-        r = run_cli(common + extra + ["--work-dir", str(tmp_path / name)])
+        r = run_main(common + extra + ["--work-dir", str(tmp_path / name)])
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert "fp_cached" not in runs["fresh"] and "eval_fp_baseline_s" in runs["fresh"]["timings"]
@@ -243,7 +244,7 @@ def test_seed_reaches_calibration_order_qdrop_and_reconstruction(tmp_path):
               "ptq4sam.AGQ=false", "ptq4sam.BIG=false"]
     runs = {}
     for name, seed in (("s7", "7"), ("s7_again", "7"), ("s8", "8")):
-        r = run_cli(common + ["--seed", seed, "--work-dir", str(tmp_path / name)])
+        r = run_main(common + ["--seed", seed, "--work-dir", str(tmp_path / name)])
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     for name, seed in (("s7", 7), ("s8", 8)):

@@ -335,3 +335,22 @@ def test_perturbed_outputs_is_seeded_exact_and_removed_on_exit():
         assert torch.equal(model(x), ref)  # hooks gone
         with pytest.raises(ValueError, match="rel must be >= 0"), perturbed_outputs(model, -1.0):
             pass
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_calibration_refuses_exactly_the_non_finite_inputs(bad):
+    """The observer-side check (one min / max reduction) flags a single NaN / +Inf / -Inf anywhere, and nothing else
+    (finite extremes and an empty tensor pass)."""
+    from ptq4sam.errors import NonFiniteActivation
+
+    q = FixedFakeQuantize(MinMaxObserver(8, False, -1), bit=8)
+    q.observer_enabled, q.fake_quant_enabled = True, False
+    x = torch.randn(3, 5, 7)
+    x[0, 0, 0], x[2, 4, 6] = torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max
+    if bad is None:
+        q(x)
+        q(torch.empty(0, 4))
+        return
+    x[1, 2, 3] = bad
+    with pytest.raises(NonFiniteActivation, match="1 of 105 activations .* NaN/Inf"):
+        q(x)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
-from ptq4sam.mixed import average_bits, bits_label, layer_bits, layer_macs  # noqa: E402
+from ptq4sam.mixed import bits_label, mac_weighted_bits  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
@@ -169,9 +169,7 @@ def main(argv=None):
             t = time.time()
             info = quantize_segmenter(seg, samples, qcfg, not a.decoder_only, device, log=lambda *x: None).to_dict()
             t_q = time.time() - t
-            probe = next(s for s in samples if len(s.boxes))  # MACs of one image with one box
-            avg_w, avg_a = average_bits(layer_bits(seg.sam), layer_macs(
-                seg.sam, lambda sg=seg, pr=probe: sg(pr.image, pr.boxes[:1])))
+            avg_w, avg_a = mac_weighted_bits(seg, samples)
             saved = None
             if a.save_dir:
                 from ptq4sam.checkpoint import save_quantized  # noqa: PLC0415

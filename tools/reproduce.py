@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval, recipes  # noqa: E402
 from ptq4sam.errors import InputError, atomic_write_text, run_cli  # noqa: E402
-from ptq4sam.mixed import average_bits, bits_label, layer_bits, layer_macs  # noqa: E402
+from ptq4sam.mixed import bits_label, mac_weighted_bits  # noqa: E402
 from ptq4sam.progress import progress  # noqa: E402
 from ptq4sam.splits import CALIB_MAX, IMAGES, split  # noqa: E402
 
@@ -179,8 +179,7 @@ class Runner:
             recon_s = round(time.time() - t, 1)
             name = cell_name(m.name, bits, seed)
             metrics, pred, eval_s = self._evaluate(seg, name)
-            probe = next(s for s in samples if len(s.boxes))
-            avg = average_bits(layer_bits(seg.sam), layer_macs(seg.sam, lambda sg=seg: sg(probe.image, probe.boxes[:1])))
+            avg = mac_weighted_bits(seg, samples)
             rec = {"format": FORMAT, "spec": spec, "split": self.st.split, "method": m.name, "label": m.label,
                    "paper": m.paper, "bits": bits, "seed": seed, "deterministic": deterministic,
                    "q_config": _rel(m.q_config(bits)), "options": opts, "mixed": bool(q.overrides),

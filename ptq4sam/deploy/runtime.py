@@ -4,6 +4,7 @@ torch code; the image encoder and the prompt encoder + mask decoder run in the b
 not used)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -20,11 +21,22 @@ BACKENDS = ("ort", "openvino")
 ORT_DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 
 
+def runtime_threads(threads: int) -> int:
+    """Threads for a backend session: ``threads`` if > 0; else OMP_NUM_THREADS where set (the limit torch obeys: a
+    process told to use one thread keeps ONNX Runtime / OpenVINO to one too, instead of one per core); else 0, the
+    runtime's own default."""
+    if threads:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else 0
+
+
 class _OrtGraph:
     def __init__(self, path: Path, threads: int, optimized_path: Optional[Path] = None):
         import onnxruntime as ort  # noqa: PLC0415
 
         so = ort.SessionOptions()
+        threads = runtime_threads(threads)
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
@@ -43,6 +55,7 @@ class _OvGraph:
         import openvino as ov  # noqa: PLC0415
 
         cfg = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16 / f16 on CPUs that have it: compare like with like
+        threads = runtime_threads(threads)
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = threads
         self.model = ov.Core().compile_model(str(path), "CPU", cfg)

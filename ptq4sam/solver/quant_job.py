@@ -13,7 +13,7 @@ import torch
 
 from ptq4sam.checkpoint import ReconCheckpoint, load_quantized, save_quantized
 from ptq4sam.errors import ImageReadError, InputError, InputNotFound, UnknownName
-from ptq4sam.mixed import average_bits, layer_bits, layer_macs
+from ptq4sam.mixed import mac_weighted_bits
 from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.quant_sam import quantize_sam
 from ptq4sam.samples import CalibSample
@@ -101,9 +101,7 @@ def quantize_model(model, cfg, qcfg, job: QuantJob, device, rank: int, world: in
     info.update(quantize_segmenter(seg, samples, qcfg, job.quant_encoder, device, paper_eval_bugs=job.paper_eval_bugs,
                                    log=print if rank == 0 else (lambda *a: 0), checkpoint=checkpoint).to_dict())
     if qcfg.overrides:  # mixed precision: the MAC-weighted average bits name the run (never "W4A4")
-        probe = next(s for s in samples if len(s.boxes))
-        info["avg_bits"] = dict(zip(("w", "a"), average_bits(layer_bits(seg.sam), layer_macs(
-            seg.sam, lambda: seg(probe.image, probe.boxes[:1])))))
+        info["avg_bits"] = dict(zip(("w", "a"), mac_weighted_bits(seg, samples)))
     if job.save_sam_path and rank == 0:
         size = save_quantized(seg.sam, job.save_sam_path, qcfg.to_dict(), job.quant_encoder,
                               {k: v for k, v in info.items() if k != "calibration_images"})

@@ -66,7 +66,8 @@ def parse_args(argv=None):
                    help="run SAM as exported ONNX graphs (--onnx DIR, tools/export_onnx.py) with ONNX Runtime or "
                         "OpenVINO instead of the torch model")
     p.add_argument("--onnx", default=None, help="folder of tools/export_onnx.py (with --backend ort|openvino)")
-    p.add_argument("--threads", type=int, default=0, help="backend threads (--backend ort|openvino; 0: its default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="backend threads (--backend ort|openvino; 0: OMP_NUM_THREADS if set, else the backend's default)")
     p.add_argument("--debug", action="store_true", help="show the traceback of input errors too (they print one line)")
     p.add_argument("--compile-agq", action="store_true",
                    help="evaluate AGQ with a torch.compile-fused kernel on CUDA (faster; last-bit differences possible)")
