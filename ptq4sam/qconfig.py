@@ -13,6 +13,7 @@ Keys follow the paper repo's yamls (optionally nested under ``quant:``)::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -100,28 +101,53 @@ QConfig = dataclasses.make_dataclass(
 SECTIONS = {"a_qconfig": QuantizerSection, "w_qconfig": QuantizerSection, "recon": ReconSection, **METHOD_SECTIONS}
 
 
+def _type_name(typ) -> str:
+    """'int', 'List[float]', 'Optional[int]', ... for a field's annotation (a string under postponed annotations)."""
+    s = typ if isinstance(typ, str) else getattr(typ, "__name__", None) if isinstance(typ, type) else str(typ)
+    return s.replace("typing.", "")
+
+
+_SCALARS = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "a string",
+            "Dict[str, Any]": "a mapping"}
+_LISTS = {"bool": "a list of true / false", "int": "a list of integers", "float": "a list of finite numbers",
+          "str": "a list of strings", "Dict[str, Any]": "a list of mappings"}
+
+
+def _scalar_ok(value, name: str) -> bool:
+    if name == "bool":
+        return isinstance(value, bool)
+    if name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if name == "float":  # NaN / Inf would pass every range check below and poison the run
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if name == "str":
+        return isinstance(value, str)
+    if name == "Dict[str, Any]":
+        return isinstance(value, dict)
+    return True  # a type this checker does not know: the section's own check() decides
+
+
 def _check_type(key: str, value, typ, src: str):
-    origin = getattr(typ, "__origin__", None)
-    if typ is bool or typ == "bool":
-        ok = isinstance(value, bool)
-    elif typ is int or typ == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif typ is float or typ == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif typ is str or typ == "str":
-        ok = isinstance(value, str)
-    elif origin in (list, List) or str(typ).startswith(("List", "typing.List")):
-        ok = isinstance(value, list)
-    elif str(typ).startswith(("Optional[int]", "typing.Optional[int]")):
+    """``value`` if it has the field's type (ints are taken for floats, lists are checked element by element),
+    else a :class:`QConfigError` naming the key, what it expects and what it got."""
+    name = _type_name(typ)
+    if name == "Optional[int]":
         if value is None or value is False or value in ("off", "none", "None"):  # YAML reads `off` as False
             return None
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        name = "int"
+    if name.startswith("List[") and name.endswith("]"):
+        elem = name[5:-1]
+        ok = isinstance(value, list) and all(_scalar_ok(v, elem) for v in value)
+        want = _LISTS.get(elem, f"a list of {elem}")
+        if ok and elem == "float":
+            value = [float(v) for v in value]
     else:
-        ok = True
+        ok = _scalar_ok(value, name)
+        want = _SCALARS.get(name, name)
+        if ok and name == "float":
+            value = float(value)
     if not ok:
-        raise QConfigError(f"{src}: '{key}' expects {typ if isinstance(typ, str) else getattr(typ, '__name__', typ)},"
-                           f" got {value!r}")
+        raise QConfigError(f"{src}: '{key}' expects {want}, got {value!r}")
     return value
 
 
@@ -152,19 +178,26 @@ def _read_yaml(path: Path, seen=()) -> Dict:
         raise InputNotFound(f"q_config not found: {path}")
     if path.resolve() in seen:
         raise QConfigError(f"{path}: 'root' inheritance loops back to itself")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:  # name the file and the line, not yaml's "<unicode string>"
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise QConfigError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QConfigError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); a q_config is a "
+                           "YAML text file") from None
+    data = _safe_yaml(text, str(path))
+    if data is None:
+        raise QConfigError(f"{path}: the file is empty; expected a mapping of q_config sections (e.g. a_qconfig:, "
+                           "w_qconfig:, recon:) or 'root: <yaml>' to inherit one")
     if not isinstance(data, dict):
-        raise QConfigError(f"{path}: top level must be a mapping")
+        raise QConfigError(f"{path}: top level must be a mapping of q_config sections, got {type(data).__name__} "
+                           f"{_short(data)}")
     if "quant" in data and isinstance(data["quant"], dict):  # the paper repo nests everything under quant:
         extra = {k: v for k, v in data.items() if k not in ("quant", "model", "root")}
         data = {**data["quant"], **extra, **({"root": data["root"]} if "root" in data else {})}
     data.pop("model", None)
     root = data.pop("root", None)
+    if root is not None and not (isinstance(root, str) and root.strip()):
+        raise QConfigError(f"{path}: 'root' must be the path of a q_config yaml to inherit, got {root!r}")
     if root:
         rp = Path(root)
         if not rp.is_absolute():
@@ -174,17 +207,40 @@ def _read_yaml(path: Path, seen=()) -> Dict:
     return data
 
 
+def _short(value, n: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _safe_yaml(text: str, where: str):
+    """``yaml.safe_load(text)``, with a syntax error as a :class:`QConfigError` naming ``where`` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # name the file and the line, not yaml's "<unicode string>"
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise QConfigError(f"{where}:{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def parse_overrides(options: Sequence[str]) -> Dict:
+    """``['recon.iters=200', 'ptq4sam.AGQ=false']`` -> nested dict (values read as YAML). A key given twice takes
+    the last value; a key below one that was set to a value (``recon=1 recon.iters=2``) is an error."""
     out: Dict[str, Any] = {}
     for opt in options:
-        if "=" not in opt:
-            raise QConfigError(f"--q-options: expected key=value, got {opt!r}")
+        if not isinstance(opt, str) or "=" not in opt:
+            raise QConfigError(f"--q-options: expected key=value (e.g. recon.iters=200), got {opt!r}")
         key, val = opt.split("=", 1)
-        node = out
         parts = key.split(".")
-        for p in parts[:-1]:
+        if not all(p.strip() == p and p for p in parts):
+            raise QConfigError(f"--q-options {opt!r}: key {key!r} must be dot-separated names without spaces "
+                               "(e.g. recon.iters)")
+        node = out
+        for depth, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(val)
+            if not isinstance(node, dict):
+                raise QConfigError(f"--q-options {opt!r}: '{'.'.join(parts[:depth + 1])}' was set to {node!r} by "
+                                   "an earlier option; it cannot also have keys")
+        node[parts[-1]] = _safe_yaml(val, f"--q-options {opt!r}")
     return out
 
 
@@ -202,10 +258,12 @@ def validate(q: QConfig, src: str) -> QConfig:
             bad(f"{sec}.bit", f"must be in 2..16 or 'off', got {s.bit}")
         if s.ch_axis < -1:
             bad(f"{sec}.ch_axis", f"must be -1 (per-tensor) or a channel axis >= 0, got {s.ch_axis}")
-        if s.p <= 0:
-            bad(f"{sec}.p", f"must be > 0, got {s.p}")
+        if not 0 < s.p <= 16:
+            bad(f"{sec}.p", f"must be in (0, 16] (the Lp norm of the range search; the paper: 2.4), got {s.p}")
     if q.a_qconfig.ch_axis != -1:
         bad("a_qconfig.ch_axis", "activations are quantized per tensor: use -1")
+    if not 0 <= q.seed < 2 ** 32:
+        bad("seed", f"must be in 0..2**32-1 (numpy's seed range), got {q.seed}")
     if q.calibrate < 1:
         bad("calibrate", f"must be >= 1 image, got {q.calibrate}")
     if q.calibrate_mode not in ("first", "random"):

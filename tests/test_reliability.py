@@ -54,7 +54,10 @@ def _split_with_bad_image(tmp, how: str, n=2, split=EVAL_ANN):
 def _main(argv, capsys):
     from ptq4sam.solver.runner import main
 
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own usage error (exit status 2)
+        rc = e.code
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -111,7 +114,7 @@ def _case(tmp, name):
     if name == "qconfig_wrong_type":
         f = tmp / "types.yaml"
         f.write_text(f"root: {os.path.abspath(Q66)}\nrecon:\n  iters: sixty\n")
-        return q[:3] + [str(f)] + q[4:], ["types.yaml", "'recon.iters' expects int", "sixty"]
+        return q[:3] + [str(f)] + q[4:], ["types.yaml", "'recon.iters' expects an integer", "sixty"]
     if name == "q_option_unknown_key":
         return q + ["--q-options", "recon.itters=3"], ["unknown key 'recon.itters'"]
     if name == "q_option_bad_value":
@@ -166,7 +169,66 @@ def _case(tmp, name):
         return q + ["--backend", "ort", "--onnx", str(tmp)], ["--backend ort", "drop --q_config"]
     if name == "onnx_dir_without_export":
         return ["--config", GT_CFG, "--backend", "openvino", "--onnx", str(tmp)], [str(tmp), "no export.json"]
+    # found by tests/test_fuzz.py (and the grid of odd values there), each a traceback before
+    if name == "config_is_folder":
+        return ["--config", str(tmp), "--fp"], ["--config", "is a folder"]
+    if name == "config_empty":
+        (tmp / "empty.py").write_text("")
+        return ["--config", str(tmp / "empty.py"), "--fp"], ["empty.py", "needs 'model'"]
+    if name == "config_not_utf8":
+        (tmp / "latin.py").write_bytes(b"# caf\xe9\nmodel = dict()\n")
+        return ["--config", str(tmp / "latin.py"), "--fp"], ["latin.py", "not UTF-8"]
+    if name == "cfg_options_malformed":
+        return base + ["--cfg-options", "model.sam=[1,2"], ["--cfg-options", "model.sam=[1,2"]
+    if name in ("qconfig_empty", "qconfig_not_utf8", "qconfig_nan", "qconfig_list_element"):
+        f = tmp / "q.yaml"
+        body = {"qconfig_empty": b"", "qconfig_not_utf8": b"seed: 1\n# \xff\n",
+                "qconfig_nan": f"root: {os.path.abspath(Q66)}\nrecon:\n  scale_lr: .nan\n".encode(),
+                "qconfig_list_element": f"root: {os.path.abspath(Q66)}\nrecon:\n  b_range: [a, 2]\n".encode()}[name]
+        f.write_bytes(body)
+        return q[:3] + [str(f)] + q[4:], ["q.yaml", {"qconfig_empty": "empty", "qconfig_not_utf8": "not UTF-8",
+                                                   "qconfig_nan": "'recon.scale_lr' expects a finite number",
+                                                   "qconfig_list_element": "'recon.b_range' expects a list of "
+                                                                           "finite numbers"}[name]]
+    if name == "q_option_below_a_value":
+        return q + ["--q-options", "recon=1", "recon.iters=2"], ["recon.iters=2", "'recon' was set to 1"]
+    if name == "q_option_bad_yaml":
+        return q + ["--q-options", "calibrate=%"], ["--q-options 'calibrate=%'", "not valid YAML"]
+    if name in ("max_images_zero", "seed_negative", "score_thr_nan", "eval_unknown"):
+        flag, val = {"max_images_zero": ("--max-images", "0"), "seed_negative": ("--seed", "-1"),
+                     "score_thr_nan": ("--show-score-thr", "nan"), "eval_unknown": ("--eval", "mAP")}[name]
+        return base[:-2] + [flag, val], [f"argument {flag}", val]
+    if name.startswith("annotation_") and name[11:] in ANNOTATION_FAULTS:
+        f = tmp / "ann.json"
+        raw, expect = ANNOTATION_FAULTS[name[11:]](_ann(2))
+        f.write_bytes(raw if isinstance(raw, bytes) else json.dumps(raw).encode())
+        return base + ["--cfg-options", f"data.test.ann_file={f}"], ["ann.json", expect]
+    if name in ("prompts_json_not_utf8", "prompts_json_empty"):
+        f = tmp / "dets.json"
+        f.write_bytes(b"[\xff]" if name == "prompts_json_not_utf8" else b"")
+        return _json_cfg(f), ["dets.json", "not UTF-8" if name == "prompts_json_not_utf8" else "is empty"]
     raise KeyError(name)
+
+
+def _set(ann, path, value):
+    """``ann`` with the node at ``path`` (keys / indices) replaced."""
+    node = ann
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return ann
+
+
+ANNOTATION_FAULTS = {  # a fault put into a valid COCO file -> what the error line says
+    "not_utf8": lambda a: (b'{"images": "\xff"}', "not UTF-8"),
+    "top_level_list": lambda a: ([a], "got list"),
+    "duplicate_image_id": lambda a: (_set(a, ["images", 1, "id"], a["images"][0]["id"]), "appears twice"),
+    "image_without_size": lambda a: (_set(a, ["images", 0, "width"], None), "'width' and 'height' must be positive"),
+    "unknown_category": lambda a: (_set(a, ["annotations", 0, "category_id"], 4242), "category_id 4242"),
+    "bbox_nan": lambda a: (_set(a, ["annotations", 0, "bbox"], [1, 2, float("nan"), 3]), "'bbox' must be 4 finite"),
+    "rle_other_size": lambda a: (_set(a, ["annotations", 0, "segmentation"], {"counts": "0", "size": [7, 9]}),
+                                 "RLE size [7, 9]"),
+}
 
 
 def _json_cfg(result_file):
@@ -190,7 +252,11 @@ CLI_ERRORS = [
     "work_dir_unwritable", "show_dir_unwritable", "save_path_is_folder", "load_sam_path_missing",
     "load_sam_path_pickle", "load_sam_path_other_qconfig", "load_sam_path_old_format", "resume_with_fp",
     "prompts_json_other_split", "prompts_json_nan_score", "prompts_json_bad_bbox", "prompts_json_unknown_category",
-    "backend_without_onnx", "backend_with_q_config", "onnx_dir_without_export"]
+    "backend_without_onnx", "backend_with_q_config", "onnx_dir_without_export",
+    "config_is_folder", "config_empty", "config_not_utf8", "cfg_options_malformed", "qconfig_empty",
+    "qconfig_not_utf8", "qconfig_nan", "qconfig_list_element", "q_option_below_a_value", "q_option_bad_yaml",
+    "max_images_zero", "seed_negative", "score_thr_nan", "eval_unknown", "prompts_json_not_utf8",
+    "prompts_json_empty"] + [f"annotation_{k}" for k in ANNOTATION_FAULTS]
 
 
 @needs_mmdet
@@ -200,7 +266,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(name, tmp_path, capsys, monkeypa
     argv, expect = _case(tmp_path, name)
     rc, _, err = _main(argv, capsys)
     assert rc == 2, err[-2000:]
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ")]
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error: ") or ": error: argument " in ln]
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     for s in expect:
         assert s in lines[0], (s, lines[0])
@@ -289,6 +355,38 @@ def test_prompt_boxes_degenerate_outside_and_too_many(tmp_path):
     q = src(None, [meta(other)])[0]
     assert len(q.boxes) == 100 and np.all(np.diff(q.scores) <= 0)
     assert q.scores[-1] == np.sort(np.array([d["score"] for d in dets[5:]], np.float32))[-100]  # the top 100
+
+
+@needs_mmdet
+def test_image_whose_size_disagrees_with_its_annotation_is_refused_by_name_and_box_overhang_is_counted(tmp_path):
+    """A decoded image of another size than its annotation's width x height would be scored against masks that do
+    not line up: ImageReadError naming the file and both sizes (the evaluation skips and counts it, like row 1); the
+    other image of the split loads. A box reaching past its image is a warning the dataset carries (metrics.json)."""
+    from ptq4sam.errors import ImageReadError
+    from ptq4sam.solver.data import build_eval_dataset, collate_one
+    from ptq4sam.solver.runner import load_config
+
+    a = _ann(2)
+    im = a["images"][0]
+    w, h = im["width"], im["height"]
+    im["width"], im["height"] = h, w  # as if the file were a rotated copy
+    box = next(x for x in a["annotations"] if x["image_id"] == a["images"][1]["id"])
+    box["bbox"] = [box["bbox"][0], box["bbox"][1], a["images"][1]["width"] + 50, box["bbox"][3]]
+    f = tmp_path / "ann.json"
+    f.write_text(json.dumps(a))
+    cfg = load_config(GT_CFG, {"data.test.ann_file": str(f), "data.test.img_prefix": f"{IMG}/"})
+    ds = build_eval_dataset(cfg.data.test, "data.test")
+    size = {i["id"]: (i["width"], i["height"]) for i in a["images"]}
+    over = sum(x["bbox"][0] + x["bbox"][2] > size[x["image_id"]][0] + 1 or
+               x["bbox"][1] + x["bbox"][3] > size[x["image_id"]][1] + 1 for x in a["annotations"])
+    assert over >= 1 and ds.annotation_warnings == [
+        f"{f}: {over} annotation box(es) reach more than 1 pixel past their image (kept as they are)"]
+    with pytest.raises(ImageReadError) as e:
+        collate_one(ds, 0, torch.device("cpu"))
+    assert e.value.path == str(IMG / im["file_name"])
+    assert e.value.reason.startswith(f"is {w}x{h} pixels but its annotation says {h}x{w}")
+    img, metas = collate_one(ds, 1, torch.device("cpu"))
+    assert metas[0]["ori_shape"][:2] == (a["images"][1]["height"], a["images"][1]["width"])
 
 
 # ---- calibration that meets NaN -------------------------------------------------------------------------------------

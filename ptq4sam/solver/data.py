@@ -2,12 +2,13 @@
 quantization job; imports nothing of either)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from ptq4sam import images
-from ptq4sam.errors import InputError, InputNotFound
+from ptq4sam.errors import ImageReadError, InputError, InputNotFound
 
 
 def build_eval_dataset(data_cfg, what: str):
@@ -15,7 +16,8 @@ def build_eval_dataset(data_cfg, what: str):
 
     from projects.instance_segment_anything.models.prompt_sources import load_coco_json  # noqa: PLC0415
 
-    ann = load_coco_json(data_cfg.ann_file)
+    notes = []  # what the evaluation goes on with (printed, and counted in metrics.json)
+    ann = load_coco_json(data_cfg.ann_file, warn=notes)
     prefix = Path(data_cfg.img_prefix)
     missing = [im["file_name"] for im in ann["images"] if not (prefix / im["file_name"]).is_file()]
     if missing:
@@ -24,11 +26,15 @@ def build_eval_dataset(data_cfg, what: str):
     data_cfg = data_cfg.copy()
     data_cfg.test_mode = True
     try:
-        return build_dataset(data_cfg)
+        dataset = build_dataset(data_cfg)
     except TypeError as e:  # mmcv's build_from_cfg: an argument the dataset class does not take
         if "argument" not in str(e):
             raise
         raise InputError(f"{what}: {e}") from None
+    for n in notes:
+        print(f"warning: {n}", file=sys.stderr)
+    dataset.annotation_warnings = notes
+    return dataset
 
 
 def image_path(dataset, idx: int) -> Path:
@@ -53,4 +59,16 @@ def collate_one(dataset, idx: int, device: torch.device):
     metas = sample["img_metas"][0] if isinstance(sample["img_metas"], list) else sample["img_metas"]
     img = img.data if hasattr(img, "data") else img
     metas = metas.data if hasattr(metas, "data") else metas
+    check_size(dataset.data_infos[idx], metas["ori_shape"], path)
     return img[None].to(device), [metas]
+
+
+def check_size(info: dict, shape, path) -> None:
+    """An image whose decoded size is not its annotation's ``width`` x ``height`` (a resized copy, another file
+    under the same name, an EXIF rotation) would be scored against masks that do not line up: an
+    :class:`~ptq4sam.errors.ImageReadError` (skipped and counted like an unreadable image). Channels need no check:
+    the decoder gives 3 (grey and RGBA images are converted)."""
+    h, w = shape[:2]
+    if "width" in info and "height" in info and (info["height"], info["width"]) != (h, w):
+        raise ImageReadError(path, f"is {w}x{h} pixels but its annotation says {info['width']}x"
+                                          f"{info['height']} (width x height): a resized copy or another file?")

@@ -29,9 +29,42 @@ from ptq4sam.solver.data import build_eval_dataset, collate_one
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def parse_args(argv=None):
+def _cfg_options_action():
+    """mmcv's ``DictAction`` (``key=value``, values as Python literals / lists), whose malformed input (no ``=``,
+    unbalanced brackets) is argparse's one-line usage error instead of an AssertionError / ValueError traceback."""
     from mmcv import DictAction  # noqa: PLC0415
 
+    class CfgOptions(DictAction):
+        def __call__(self, parser, namespace, values, option_string=None):
+            for kv in values:
+                key = kv.split("=", 1)[0]
+                if "=" not in kv or not key or any(not part for part in key.split(".")):
+                    raise argparse.ArgumentError(self, f"expected key=value with a dotted key (e.g. "
+                                                       f"data.test.ann_file=FILE), got {kv!r}")
+            try:
+                super().__call__(parser, namespace, values, option_string)
+            except (AssertionError, ValueError) as e:  # mmcv's parser: unbalanced brackets and the like
+                raise argparse.ArgumentError(self, f"cannot read {' '.join(values)!r}: {e}") from None
+
+    return CfgOptions
+
+
+def _bounded(kind, lo=None, hi=None, what="a number"):
+    """An argparse type: ``kind(text)`` within [lo, hi] (NaN refused), else argparse's one-line usage error."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):
+            span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"expected {what} {span}, got {text!r}")
+        return v
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PTQ4SAM: quantize and evaluate a box-prompted SAM on COCO")
     p.add_argument("--config", required=True, help="mmdet config (projects/configs/...)")
     p.add_argument("--q_config", "--q-config", dest="q_config", default=None, help="quantization yaml (exp/...)")
@@ -41,18 +74,21 @@ def parse_args(argv=None):
     p.add_argument("--no-fp-cache", action="store_true",
                    help="evaluate the FP baseline even if the same evaluation is cached in work_dirs/.fp_cache/")
     p.add_argument("--work-dir", default=None, help="where metrics.json goes (default work_dirs/<config name>)")
-    p.add_argument("--eval", nargs="+", default=["bbox", "segm"], help="COCO metrics to evaluate")
+    p.add_argument("--eval", nargs="+", default=["bbox", "segm"], choices=["bbox", "segm"],
+                   help="COCO metrics to evaluate")
     p.add_argument("--out", default=None, help="also dump the raw results to this .pkl")
     p.add_argument("--show", action="store_true", help="show results in a window (needs a display)")
     p.add_argument("--show-dir", default=None, help="write one PNG per image with masks, boxes, labels, scores")
-    p.add_argument("--show-score-thr", type=float, default=0.3)
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+    p.add_argument("--show-score-thr", type=_bounded(float, 0.0, 1.0, "a score"), default=0.3)
+    p.add_argument("--cfg-options", nargs="+", action=_cfg_options_action(), default={},
                    help="override config keys, e.g. data.test.ann_file=... data.calib.img_prefix=...")
     p.add_argument("--q-options", nargs="+", default=[], help="override q_config keys, e.g. recon.iters=200")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none")
-    p.add_argument("--gpu-id", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None, help="default: the q_config's seed, else 0")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images (debugging)")
+    p.add_argument("--gpu-id", type=_bounded(int, 0, what="a GPU index"), default=0)
+    p.add_argument("--seed", type=_bounded(int, 0, 2 ** 32 - 1, "an integer seed"), default=None,
+                   help="default: the q_config's seed, else 0")
+    p.add_argument("--max-images", type=_bounded(int, 1, what="a number of images"), default=None,
+                   help="evaluate only the first N images (debugging)")
     p.add_argument("--save_sam_path", "--save-sam-path", dest="save_sam_path", default=None)
     p.add_argument("--load_sam_path", "--load-sam-path", dest="load_sam_path", default=None)
     p.add_argument("--paper-eval-bugs", "--legacy-eval-drop", dest="paper_eval_bugs", action="store_true",
@@ -66,7 +102,7 @@ def parse_args(argv=None):
                    help="run SAM as exported ONNX graphs (--onnx DIR, tools/export_onnx.py) with ONNX Runtime or "
                         "OpenVINO instead of the torch model")
     p.add_argument("--onnx", default=None, help="folder of tools/export_onnx.py (with --backend ort|openvino)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=_bounded(int, 0, 4096, "a number of threads"), default=0,
                    help="backend threads (--backend ort|openvino; 0: OMP_NUM_THREADS if set, else the backend's default)")
     p.add_argument("--debug", action="store_true", help="show the traceback of input errors too (they print one line)")
     p.add_argument("--compile-agq", action="store_true",
@@ -105,6 +141,8 @@ def pick_device(gpu_id: int, launcher: str) -> torch.device:
 def load_config(path: str, options: dict):
     from mmcv import Config  # noqa: PLC0415
 
+    if Path(path).is_dir():
+        raise InputError(f"--config {path}: is a folder; expected an mmdet config file (projects/configs/.../*.py)")
     if not Path(path).is_file():
         raise InputNotFound(f"config not found: {path}")
     try:
@@ -112,9 +150,13 @@ def load_config(path: str, options: dict):
     except SyntaxError as e:  # mmcv re-raises the parser's error with its own message (and no line number)
         where = f"line {e.lineno}: " if e.lineno else ""
         raise InputError(f"{path}: {where}not valid Python ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); expected an mmdet config (Python)") from None
+    check_structure(cfg, path)
     if options:
         check_cfg_options(cfg, options, path)
         cfg.merge_from_dict(options)
+        check_structure(cfg, f"{path} with --cfg-options")
     import projects.instance_segment_anything  # noqa: F401,PLC0415  (registers the plugin)
 
     prompt = cfg.model.get("prompt")
@@ -122,6 +164,20 @@ def load_config(path: str, options: dict):
         # GT / cached-detection prompts are looked up in the dataset's own annotation files
         prompt.ann_file = [cfg.data.test.ann_file] + ([cfg.data.calib.ann_file] if "calib" in cfg.data else [])
     return cfg
+
+
+def check_structure(cfg, where: str) -> None:
+    """The parts of an mmdet config this toolkit reads: ``model`` (a dict with ``type``) and ``data.test`` (a dict with
+    ``ann_file`` and ``img_prefix``)."""
+    example = "e.g. projects/configs/lite_medsam/gt-box_lite-medsam.py"
+    model = cfg.get("model")
+    if not isinstance(model, dict) or "type" not in model:
+        got = f"'model' is {model!r}" if "model" in cfg else f"it has {sorted(cfg.keys()) or 'nothing'}"
+        raise InputError(f"{where}: an mmdet config of this toolkit needs 'model' with 'type' ({example}); {got}")
+    test = cfg.get("data", {}).get("test") if isinstance(cfg.get("data"), dict) else None
+    if not isinstance(test, dict) or not {"ann_file", "img_prefix"} <= set(test):
+        raise InputError(f"{where}: an mmdet config of this toolkit needs 'data.test' with 'ann_file' and "
+                         f"'img_prefix' ({example}); 'data.test' is {test!r}")
 
 
 def check_cfg_options(cfg, options: dict, path: str) -> None:
@@ -364,7 +420,8 @@ def run(args):
     n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     metrics = {"config": args.config, "q_config": args.q_config, "seed": seed, "num_images": n,
                "world_size": world, "device": str(device), "model_type": model.model_type,
-               "prompt": cfg.model.prompt.get("type"), "split": cfg.data.test.ann_file, "backend": args.backend}
+               "prompt": cfg.model.prompt.get("type"), "split": cfg.data.test.ann_file, "backend": args.backend,
+               "annotation_warnings": getattr(dataset, "annotation_warnings", [])}
     if args.backend != "torch":
         man = model.segmenter.manifest
         metrics.update({"onnx": args.onnx, "threads": args.threads, "quantized_export": man["quantized"],

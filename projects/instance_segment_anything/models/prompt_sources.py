@@ -5,7 +5,6 @@ Every source returns, per image, ``Prompts(boxes (N,4) xyxy in original-image pi
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections import defaultdict
@@ -18,6 +17,7 @@ import torch
 from mmcv.utils import Registry
 from torch import nn
 
+from ptq4sam.annotations import check_coco, is_int, is_number
 from ptq4sam.coco_eval import xywh_to_xyxy
 from ptq4sam.errors import InputError, InputNotFound, UnknownName
 from ptq4sam.models.sam_builder import CheckpointError, load_state_dict_strict, load_weights_file
@@ -53,18 +53,30 @@ def _resolve(path: str, what: str, hint: str = "") -> Path:
     return p
 
 
-def load_coco_json(path: str) -> dict:
-    """Read a COCO annotation file, checking the keys the toolkit relies on."""
-    p = _resolve(path, "annotation file")
+def read_json(path: str, what: str, hint: str = ""):
+    """The JSON document of the file ``path`` (UTF-8), or an input error naming it and what is wrong."""
+    p = _resolve(path, what, hint)
+    raw = p.read_bytes()
     try:
-        ann = json.loads(p.read_text())
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: {what} is not UTF-8 text (byte {e.start}); expected JSON") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    for key in ("images", "annotations", "categories"):
-        if key not in ann or not isinstance(ann[key], list):
-            raise InputError(f"{path}: COCO annotation file has no '{key}' list (keys: {sorted(ann)})")
-    if not ann["categories"]:
-        raise InputError(f"{path}: 'categories' is empty")
+        raise InputError(f"{path}: {what} is {'empty' if not raw.strip() else 'not valid JSON'} ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: {what} nests too deeply to be read") from None
+
+
+def load_coco_json(path: str, warn: Optional[list] = None) -> dict:
+    """Read a COCO annotation file and check what the toolkit relies on (ptq4sam.annotations.check_coco); warning
+    lines are appended to ``warn`` (else issued as warnings)."""
+    ann = read_json(path, "annotation file")
+    notes = check_coco(ann, str(path))
+    if warn is not None:
+        warn.extend(notes)
+    else:
+        for n in notes:
+            warnings.warn(n, stacklevel=2)
     return ann
 
 
@@ -129,8 +141,7 @@ class JsonPrompts(nn.Module):
     def __init__(self, result_file: str, ann_file, score_thr: float = 0.0, max_boxes: Optional[int] = 100):
         super().__init__()
         self.index = _ByFileName(load_coco_jsons(ann_file))
-        p = _resolve(result_file, "detection results JSON", "run the detector once with --out or tools/ to make it")
-        dets = json.loads(p.read_text())
+        dets = read_json(result_file, "detection results JSON", "run the detector once with --out or tools/ to make it")
         if not isinstance(dets, list):
             raise InputError(f"{result_file}: expected a COCO results list, got {type(dets).__name__}")
         self.per_image: Dict[int, List[dict]] = defaultdict(list)
@@ -145,13 +156,15 @@ class JsonPrompts(nn.Module):
                 raise InputError(f"{result_file}: entry {i} lacks {sorted(missing)}")
             box, score = d["bbox"], d["score"]
             if (not isinstance(box, list) or len(box) != 4
-                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+                    or not all(is_number(v) for v in box)):
                 raise InputError(f"{result_file}: entry {i} (image {d['image_id']}): bbox must be 4 finite numbers "
                                  f"[x, y, w, h], got {box!r}")
-            if not isinstance(score, (int, float)) or not math.isfinite(score):
+            if not is_number(score):
                 raise InputError(f"{result_file}: entry {i} (image {d['image_id']}): score must be a finite number, "
                                  f"got {score!r}")
-            if d["category_id"] not in self.index.label_of_cat:
+            if not is_int(d["image_id"]):
+                raise InputError(f"{result_file}: entry {i}: image_id must be an integer, got {d['image_id']!r}")
+            if not is_int(d["category_id"]) or d["category_id"] not in self.index.label_of_cat:
                 raise InputError(f"{result_file}: entry {i}: category_id {d['category_id']!r} is not a category of "
                                  f"the annotation file (ids {sorted(self.index.label_of_cat)[:8]}...)")
             if d["image_id"] not in known:
