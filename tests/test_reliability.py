@@ -129,6 +129,8 @@ def _case(tmp, name):
         return q + ["--save_sam_path", str(tmp)], ["--save_sam_path", "is a folder"]
     if name == "load_sam_path_missing":
         return q + ["--load_sam_path", str(tmp / "q.pth")], ["--load_sam_path", "q.pth", "not found"]
+    if name == "load_sam_path_folder":
+        return q + ["--load_sam_path", str(tmp)], ["--load_sam_path", "is a folder"]
     if name == "load_sam_path_pickle":
         torch.save({"state_dict": {}, "quant_meta": _Evil(str(tmp / "ran"))}, tmp / "q.pth")
         return q + ["--load_sam_path", str(tmp / "q.pth")], ["q.pth", "pickled"]
@@ -250,7 +252,7 @@ CLI_ERRORS = [
     "detector_checkpoint_missing", "unknown_sam_type", "sam_checkpoint_not_torch", "sam_checkpoint_other_size",
     "qconfig_missing", "qconfig_malformed_yaml", "qconfig_wrong_type", "q_option_unknown_key", "q_option_bad_value",
     "work_dir_unwritable", "show_dir_unwritable", "save_path_is_folder", "load_sam_path_missing",
-    "load_sam_path_pickle", "load_sam_path_other_qconfig", "load_sam_path_old_format", "resume_with_fp",
+    "load_sam_path_folder", "load_sam_path_pickle", "load_sam_path_other_qconfig", "load_sam_path_old_format", "resume_with_fp",
     "prompts_json_other_split", "prompts_json_nan_score", "prompts_json_bad_bbox", "prompts_json_unknown_category",
     "backend_without_onnx", "backend_with_q_config", "onnx_dir_without_export",
     "config_is_folder", "config_empty", "config_not_utf8", "cfg_options_malformed", "qconfig_empty",

@@ -326,6 +326,10 @@ def check_args(args):
         raise InputError("--onnx is read by --backend ort|openvino only")
     if args.resume and qcfg is None:
         raise InputError("--resume continues a quantization: give --q_config (not --fp)")
+    if args.load_sam_path and Path(args.load_sam_path).is_dir():
+        raise InputError(f"--load_sam_path {args.load_sam_path}: is a folder; give the file --save_sam_path wrote")
+    if args.load_sam_path and not Path(args.load_sam_path).is_file():
+        raise InputNotFound(f"--load_sam_path: {args.load_sam_path} not found")
     if args.resume and args.load_sam_path:
         raise InputError("--resume and --load_sam_path exclude each other (a loaded model is not reconstructed)")
     # outputs are checked before any work: a folder that cannot be written fails now, not after hours
