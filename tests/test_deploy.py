@@ -95,3 +95,21 @@ def test_compact_sam_vit_b_meets_the_size_targets(tmp_path, wbits, max_ratio):
     quantize_sam(fresh, build_context(q), True, float_modules=tuple(q.float_modules))
     load_quantized(fresh, tmp_path / "q.pth", torch.device("cpu"), q, True)
     assert torch.equal(BoxPromptSegmenter(fresh)(img, sample.boxes).low_res_logits, ref)
+
+
+@pytest.mark.parametrize("flags, isa, dot", [
+    ("fpu sse2 avx avx2 fma", ["AVX2"], "none"),  # Zen 3: no VNNI, int8 buys bytes and fusion only
+    ("avx2 avx512f avx512bw avx512_vnni avx512_bf16", ["AVX2", "AVX-512", "AVX512-VNNI"], "VNNI"),  # Zen 4
+    ("avx2 avx_vnni", ["AVX2", "AVX-VNNI"], "VNNI"),  # Alder Lake: VNNI on 256-bit registers
+    ("avx2 avx512f avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8",
+     ["AVX2", "AVX-512", "AVX512-VNNI", "AVX-VNNI", "AMX-INT8", "AMX-BF16"], "AMX"),  # Sapphire Rapids
+    ("sse2", [], "none"),
+])
+def test_cpu_isa_recorded_by_the_deploy_tables_is_read_from_the_flags(flags, isa, dot):
+    from ptq4sam.cpuinfo import describe, parse_cpuinfo
+
+    text = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nmodel name\t: Other\n" \
+           "flags\t\t: avx2 amx_int8\n"
+    info = parse_cpuinfo(text)
+    assert info == {"model": "Some CPU", "isa": isa, "int8_dot": dot}  # the first processor's
+    assert describe(info) == f"Some CPU ({', '.join(isa) or 'no AVX2'}; int8 dot products: {dot})"

@@ -27,6 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ptq4sam.cpuinfo import cpu_info, describe  # noqa: E402
+
 SETTINGS = {
     "glibc": {"PTQ4SAM_MALLOC": "default"},
     "keep": {"THP_MEM_ALLOC_ENABLE": "0"},
@@ -52,16 +55,6 @@ def run_once(cmd, env_extra: dict) -> dict:
             "system_pct_of_user": round(100 * ru.ru_stime / max(ru.ru_utime, 1e-9), 1),
             "minor_faults": ru.ru_minflt, "major_faults": ru.ru_majflt, "max_rss_mb": round(ru.ru_maxrss / 1024),
             "voluntary_switches": ru.ru_nvcsw, "involuntary_switches": ru.ru_nivcsw}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def thp_mode() -> str:
@@ -95,7 +88,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['setting']:<10}{r['wall_s']:>8}{r['user_s']:>9}{r['system_s']:>8}{r['system_pct_of_user']:>9}%"
               f"{r['minor_faults']:>14}{r['max_rss_mb']:>12}")
-    out = {"command": cmd, "cpu": cpu_model(), "cores": os.cpu_count(), "thp": thp_mode(),
+    out = {"command": cmd, "cpu": describe(cpu_info()), "cpu_isa": cpu_info(), "cores": os.cpu_count(), "thp": thp_mode(),
            "kernel": platform.release(), "settings": {k: SETTINGS[k] for k in a.settings}, "runs": rows}
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.cpuinfo import cpu_info, describe  # noqa: E402
 from ptq4sam.deploy.onnx_export import MANIFEST_FILE, export_sam, read_manifest  # noqa: E402
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph  # noqa: E402
 from ptq4sam.errors import InputError, InputNotFound  # noqa: E402
@@ -103,7 +103,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
     env = {"command": "python tools/benchmark_deploy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "cpu": platform.processor() or platform.machine(), "threads": a.threads, "torch": torch.__version__,
+           "cpu": describe(cpu_info()), "cpu_isa": cpu_info(), "threads": a.threads, "torch": torch.__version__,
            "split": "eval = data/coco128 instances_eval96.json, GT boxes; calibration = first "
                     f"{a.calibrate} images by id of instances_calib32.json"}
     import onnxruntime  # noqa: PLC0415
