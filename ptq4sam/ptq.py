@@ -77,6 +77,9 @@ class Calibrated:
     timer: PhaseTimer
     quant_encoder: bool
     saved: Optional[Dict] = None
+    # the float image encoder's output per calibration image with boxes (index in the samples), kept from calibration
+    # so that the reconstruction of a decoder-only run does not encode them again; None when the encoder is quantized
+    embeddings: Optional[Dict[int, torch.Tensor]] = None
 
 
 def quantize_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_encoder: bool, device,
@@ -135,7 +138,7 @@ def calibrate_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_en
     info.pre_recon_phases_s = dict(timer.times)
     if checkpoint is not None and qcfg.recon.iters > 0:
         checkpoint.save(sam, 0, n_units, info.to_dict(), [], global_rng())
-    return Calibrated(info, timer, quant_encoder)
+    return Calibrated(info, timer, quant_encoder, embeddings=job.float_embeddings)
 
 
 def reconstruct_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, device, cal: Calibrated,
@@ -155,7 +158,8 @@ def reconstruct_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, device
                     checkpoint.save(sam, len(records), n_units, info.to_dict(), records, rng)
             info.recon = reconstruct(seg, samples, stages, qcfg.recon, qcfg.seed, device, paper_bugs=paper_eval_bugs,
                                         done=saved["recon"] if saved else None, rng=saved["rng"] if saved else None,
-                                        on_unit=save)
+                                        on_unit=save, embeddings=cal.embeddings)
+    cal.embeddings = None
     info.reconstruction_s = timer.times["reconstruction"]
     info.ptq_phases_s = dict(timer.times)
     if checkpoint is not None:  # included in the phases above; shown apart to see what crash safety costs
@@ -210,6 +214,8 @@ def _calibrate(job: CalibrationJob, timer: PhaseTimer) -> None:
             feats = [seg.encode(s.image)[0] for s in _progress(job.samples, desc="calibration: encoder")]
         disable_all(sam)
     job.box_feats = [f for s, f in zip(job.samples, feats) if has_boxes(s)]
+    if not any(isinstance(m, FakeQuantizeBase) for m in sam.image_encoder.modules()):  # float encoder: outputs final
+        job.float_embeddings = {i: f for i, (s, f) in enumerate(zip(job.samples, feats)) if has_boxes(s)}
     del feats
     _method_step("after_encoder", job, timer)
     with timer.phase("calibration"):  # weights (after BIG's folds), then the decoder on the kept image embeddings

@@ -325,7 +325,8 @@ def global_rng() -> Dict[str, Any]:
 
 def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool = False,
                 done: Optional[List[Dict]] = None, rng: Optional[Dict] = None,
-                on_unit: Optional[Callable[[List[Dict], Dict], None]] = None) -> List[Dict]:
+                on_unit: Optional[Callable[[List[Dict], Dict], None]] = None,
+                embeddings: Optional[Dict[int, torch.Tensor]] = None) -> List[Dict]:
     """Reconstruct ``stages`` ([(stage, units)], :func:`quant_sam.recon_stages`) one unit at a time, in order.
 
     Decoder stages use the calibration images that have boxes. ``paper_bugs`` reproduces the paper code's leaks
@@ -334,7 +335,8 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
 
     Resuming: ``done`` = the records of the units already reconstructed (their state is in the model) and ``rng`` the
     generators' states saved after the last of them; finished stages are replayed (forwards only) to rebuild the
-    cached inputs. ``on_unit(records, rng)`` is called after every unit (to save the state)."""
+    cached inputs. ``on_unit(records, rng)`` is called after every unit (to save the state). ``embeddings``: the
+    float image encoder's outputs of the samples with boxes (by index) when calibration kept them (else encoded here)."""
     if done and paper_bugs:
         raise InputError("--resume cannot continue a --paper-eval-bugs run: its leaking QDrop layers draw from the "
                          "global random generator during the replayed forwards; rerun it from the start")
@@ -359,7 +361,8 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
         # float image encoder: compute each sample's embedding once and replay it in every capture pass
         disable_all(sam)
         with torch.no_grad():
-            feats = {i: cache.store(seg.encode(samples[i].image)[0])
+            feats = {i: cache.store(embeddings[i] if embeddings is not None and i in embeddings
+                                    else seg.encode(samples[i].image)[0])
                      for i in _progress(box_idx, desc="image embeddings")}
         enc.forward = lambda *a, **k: cache.load(feats[cache._cur])
     leaky: List[FakeQuantizeBase] = []  # paper_bugs: layer-input quantizers left at the training drop probability

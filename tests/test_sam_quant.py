@@ -380,3 +380,29 @@ def test_after_gptq_quantizers_off_is_the_float_lite_medsam_and_phase_times_add_
     s = samples[0]
     a, b = seg(s.image, s.boxes), ref(s.image, s.boxes)
     assert torch.equal(a.low_res_logits, b.low_res_logits)
+
+
+def test_decoder_only_reconstruction_reuses_calibrations_float_image_embeddings(lite):
+    """A float image encoder runs once per calibration image (in calibration): the reconstruction replays the kept
+    embeddings instead of encoding the images again, with the same result as encoding them again."""
+    from ptq4sam.ptq import calibrate_segmenter, reconstruct_segmenter
+
+    samples = calib_samples(2)
+    q = load_qconfig(ROOT_EXP, ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "recon.iters=1", "recon.max_boxes=2"])
+    models = []
+    for keep in (True, False):
+        sam = copy.deepcopy(lite)
+        seg = BoxPromptSegmenter(sam)
+        calls, forward = [], sam.image_encoder.forward
+        sam.image_encoder.forward = lambda *a, _f=forward, _c=calls, **k: _c.append(1) or _f(*a, **k)
+        cal = calibrate_segmenter(seg, samples, q, False, torch.device("cpu"), log=lambda *a: None)
+        assert len(calls) == len(samples) and set(cal.embeddings) == {0, 1}
+        if not keep:
+            cal.embeddings = None  # as after a resume: encoded again in the reconstruction
+        reconstruct_segmenter(seg, samples, q, torch.device("cpu"), cal)
+        assert len(calls) == len(samples) * (1 if keep else 2)
+        sam.image_encoder.__dict__.pop("forward", None)  # (the reconstruction already put the class one back)
+        models.append(sam)
+    with torch.no_grad():
+        out = [BoxPromptSegmenter(m)(samples[0].image, samples[0].boxes).low_res_logits for m in models]
+    assert torch.equal(out[0], out[1])

@@ -4,7 +4,7 @@ claims, and the steps it adds to calibration. The pipeline (``ptq4sam.ptq``) and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..quantization import QuantizerConfig
 
@@ -29,6 +29,7 @@ class CalibrationJob:
     log: Callable[[str], None]
     info: Any  # ptq4sam.ptq.QuantInfo (method reports go to info.methods)
     box_feats: List[Any] = field(default_factory=list)  # image embeddings of ``boxed`` (decoder-only forwards)
+    float_embeddings: Optional[Dict[int, Any]] = None  # the same by sample index, kept when the encoder is float
 
 
 class Method:
