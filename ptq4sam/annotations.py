@@ -9,26 +9,12 @@ warning line, printed by the caller and counted in ``metrics.json``.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Dict, List
 
-from .errors import InputError
+from .errors import InputError, is_int, is_number, short_repr
 
 _SLACK = 1.0  # pixels a box may reach past its image (COCO's own boxes do by rounding)
-
-
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _short(v, n: int = 60) -> str:
-    r = repr(v)
-    return r if len(r) <= n else r[:n] + "..."
 
 
 def _check_mask(seg, i: int, a: dict, size, where: str) -> None:
@@ -37,17 +23,17 @@ def _check_mask(seg, i: int, a: dict, size, where: str) -> None:
             if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
                     or not all(is_number(v) for v in poly)):
                 raise InputError(f"{where} annotation {i} (id {a['id']}): 'segmentation' polygons must be lists of "
-                                 f"x, y numbers (at least 3 points), got {_short(poly)}")
+                                 f"x, y numbers (at least 3 points), got {short_repr(poly)}")
     elif isinstance(seg, dict):
         if "counts" not in seg or not isinstance(seg["counts"], (str, list)):
             raise InputError(f"{where} annotation {i} (id {a['id']}): RLE 'segmentation' needs 'counts' (a string "
-                             f"or a list), got {_short(seg)}")
+                             f"or a list), got {short_repr(seg)}")
         if seg.get("size") != list(size):
             raise InputError(f"{where} annotation {i} (id {a['id']}): RLE size {seg.get('size')!r} is not its "
                              f"image's [height, width] {list(size)}")
     else:
         raise InputError(f"{where} annotation {i} (id {a['id']}): 'segmentation' must be a list of polygons or an "
-                         f"RLE object, got {_short(seg)}")
+                         f"RLE object, got {short_repr(seg)}")
 
 
 def _entries(items: list, what: str, where: str):
@@ -55,7 +41,7 @@ def _entries(items: list, what: str, where: str):
     seen = set()
     for i, e in enumerate(items):
         if not isinstance(e, dict) or not is_int(e.get("id")):
-            raise InputError(f"{where}: {what} {i} must be an object with an integer 'id', got {_short(e)}")
+            raise InputError(f"{where}: {what} {i} must be an object with an integer 'id', got {short_repr(e)}")
         if e["id"] in seen:
             raise InputError(f"{where}: {what} id {e['id']} appears twice")
         seen.add(e["id"])
@@ -99,7 +85,7 @@ def check_coco(ann: Any, where: str) -> List[str]:
         box = a.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)) or box[2] < 0 or box[3] < 0:
             raise InputError(f"{where}: annotation {i} (id {a['id']}): 'bbox' must be 4 finite numbers [x, y, w, h] "
-                             f"with w, h >= 0, got {_short(box)}")
+                             f"with w, h >= 0, got {short_repr(box)}")
         if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd"), float):
             raise InputError(f"{where}: annotation {i} (id {a['id']}): 'iscrowd' must be 0 or 1, got "
                              f"{a.get('iscrowd')!r}")

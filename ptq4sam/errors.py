@@ -7,10 +7,27 @@ Torch-free and mmcv-free: importable everywhere.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Union
+
+
+def is_int(v) -> bool:
+    """An integer read from JSON / YAML (``True`` is not one)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite number read from JSON / YAML (NaN / Inf would pass every range check and poison a run)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def short_repr(value, n: int = 60) -> str:
+    """``repr(value)`` cut to ``n`` characters, for naming a bad value in a one-line error."""
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 class UserError(Exception):

@@ -13,14 +13,13 @@ Keys follow the paper repo's yamls (optionally nested under ``quant:``)::
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from .errors import InputNotFound, UserError
+from .errors import InputNotFound, UserError, is_int, is_number, short_repr
 from .methods import SECTIONS as METHOD_SECTIONS
 from .quantization import OBSERVERS, QUANTIZERS, QuantizerConfig
 
@@ -117,9 +116,9 @@ def _scalar_ok(value, name: str) -> bool:
     if name == "bool":
         return isinstance(value, bool)
     if name == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "float":  # NaN / Inf would pass every range check below and poison the run
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_int(value)
+    if name == "float":  # finite: NaN / Inf would pass every range check below
+        return is_number(value)
     if name == "str":
         return isinstance(value, str)
     if name == "Dict[str, Any]":
@@ -190,7 +189,7 @@ def _read_yaml(path: Path, seen=()) -> Dict:
                            "w_qconfig:, recon:) or 'root: <yaml>' to inherit one")
     if not isinstance(data, dict):
         raise QConfigError(f"{path}: top level must be a mapping of q_config sections, got {type(data).__name__} "
-                           f"{_short(data)}")
+                           f"{short_repr(data)}")
     if "quant" in data and isinstance(data["quant"], dict):  # the paper repo nests everything under quant:
         extra = {k: v for k, v in data.items() if k not in ("quant", "model", "root")}
         data = {**data["quant"], **extra, **({"root": data["root"]} if "root" in data else {})}
@@ -205,11 +204,6 @@ def _read_yaml(path: Path, seen=()) -> Dict:
             rp = next((c for c in cand if c.is_file()), cand[0])
         data = _merge(_read_yaml(rp, seen + (path.resolve(),)), data)
     return data
-
-
-def _short(value, n: int = 60) -> str:
-    r = repr(value)
-    return r if len(r) <= n else r[:n] + "..."
 
 
 def _safe_yaml(text: str, where: str):

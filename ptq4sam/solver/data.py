@@ -70,5 +70,5 @@ def check_size(info: dict, shape, path) -> None:
     the decoder gives 3 (grey and RGBA images are converted)."""
     h, w = shape[:2]
     if "width" in info and "height" in info and (info["height"], info["width"]) != (h, w):
-        raise ImageReadError(path, f"is {w}x{h} pixels but its annotation says {info['width']}x"
-                                          f"{info['height']} (width x height): a resized copy or another file?")
+        raise ImageReadError(path, f"is {w}x{h} pixels but its annotation says {info['width']}x{info['height']} "
+                                   "(width x height): a resized copy or another file?")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ptq4sam.checkpoint import ReconCheckpoint, load_quantized, save_quantized
-from ptq4sam.errors import ImageReadError, InputError, InputNotFound, UnknownName
+from ptq4sam.errors import ImageReadError, InputError, UnknownName
 from ptq4sam.mixed import mac_weighted_bits
 from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.quant_sam import quantize_sam
@@ -78,8 +78,6 @@ def quantize_model(model, cfg, qcfg, job: QuantJob, device, rank: int, world: in
         t = time.time()
         from ptq4sam.quant_sam import build_context  # noqa: PLC0415
 
-        if not Path(job.load_sam_path).is_file():
-            raise InputNotFound(f"--load_sam_path: {job.load_sam_path} not found")
         for p in seg.sam.parameters():
             p.requires_grad_(False)
         quantize_sam(seg.sam, build_context(qcfg), job.quant_encoder, float_modules=tuple(qcfg.float_modules))

@@ -37,8 +37,7 @@ def _cfg_options_action():
     class CfgOptions(DictAction):
         def __call__(self, parser, namespace, values, option_string=None):
             for kv in values:
-                key = kv.split("=", 1)[0]
-                if "=" not in kv or not key or any(not part for part in key.split(".")):
+                if "=" not in kv or not all(kv.split("=", 1)[0].split(".")):  # no '=', an empty key or key part
                     raise argparse.ArgumentError(self, f"expected key=value with a dotted key (e.g. "
                                                        f"data.test.ann_file=FILE), got {kv!r}")
             try:

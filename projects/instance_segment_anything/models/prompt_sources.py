@@ -17,9 +17,9 @@ import torch
 from mmcv.utils import Registry
 from torch import nn
 
-from ptq4sam.annotations import check_coco, is_int, is_number
+from ptq4sam.annotations import check_coco
 from ptq4sam.coco_eval import xywh_to_xyxy
-from ptq4sam.errors import InputError, InputNotFound, UnknownName
+from ptq4sam.errors import InputError, InputNotFound, UnknownName, is_int, is_number
 from ptq4sam.models.sam_builder import CheckpointError, load_state_dict_strict, load_weights_file
 
 PROMPT_SOURCES = Registry("prompt source")
