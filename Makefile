@@ -31,7 +31,7 @@ lint: env
 
 test: env ckpt/yolox_nano_coco_from_onnx.pth
 	.venv/bin/ruff check .
-	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load --durations=10
+	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal --durations=10
 
 bench-speed: env
 	$(PY) tools/benchmark_speed.py --model-type lite_medsam --boxes 1 50

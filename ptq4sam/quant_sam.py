@@ -126,13 +126,17 @@ class QuantDecoderAttention(QuantAttentionBase):
         b, t, c = x.shape
         return x.reshape(b, t, n, c // n).transpose(1, 2)
 
+    def attention_map(self, q, k):
+        """softmax(q k^T / sqrt(d)) per head, from the projected (and quantized) queries and keys."""
+        q, k = (self._separate_heads(t, self.num_heads) for t in (q, k))
+        return torch.softmax(q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1]), dim=-1)
+
     def forward(self, q, k, v):
         q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
         self._rec("k_post", k)
         q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        q, k, v = (self._separate_heads(t, self.num_heads) for t in (q, k, v))
-        attn = q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1])
-        attn = torch.softmax(attn, dim=-1)
+        attn = self.attention_map(q, k)
+        v = self._separate_heads(v, self.num_heads)
         self._rec("attn", attn)
         self._rec("v", v)
         out = self.attn_quant(attn) @ v

@@ -40,6 +40,11 @@ _LIST: List[Method] = [
     Method("ptq4sam", "PTQ4SAM (paper-exact: QDrop + BIG + AGQ)", _DEMO, (), "Lv et al., CVPR 2024"),
     Method("ahcptq", "AHCPTQ (PTQ4SAM + HLUQ + CAG)", _DEMO, ("ahcptq.HLUQ=true", "ahcptq.CAG=true"),
            "Zhang et al., ICCV 2025"),
+    Method("saq_sam_star", "SAQ-SAM* (PTQ4SAM calibration + PCC, no reconstruction)", _DEMO,
+           ("saqsam.PCC=true", "recon.iters=0"), "Zhu et al., SAQ-SAM (its PCC-only row)"),
+    Method("ahcq_sam_lnq", "AHCQ-SAM without ACNR (AHCPTQ, LNQ for AGQ)", _DEMO,
+           ("ahcptq.HLUQ=true", "ahcptq.CAG=true", "ahcqsam.LNQ=true", "ptq4sam.AGQ=false"),
+           "Zhang et al., AHCQ-SAM (ACNR not in the toolkit yet)"),
     Method("recommended", "Recommended recipe (chosen on dev)", "exp/recipes/w{b}a{b}-cpu.yaml", (),
            "this toolkit", bits=(8, 6, 4)),
     Method("mixed", "Mixed precision recipe (chosen on dev)", "exp/recipes/mixed-w4-cpu.yaml", (), "this toolkit",
@@ -57,6 +62,10 @@ _LIST: List[Method] = [
     Method("qdrop+smooth", "QDrop + smoothing", _DEMO, _NO_PTQ4SAM + ("smooth.enabled=true",)),
     Method("qdrop+gptq", "QDrop + GPTQ weights", _DEMO, _NO_PTQ4SAM + ("gptq.enabled=true",)),
     Method("ptq4sam+gptq", "PTQ4SAM + GPTQ weights", _DEMO, ("gptq.enabled=true",)),
+    Method("ptq4sam+pcc", "PTQ4SAM + PCC (SAQ-SAM's clipping, PTQ4SAM's reconstruction)", _DEMO, ("saqsam.PCC=true",)),
+    Method("ptq4sam+lnq", "PTQ4SAM with LNQ for AGQ", _DEMO, ("ahcqsam.LNQ=true", "ptq4sam.AGQ=false")),
+    Method("ptq4sam_calib+lnq", "PTQ4SAM calibration only, LNQ for AGQ", _DEMO,
+           ("recon.iters=0", "ahcqsam.LNQ=true", "ptq4sam.AGQ=false")),
 ]
 METHODS: Dict[str, Method] = {m.name: m for m in _LIST}
 

@@ -49,9 +49,15 @@ needs_mmdet = pytest.mark.skipif(not has_mmdet(), reason="mmcv-full / mmdet not 
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _isolated():
+    """Each test starts seeded, and leaves torch's thread count as it found it: a tool's ``main()`` run in this
+    process (e.g. benchmark_deploy's ``--threads 2``) would otherwise change the float sums of every later test on
+    this worker (a run and its resume, one in a subprocess, then differ)."""
     torch.manual_seed(0)
     np.random.seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def calib_samples(n: int, ann_file=CALIB_ANN):

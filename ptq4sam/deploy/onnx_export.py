@@ -19,7 +19,7 @@ What each quantizer becomes (the manifest ``export.json`` lists them by name and
   (symmetric form: the U8S8 kernels of ONNX Runtime and OpenVINO need it); else as uint8 with per-channel zero points;
 * the AGQ log2 softmax quantizer has no integer ONNX operator: it is emulated in float with the very operations the
   torch quantizer computes (``Log``, ``Round``, ``Exp``: :mod:`ptq4sam.quantization.logq`), marked ``emulated`` in
-  the manifest.
+  the manifest; so are HLUQ and LNQ (:mod:`ptq4sam.quantization.lnq`).
 
 The legacy TorchScript exporter is used (``dynamo=False``): it runs the model's Python forward once, so our quantized
 modules export as they compute, and an ``autograd.Function.symbolic`` emits each QDQ pair.
@@ -38,7 +38,14 @@ import torch
 from torch import nn
 
 from ..errors import InputError, atomic_write, atomic_write_text
-from ..quantization import AdaRoundFakeQuantize, AGQFakeQuantize, FakeQuantizeBase, HLUQFakeQuantize
+from ..quantization import (
+    AdaRoundFakeQuantize,
+    AGQFakeQuantize,
+    FakeQuantizeBase,
+    HLUQFakeQuantize,
+    LNQFakeQuantize,
+    lnq_reference,
+)
 from ..quantization.fake_quant import _bshape
 from ..quantization.hluq import per_channel
 from ..quantization.logq import agq_reference
@@ -132,7 +139,7 @@ def hluq_float(x: torch.Tensor, fp_min, scale_log, scale_uni, levels_log: int, l
 @dataclass
 class QuantizerExport:
     name: str
-    kind: str  # "activation-qdq" | "weight-dq" | "emulated-agq" | "emulated-hluq"
+    kind: str  # "activation-qdq" | "weight-dq" | "emulated-agq" | "emulated-hluq" | "emulated-lnq"
     bits: int
     dtype: str  # "uint8" | "int8" | "float"
     per_channel: bool
@@ -152,6 +159,10 @@ def _act_forward(q: FakeQuantizeBase, name: str, records: List[QuantizerExport])
         scale = q._eval_params()[0].reshape(())
         records.append(QuantizerExport(name, "emulated-agq", q.bit, "float", False))
         return lambda x: agq_reference(x, scale, q.tau, q.levels)
+    if isinstance(q, LNQFakeQuantize):
+        scale = q._eval_params()[0].reshape(())
+        records.append(QuantizerExport(name, "emulated-lnq", q.bit, "float", False))
+        return lambda x: lnq_reference(x, scale, q.lnq_alpha, q.max_code)
     if isinstance(q, HLUQFakeQuantize):
         params = q._eval_params()
         records.append(QuantizerExport(name, "emulated-hluq", q.bit, "float", bool(q.group.numel())))

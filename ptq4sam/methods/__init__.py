@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from .ahcptq import CAG, HLUQ
+from .ahcq import LNQ
 from .base import CalibrationJob, Method  # noqa: F401
 from .gptq import GPTQ
 from .ptq4sam import AGQ, BIG
+from .saq import PCC
 from .smooth import Smoothing
 
 METHODS: List[Method] = [
@@ -16,7 +18,9 @@ METHODS: List[Method] = [
     BIG(),
     HLUQ(),
     CAG(),
+    PCC(),  # after calibration, before GPTQ's Hessians of quantized inputs
     GPTQ(),
+    LNQ(),  # before AGQ: AHCQ-SAM's softmax quantizer replaces PTQ4SAM's
     AGQ(),
 ]
 

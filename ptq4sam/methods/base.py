@@ -61,3 +61,30 @@ class Method:
 def check_choice(bad, key: str, value, allowed) -> None:
     if value not in allowed:
         bad(key, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def softmax_search(job: CalibrationJob, attentions: List[Any], samples: List[Any], make: Callable[[Any], Any],
+                   desc: str) -> Dict[int, Dict]:
+    """A per-image search of softmax quantizers (AGQ's, LNQ's): float forwards of ``samples``, one image at a time;
+    each attention's (softmax output, v) goes to its searcher (``make(attention)``: ``add(attn, v)``, ``result()``)
+    and is dropped. Returns each searcher's result by attention id."""
+    from ..samples import record  # noqa: PLC0415
+
+    searches = {id(a): make(a) for a in attentions}
+
+    def each(cur):
+        for aid, rec in cur.items():
+            if "attn" in rec:
+                searches[aid].add(rec["attn"], rec["v"])
+    record(job.seg, samples, attentions, ["attn", "v"], desc=desc, each=each, feats=kept_embeddings(job, samples))
+    return {aid: s.result() for aid, s in searches.items()}
+
+
+def kept_embeddings(job: CalibrationJob, samples: List[Any]) -> Optional[List[Any]]:
+    """The float image embeddings calibration kept for ``samples`` (a float encoder: its output is final), aligned
+    with them; None where one was not kept (that image is encoded again), or None when none were."""
+    kept = job.float_embeddings
+    if not kept:
+        return None
+    index = {id(s): i for i, s in enumerate(job.samples)}
+    return [kept.get(index.get(id(s), -1)) for s in samples]

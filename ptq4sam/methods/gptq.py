@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .. import gptq as gptq_alg
 from ..progress import progress
 from ..quantization import disable_all, enable_quantization
-from .base import Method, check_choice
+from .base import Method, check_choice, kept_embeddings
 
 
 @dataclass
@@ -35,11 +35,12 @@ class GPTQ(Method):
 
         sam = job.seg.sam
 
-        def run():  # on the calibration images (decoder where boxes), every weight float
+        def run():  # on the calibration images (decoder where boxes; a float encoder's kept output), every weight float
             if sec.inputs == "quantized":  # activation quantizers on (the Hessians of quantized inputs)
                 enable_quantization(sam, weights=False)
-            for s in progress(job.samples, desc="GPTQ: input Hessians"):
-                forward_sample(job.seg, s)
+            feats = kept_embeddings(job, job.samples) or [None] * len(job.samples)
+            for s, f in zip(progress(job.samples, desc="GPTQ: input Hessians"), feats):
+                forward_sample(job.seg, s, f)
             disable_all(sam)
         g = gptq_alg.apply_gptq(sam, run, sec.damp, sec.act_order, progress=progress)
         job.log(f"GPTQ: {g['layers']} layers in {g['seconds']} s, median proxy loss GPTQ / round-to-nearest "

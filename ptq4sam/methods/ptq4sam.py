@@ -11,7 +11,7 @@ import torch
 from .. import agq as agq_mod
 from .. import big as big_mod
 from ..quantization import OBSERVERS, QuantizerConfig
-from .base import Method, check_choice
+from .base import Method, check_choice, kept_embeddings, softmax_search
 
 
 @dataclass
@@ -100,17 +100,10 @@ class AGQ(Method):
         atts = [a for a in quant_attentions(seg.sam) if a.uses_agq]
         use = job.boxed[: sec.agq_images] if sec.agq_images else job.boxed
         if sec.agq_search == "paper":
-            searches = {id(a): agq_mod.PaperAGQSearch(a.attn_quant.quantizer.bit, sec.taus, sec.p,
-                                                      a.attn_quant.quantizer.levels_mode) for a in atts}
-
-            def each(cur):  # one image at a time: its softmax maps are searched, then dropped
-                for aid, rec in cur.items():
-                    if "attn" in rec:
-                        searches[aid].add(rec["attn"], rec["v"])
-            record(seg, use, atts, ["attn", "v"], desc="AGQ: per-image search", each=each)
-            results = {id(a): searches[id(a)].result() for a in atts}
+            results = softmax_search(job, atts, use, lambda a: agq_mod.PaperAGQSearch(
+                a.attn_quant.quantizer.bit, sec.taus, sec.p, a.attn_quant.quantizer.levels_mode), "AGQ: per-image search")
         else:
-            recs = record(seg, use, atts, ["attn", "v"], desc="AGQ: softmax")
+            recs = record(seg, use, atts, ["attn", "v"], desc="AGQ: softmax", feats=kept_embeddings(job, use))
             results = {id(a): agq_mod.search_tau(list(zip(recs[id(a)]["attn"], recs[id(a)]["v"])),
                                                  a.attn_quant.quantizer.bit, sec.taus, sec.scale_ratios, sec.p,
                                                  a.attn_quant.quantizer.levels_mode) for a in atts}

@@ -15,6 +15,7 @@ from .fake_quant import (  # noqa: F401
                          use_compiled_agq,
 )
 from .hluq import HLUQFakeQuantize, HybridRangeObserver, hluq_level_set, hluq_levels, hluq_quantize  # noqa: F401
+from .lnq import LNQFakeQuantize, lnq_reference  # noqa: F401
 from .observer import (  # noqa: F401
                          OBSERVERS,
                          AvgMinMaxObserver,

@@ -78,7 +78,7 @@ def min_drop_prob(model: nn.Module) -> float:
 
 
 QUANT_ATTRS = ("initialized", "observer_enabled", "fake_quant_enabled", "drop_prob", "hard", "tau", "ch_axis",
-               "grid_rate", "levels_log", "levels_uni")
+               "grid_rate", "levels_log", "levels_uni", "lnq_alpha")
 
 
 def quant_meta(model: nn.Module) -> dict:

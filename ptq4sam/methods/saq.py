@@ -1,0 +1,116 @@
+"""SAQ-SAM's methods (Zhu et al., "SAQ-SAM"; code jingjing0419/SAQ-SAM), yaml section ``saqsam``: PCC, the clipping of
+the mask decoder's attention inputs by the focus of the attention maps (:mod:`ptq4sam.pcc`), after calibration and
+before reconstruction (whose scale learning starts from the chosen clips, as the authors')."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+
+from .. import pcc as pcc_mod
+from ..quantization import FakeQuantizeBase, disable_all, qparams_from_range
+from .base import Method, kept_embeddings
+
+
+@dataclass
+class SAQSection:
+    PCC: bool = False  # decoder attention inputs (q_proj / k_proj inputs, projected Q / K): clips by attention focus
+    pcc_quantiles: List[float] = field(default_factory=lambda: list(pcc_mod.QUANTILES))  # the authors' grid
+    pcc_theta: float = 0.5  # focus: values above theta x the row's maximum
+    pcc_images: int = 1  # calibration images (with boxes) the search sees (the authors: 1)
+
+    def check(self, bad, q) -> None:
+        if not self.pcc_quantiles or any(not 0.5 < p < 1 for p in self.pcc_quantiles):
+            bad("saqsam.pcc_quantiles", f"must be a list of numbers in (0.5, 1), got {self.pcc_quantiles}")
+        if not 0 < self.pcc_theta < 1:
+            bad("saqsam.pcc_theta", f"must be in (0, 1), got {self.pcc_theta}")
+        if self.pcc_images < 1:
+            bad("saqsam.pcc_images", f"must be >= 1, got {self.pcc_images}")
+        if self.PCC and q.a_qconfig.bit is None:
+            bad("saqsam.PCC", "clips activation quantizers: a_qconfig.bit must not be off")
+
+
+def _searchable(q) -> bool:
+    """A per-tensor uniform quantizer (PCC sets one clip; CAG's groups or a log grid are not its to set)."""
+    return isinstance(q, FakeQuantizeBase) and q.uniform and q.ch_axis == -1 and q.initialized
+
+
+def _set_clip(q, lo: float, hi: float) -> None:
+    scale, zp = qparams_from_range(torch.tensor(lo), torch.tensor(hi), q.bit, q.symmetric)
+    q.set_qparams(scale.to(q.scale.device), zp.to(q.scale.device))
+    q.observer.min_val, q.observer.max_val = (torch.tensor(v, device=q.scale.device) for v in (lo, hi))
+    q.fake_quant_enabled = True
+
+
+class PCC(Method):
+    name, section, section_cls = "pcc", "saqsam", SAQSection
+
+    def enabled(self, sec, qcfg) -> bool:
+        return sec.PCC and qcfg.a_qconfig.bit is not None
+
+    @torch.no_grad()
+    def after_calibration(self, sec, job) -> List[Dict]:
+        from ..quant_sam import QuantDecoderAttention, quant_attentions  # noqa: PLC0415
+        from ..samples import forward_sample, has_boxes, record  # noqa: PLC0415
+
+        seg, sam = job.seg, job.seg.sam
+        atts = [a for a in quant_attentions(sam.mask_decoder) if isinstance(a, QuantDecoderAttention)]
+        samples = [s for s in job.samples if has_boxes(s)][: sec.pcc_images]
+        disable_all(sam)
+        # the encoder is never PCC's (float throughout the search): its output once per image
+        kept = kept_embeddings(job, samples) or [None] * len(samples)
+        feats = [f if f is not None else seg.encode(s.image)[0] for f, s in zip(kept, samples)]
+        ref = record(seg, samples, atts, ["attn"], feats=feats, desc="PCC: float attention")
+        chosen: List[FakeQuantizeBase] = []
+        out = []
+        for a in atts:
+            disable_all(sam)  # float, but the clips chosen so far (greedy, as the authors)
+            for q in chosen:
+                q.fake_quant_enabled = True
+            inputs = []
+            hook = a.register_forward_pre_hook(  # (q, k, v), given by name in segment_anything's blocks
+                lambda m, args, kw: inputs.append((kw["q"], kw["k"]) if "q" in kw else (args[0], args[1])),
+                with_kwargs=True)
+            try:
+                for s, f in zip(samples, feats):
+                    forward_sample(seg, s, f)
+            finally:
+                hook.remove()
+            targets = ref[id(a)]["attn"]
+            points = {"q_in": (a.q_proj.input_quant.quantizer, "q"), "k_in": (a.k_proj.input_quant.quantizer, "k"),
+                      "q_post": (a.q_quant.quantizer, "q"), "k_post": (a.k_quant.quantizer, "k")}
+            for point in pcc_mod.POINTS:
+                q, side = points[point]
+                role = f"{getattr(a, 'role', 'attention')}.{point}"
+                if not _searchable(q):
+                    out.append({"layer": role, "skipped": type(q).__name__ if q is not None else "not quantized"})
+                    continue
+                proj, post = (a.q_proj, a.q_quant) if side == "q" else (a.k_proj, a.k_quant)
+                other = [(a.k_quant(a.k_proj(k)) if side == "q" else a.q_quant(a.q_proj(qq))) for qq, k in inputs]
+                raw = [qq if side == "q" else k for qq, k in inputs]
+                if point.endswith("_in"):
+                    xs = raw
+
+                    def sided(i, _raw=raw, _proj=proj, _post=post):
+                        return _post(_proj(_raw[i]))
+                else:
+                    xs = [proj(r) for r in raw]  # the input quantizer is settled by now
+
+                    def sided(i, _xs=xs, _post=post):
+                        return _post(_xs[i])
+
+                def score(_sided=sided, _other=other):
+                    losses = []
+                    for i, tgt in enumerate(targets):
+                        qq, kk = (_sided(i), _other[i]) if side == "q" else (_other[i], _sided(i))
+                        losses.append(pcc_mod.focus_loss(a.attention_map(qq, kk), tgt, sec.pcc_theta))
+                    return sum(losses) / len(losses)
+                rep = pcc_mod.search_point(q, xs, score, sec.pcc_quantiles, _set_clip)
+                chosen.append(q)
+                out.append({"layer": role, **rep})
+        disable_all(sam)
+        done = [e for e in out if "quantile" in e]
+        job.log(f"PCC: {len(done)} clips chosen (quantiles {sorted({e['quantile'] for e in done})}), "
+                f"{len(out) - len(done)} skipped")
+        return out
