@@ -67,14 +67,26 @@ def agq_error(attn: torch.Tensor, log_attn: torch.Tensor, v: torch.Tensor, ref: 
     return float((q @ v - ref).abs_().pow_(p).mean())
 
 
-class PaperAGQSearch:
-    """The paper's AGQ search for one attention, one calibration image at a time (:meth:`add`), then :meth:`result`."""
+class PerImageScaleSearch:
+    """The softmax quantizers' per-image search (the paper's AGQ search; AHCQ-SAM's LNQ search): for each candidate
+    of a grid (AGQ's tau, LNQ's alpha) and each calibration image, a bounded scalar minimisation of the image's mean
+    ``|Q(attn; s) @ v - attn @ v|^p`` over s in :meth:`bounds`; the candidate = argmin of the per-image optimal errors
+    summed over the images (the first of equal sums), s = the mean of its per-image optima. Subclasses give
+    ``name`` (the result key), :meth:`bounds` and :meth:`error_fns`; fed one image at a time (:meth:`add`)."""
 
-    def __init__(self, bit: int, taus: Sequence[int] = (1, 2, 4), p: float = 2.4, levels_mode: str = "paper"):
-        self.bit, self.taus, self.p = bit, [int(t) for t in taus], p
-        self.levels = agq_nonzero_levels(bit, levels_mode)
-        self.errors = [0.0] * len(self.taus)
-        self.scales: List[List[float]] = [[] for _ in self.taus]
+    name = "candidate"
+
+    def __init__(self, candidates: Sequence, p: float):
+        self.candidates, self.p = list(candidates), p
+        self.errors = [0.0] * len(self.candidates)
+        self.scales: List[List[float]] = [[] for _ in self.candidates]
+
+    def bounds(self, amax: float) -> Tuple[float, float]:
+        raise NotImplementedError
+
+    def error_fns(self, attn: torch.Tensor, v: torch.Tensor, ref: torch.Tensor) -> List:
+        """One function s -> error per candidate, for this image (they may share work buffers)."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def add(self, attn: torch.Tensor, v: torch.Tensor) -> None:
@@ -84,19 +96,37 @@ class PaperAGQSearch:
         amax = float(attn.max())
         if amax <= 0:
             return
-        ref = attn @ v
-        log_attn = attn.clamp(min=EPS).log()  # the paper clamps the softmax at 1e-20
-        work = torch.empty_like(log_attn)
-        for k, tau in enumerate(self.taus):
-            res = minimize_scalar(lambda s: agq_error(attn, log_attn, v, ref, tau, s, self.levels, self.p, work),
-                                  bounds=(min(0.1, 0.01 * amax), amax), method="bounded")
+        for k, fn in enumerate(self.error_fns(attn, v, attn @ v)):
+            res = minimize_scalar(fn, bounds=self.bounds(amax), method="bounded")
             self.errors[k] += float(res.fun)
             self.scales[k].append(float(res.x))
 
     def result(self) -> Dict:
         if not self.scales[0]:
-            raise ValueError("AGQ search saw no softmax map")
-        best = min(range(len(self.taus)), key=lambda k: (self.errors[k], k))  # the first of equal errors
-        return {"tau": self.taus[best], "scale": sum(self.scales[best]) / len(self.scales[best]),
-                "error": self.errors[best], "error_per_tau": dict(zip(self.taus, self.errors)),
-                "images": len(self.scales[best]), "search": "paper"}
+            raise ValueError(f"{type(self).__name__} saw no softmax map")
+        best = min(range(len(self.candidates)), key=lambda k: (self.errors[k], k))  # the first of equal errors
+        return {self.name: self.candidates[best], "scale": sum(self.scales[best]) / len(self.scales[best]),
+                "error": self.errors[best], f"error_per_{self.name}": dict(zip(self.candidates, self.errors)),
+                "images": len(self.scales[best])}
+
+
+class PaperAGQSearch(PerImageScaleSearch):
+    """The paper's AGQ search for one attention (module docstring): candidates tau, s in [min(0.1, 0.01 amax), amax]."""
+
+    name = "tau"
+
+    def __init__(self, bit: int, taus: Sequence[int] = (1, 2, 4), p: float = 2.4, levels_mode: str = "paper"):
+        super().__init__([int(t) for t in taus], p)
+        self.bit, self.levels = bit, agq_nonzero_levels(bit, levels_mode)
+
+    def bounds(self, amax):
+        return min(0.1, 0.01 * amax), amax
+
+    def error_fns(self, attn, v, ref):
+        log_attn = attn.clamp(min=EPS).log()  # the paper clamps the softmax at 1e-20
+        work = torch.empty_like(log_attn)
+        return [lambda s, tau=tau: agq_error(attn, log_attn, v, ref, tau, s, self.levels, self.p, work)
+                for tau in self.candidates]
+
+    def result(self) -> Dict:
+        return {**super().result(), "search": "paper"}
