@@ -45,10 +45,14 @@ def _get(d: Dict, dotted: str):
 
 
 def qconfig_differences(saved: Dict, current: Dict, keys=STRUCTURAL_KEYS) -> List[str]:
-    """``key: saved -> current`` for each of ``keys`` (q_config dicts) whose value differs."""
+    """``key: saved -> current`` for each of ``keys`` (q_config dicts) whose value differs. A section the saved
+    q_config lacks (a file written before that method existed) counts as the section's defaults."""
+    defaults = QConfig().to_dict()
     out = []
     for k in keys:
         a, b = _get(saved, k), _get(current, k)
+        if a is None and _get(saved, k.split(".")[0]) is None:
+            a = _get(defaults, k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{k}.{kk}: {a.get(kk)!r} -> {b.get(kk)!r}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
         elif a != b:

@@ -21,7 +21,7 @@ ALPHAS = (0.001, 0.1, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)  # the authors' 
 def lnq_error(attn: torch.Tensor, v: torch.Tensor, ref: torch.Tensor, alpha: float, s: float, max_code: int,
               p: float) -> float:
     """Mean |Q(attn; s, alpha) @ v - attn @ v|^p (``ref`` = attn @ v)."""
-    q = lnq_reference(attn, torch.tensor(s, dtype=torch.float32), alpha, max_code)
+    q = lnq_reference(attn, torch.tensor(s, dtype=torch.float32, device=attn.device), alpha, max_code)
     return float((q @ v - ref).abs_().pow_(p).mean())
 
 
@@ -35,7 +35,7 @@ class LNQSearch(PerImageScaleSearch):
         self.bit, self.max_code = bit, lnq_max_code(bit)
 
     def bounds(self, amax):
-        return max(1e-4, 0.1 * amax), amax
+        return min(max(1e-4, 0.1 * amax), amax), amax
 
     def error_fns(self, attn, v, ref):
         return [lambda s, a=a: lnq_error(attn, v, ref, a, s, self.max_code, self.p) for a in self.candidates]

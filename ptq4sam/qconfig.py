@@ -23,6 +23,10 @@ from .errors import InputNotFound, UserError, is_int, is_number, short_repr
 from .methods import SECTIONS as METHOD_SECTIONS
 from .quantization import OBSERVERS, QUANTIZERS, QuantizerConfig
 
+# the quantizers a_qconfig / w_qconfig may name; the others (AGQ, LNQ, HLUQ, CAG) are placed at their sites by their
+# method's switch (ptq4sam.methods), never on every activation or weight
+BASE_QUANTIZERS = ("FixedFakeQuantize", "LSQFakeQuantize", "LSQPlusFakeQuantize", "AdaRoundFakeQuantize")
+
 
 class QConfigError(UserError, ValueError):
     """A q_config yaml or --q-options value that is not valid (names the file, key and value)."""
@@ -244,8 +248,11 @@ def validate(q: QConfig, src: str) -> QConfig:
 
     for sec in ("a_qconfig", "w_qconfig"):
         s = getattr(q, sec)
+        if s.quantizer in QUANTIZERS and s.quantizer not in BASE_QUANTIZERS:
+            bad(f"{sec}.quantizer", f"'{s.quantizer}' is placed at its sites by its method's switch, not on every "
+                f"{'activation' if sec == 'a_qconfig' else 'weight'}; expected one of {list(BASE_QUANTIZERS)}")
         if s.quantizer not in QUANTIZERS:
-            bad(f"{sec}.quantizer", f"unknown '{s.quantizer}', expected one of {sorted(QUANTIZERS)}")
+            bad(f"{sec}.quantizer", f"unknown '{s.quantizer}', expected one of {list(BASE_QUANTIZERS)}")
         if s.observer not in OBSERVERS:
             bad(f"{sec}.observer", f"unknown '{s.observer}', expected one of {sorted(OBSERVERS)}")
         if s.bit is not None and not 2 <= s.bit <= 16:

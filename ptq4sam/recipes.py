@@ -34,6 +34,8 @@ _NO_PTQ4SAM = ("ptq4sam.BIG=false", "ptq4sam.AGQ=false")
 _MINMAX_RTN = ("w_qconfig.quantizer=FixedFakeQuantize", "w_qconfig.observer=MinMaxObserver",
                "a_qconfig.quantizer=FixedFakeQuantize", "a_qconfig.observer=MinMaxObserver", "recon.iters=0") + _NO_PTQ4SAM
 
+_LNQ_IMAGES = "ahcqsam.lnq_images=2"  # the demo budget's AGQ search images (agq_images: 2), for LNQ's search
+
 _LIST: List[Method] = [
     Method("minmax_rtn", "MinMax RTN (no reconstruction)", _DEMO, _MINMAX_RTN, "round-to-nearest baseline"),
     Method("qdrop", "QDrop", _DEMO, _NO_PTQ4SAM, "Wei et al., ICLR 2022"),
@@ -43,7 +45,7 @@ _LIST: List[Method] = [
     Method("saq_sam_star", "SAQ-SAM* (PTQ4SAM calibration + PCC, no reconstruction)", _DEMO,
            ("saqsam.PCC=true", "recon.iters=0"), "Zhu et al., SAQ-SAM (its PCC-only row)"),
     Method("ahcq_sam_lnq", "AHCQ-SAM without ACNR (AHCPTQ, LNQ for AGQ)", _DEMO,
-           ("ahcptq.HLUQ=true", "ahcptq.CAG=true", "ahcqsam.LNQ=true", "ptq4sam.AGQ=false"),
+           ("ahcptq.HLUQ=true", "ahcptq.CAG=true", "ahcqsam.LNQ=true", "ptq4sam.AGQ=false", _LNQ_IMAGES),
            "Zhang et al., AHCQ-SAM (ACNR not in the toolkit yet)"),
     Method("recommended", "Recommended recipe (chosen on dev)", "exp/recipes/w{b}a{b}-cpu.yaml", (),
            "this toolkit", bits=(8, 6, 4)),
@@ -63,9 +65,9 @@ _LIST: List[Method] = [
     Method("qdrop+gptq", "QDrop + GPTQ weights", _DEMO, _NO_PTQ4SAM + ("gptq.enabled=true",)),
     Method("ptq4sam+gptq", "PTQ4SAM + GPTQ weights", _DEMO, ("gptq.enabled=true",)),
     Method("ptq4sam+pcc", "PTQ4SAM + PCC (SAQ-SAM's clipping, PTQ4SAM's reconstruction)", _DEMO, ("saqsam.PCC=true",)),
-    Method("ptq4sam+lnq", "PTQ4SAM with LNQ for AGQ", _DEMO, ("ahcqsam.LNQ=true", "ptq4sam.AGQ=false")),
+    Method("ptq4sam+lnq", "PTQ4SAM with LNQ for AGQ", _DEMO, ("ahcqsam.LNQ=true", "ptq4sam.AGQ=false", _LNQ_IMAGES)),
     Method("ptq4sam_calib+lnq", "PTQ4SAM calibration only, LNQ for AGQ", _DEMO,
-           ("recon.iters=0", "ahcqsam.LNQ=true", "ptq4sam.AGQ=false")),
+           ("recon.iters=0", "ahcqsam.LNQ=true", "ptq4sam.AGQ=false", _LNQ_IMAGES)),
 ]
 METHODS: Dict[str, Method] = {m.name: m for m in _LIST}
 

@@ -105,8 +105,9 @@ def test_search_combines_per_image_optima_and_is_near_the_brute_force_optimum():
 
 def test_lnq_takes_the_softmax_sites_is_searched_and_survives_save_load(tmp_path):
     """ahcqsam.LNQ on a quantized SAM (ViT-B, random weights, 64 px): every softmax quantizer is LNQ (also with AGQ
-    on: LNQ claims the site first), each alpha from the grid, s inside the search bounds; the compact checkpoint
-    restores alpha and s (the same logits); the ONNX export emulates LNQ with the same formula."""
+    on: LNQ claims the site first), each alpha from the grid, s a softmax value in (0, 1]; the compact checkpoint
+    restores alpha and s (the same logits); the export lists each LNQ quantizer as emulated (the graph's values:
+    test_exported_lnq_is_the_same_quantizer)."""
     from ptq4sam.checkpoint import load_quantized, save_quantized
     from ptq4sam.deploy.onnx_export import export_sam
     from ptq4sam.quant_sam import quant_attentions
@@ -165,11 +166,26 @@ def test_exported_lnq_is_the_same_quantizer(alpha, tmp_path):
     assert len(np.unique(out)) <= 16 and np.mean(out == ref.numpy()) > 0.9999
 
 
+def test_checkpoints_written_before_a_method_existed_compare_as_its_defaults():
+    """A compact checkpoint's q_config from before the ahcqsam / saqsam sections existed lacks them: it loads into a
+    model with those methods off (their defaults), and is refused for one with LNQ on."""
+    from ptq4sam.checkpoint import qconfig_differences
+
+    now = load_qconfig("exp/demo/config66.yaml").to_dict()
+    old = {k: v for k, v in now.items() if k not in ("ahcqsam", "saqsam")}
+    assert qconfig_differences(old, now) == []
+    lnq = load_qconfig("exp/demo/config66.yaml", ["ahcqsam.LNQ=true"]).to_dict()
+    assert qconfig_differences(old, lnq) == ["ahcqsam.LNQ: False -> True"]
+
+
 def test_lnq_config_errors_name_the_key():
     with pytest.raises(QConfigError, match=r"ahcqsam.lnq_alphas.*positive"):
         load_qconfig("exp/demo/config66.yaml", ["ahcqsam.lnq_alphas=[0, 1]"])
     with pytest.raises(QConfigError, match=r"ahcqsam.lnq_images"):
         load_qconfig("exp/demo/config66.yaml", ["ahcqsam.lnq_images=-1"])
+    # a method's quantizer is placed at its sites by its switch, never on every activation
+    with pytest.raises(QConfigError, match=r"'a_qconfig.quantizer' 'LNQFakeQuantize' is placed at its sites"):
+        load_qconfig("exp/demo/config66.yaml", ["a_qconfig.quantizer=LNQFakeQuantize"])
 
 
 def test_lnq_on_calibration_images_of_lite_medsam_beats_uniform_softmax_error():

@@ -167,8 +167,8 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
               "ptq4sam.agq_search=grid"]
     a = run_main(common + ["--work-dir", str(tmp_path / "a"), "--save_sam_path", str(tmp_path / "a.pth")])
     assert a.returncode == 0, a.stderr[-3000:]
-    # the run dies right after unit 4's state is saved (the hook raises there; in this process, like the others)
-    crash = run_main(common + ["--work-dir", str(tmp_path / "b")], env={"PTQ4SAM_CRASH_AFTER_UNIT": "4"})
+    # a real process that dies (the others run test_quant.py's main() in this process: the same code path)
+    crash = run_cli(common + ["--work-dir", str(tmp_path / "b")], env={"PTQ4SAM_CRASH_AFTER_UNIT": "4"})
     assert crash.returncode != 0 and "simulated crash after reconstruction unit 4" in crash.stderr
     assert not (tmp_path / "b" / "metrics.json").exists() and (tmp_path / "b" / "recon_state.pt").is_file()
     # (a resume with other settings is refused: test_resume_state_of_other_settings_is_refused)
@@ -235,21 +235,23 @@ def test_torch_only_coco_eval_equals_mmdet_pipeline(fp_gt4):
 
 
 def test_seed_reaches_calibration_order_qdrop_and_reconstruction(tmp_path):
-    """--seed is the run's one seed: it picks the calibration images (calibrate_mode random), QDrop's masks and the
-    reconstruction's sampling; metrics.json and the resolved q_config record it; the same seed is bit-identical."""
+    """--seed is the run's one seed: it picks the calibration images (calibrate_mode random: seeds 7 and 8 pick
+    other images), QDrop's masks and the reconstruction's sampling (seeds 7 and 26 pick the same image, then differ);
+    metrics.json and the resolved q_config record it; the same seed is bit-identical."""
     from ptq4sam.checkpoint import without_wall_times
 
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "1",
               "--q-options", "calibrate=1", "calibrate_mode=random", "recon.iters=3", "recon.max_boxes=2",
               "recon.units=block", "ptq4sam.AGQ=false", "ptq4sam.BIG=false"]
     runs = {}
-    for name, seed in (("s7", "7"), ("s7_again", "7"), ("s8", "8")):
+    for name, seed in (("s7", "7"), ("s7_again", "7"), ("s8", "8"), ("s26", "26")):
         r = run_main(common + ["--seed", seed, "--work-dir", str(tmp_path / name)])
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     for name, seed in (("s7", 7), ("s8", 8)):
         assert runs[name]["seed"] == seed and runs[name]["q_config_resolved"]["seed"] == seed
     assert runs["s7"]["calibration_images"] != runs["s8"]["calibration_images"]
+    assert runs["s7"]["calibration_images"] == runs["s26"]["calibration_images"]
     assert without_wall_times(runs["s7"]) == without_wall_times(runs["s7_again"])
     losses = {n: [u["last_rec_loss"] for u in m["recon"]] for n, m in runs.items()}
-    assert losses["s7"] == losses["s7_again"] and losses["s7"] != losses["s8"]
+    assert losses["s7"] == losses["s7_again"] and losses["s7"] != losses["s26"]

@@ -361,6 +361,41 @@ def test_strict_checkpoint_load_lists_missing_unexpected_and_misshapen_keys():
     assert all(torch.equal(v, good[k]) for k, v in m.state_dict().items())
 
 
+def test_searches_and_gptq_on_kept_embeddings_equal_encoding_again(lite, monkeypatch):
+    """Decoder-only: the AGQ search (per image, as LNQ's), PCC and GPTQ's Hessians run on the float embeddings that
+    calibration kept, found by sample (here the second of two: the first has no boxes), with the same reports and
+    model as when each encodes the images again."""
+    import ptq4sam.methods.base as base_m
+    import ptq4sam.methods.gptq as gptq_m
+    import ptq4sam.methods.ptq4sam as ptq4sam_m
+    import ptq4sam.methods.saq as saq_m
+    from ptq4sam.samples import CalibSample
+
+    s = calib_samples(2)
+    samples = [CalibSample(s[0].image, np.zeros((0, 4), np.float32)), CalibSample(s[1].image, s[1].boxes[:2])]
+    q = load_qconfig(ROOT_EXP, ["ptq4sam.BIG=false", "recon.iters=0", "gptq.enabled=true", "saqsam.PCC=true",
+                                "saqsam.pcc_quantiles=[0.99, 0.999]", "w_qconfig.observer=MinMaxObserver"])
+    runs = []
+    for keep in (True, False):
+        if not keep:
+            for mod in (base_m, gptq_m, ptq4sam_m, saq_m):
+                monkeypatch.setattr(mod, "kept_embeddings", lambda job, samples: [None] * len(samples))
+        sam = copy.deepcopy(lite)
+        seg = BoxPromptSegmenter(sam)
+        calls, forward = [], sam.image_encoder.forward
+        sam.image_encoder.forward = lambda *a, _f=forward, _c=calls, **k: _c.append(1) or _f(*a, **k)
+        info = quantize_segmenter(seg, samples, q, False, torch.device("cpu"), log=lambda *a: None)
+        sam.image_encoder.__dict__.pop("forward", None)
+        reports = {k: v for k, v in info.methods.items()}
+        reports["gptq"] = {k: v for k, v in reports["gptq"].items() if "second" not in k}
+        with torch.no_grad():
+            out = seg(samples[1].image, samples[1].boxes).low_res_logits
+        runs.append((len(calls), reports, out))
+    assert runs[0][0] == 2 and runs[1][0] == 2 + 1 + 1 + 1  # calibration; then AGQ, GPTQ (boxed), PCC again
+    assert runs[0][1] == runs[1][1] and set(runs[0][1]) == {"agq", "pcc", "gptq"}
+    assert torch.equal(runs[0][2], runs[1][2])
+
+
 def test_after_gptq_quantizers_off_is_the_float_lite_medsam_and_phase_times_add_up(lite):
     """GPTQ keeps the float weights (the reconstruction's and AGQ's "float" forwards are the float model's), and the
     per-phase times are each counted once: their sum is at most the wall time of the quantization."""

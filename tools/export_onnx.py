@@ -59,7 +59,7 @@ def run(args) -> None:
     man = res.manifest
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in man["file_bytes"].items())
     print(f"wrote {out}: {sizes}; quantizers {man['quantizers']}"
-          + (f"; emulated in float: {len(man['emulated'])} (AGQ softmax)" if man["emulated"] else ""))
+          + (f"; emulated in float: {len(man['emulated'])} (AGQ / LNQ softmax, HLUQ)" if man["emulated"] else ""))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ class AHCQSection:
     LNQ: bool = False  # softmax outputs: LNQ (log-transform grid) instead of AGQ / the uniform quantizer
     lnq_alphas: List[float] = field(default_factory=lambda: list(lnq_mod.ALPHAS))  # the curvature grid (the authors')
     lnq_p: float = 2.4  # the search's error |Q(attn) v - attn v|^p
-    lnq_images: int = 0  # calibration images the LNQ search sees (0 = all)
+    lnq_images: int = 0  # calibration images (with boxes) the LNQ search sees (0 = all)
 
     def check(self, bad, q) -> None:
         if not self.lnq_alphas or any(not a > 0 for a in self.lnq_alphas):
@@ -50,6 +50,8 @@ class LNQ(Method):
         from ..quantization.lnq import LNQFakeQuantize  # noqa: PLC0415
 
         atts = [a for a in quant_attentions(job.seg.sam) if isinstance(a.attn_quant.quantizer, LNQFakeQuantize)]
+        if not atts:
+            return None
         use = job.boxed[: sec.lnq_images] if sec.lnq_images else job.boxed
         results = softmax_search(job, atts, use, lambda a: lnq_mod.LNQSearch(a.attn_quant.quantizer.bit,
                                                                              sec.lnq_alphas, sec.lnq_p),

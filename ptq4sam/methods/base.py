@@ -80,11 +80,9 @@ def softmax_search(job: CalibrationJob, attentions: List[Any], samples: List[Any
     return {aid: s.result() for aid, s in searches.items()}
 
 
-def kept_embeddings(job: CalibrationJob, samples: List[Any]) -> Optional[List[Any]]:
+def kept_embeddings(job: CalibrationJob, samples: List[Any]) -> List[Any]:
     """The float image embeddings calibration kept for ``samples`` (a float encoder: its output is final), aligned
-    with them; None where one was not kept (that image is encoded again), or None when none were."""
-    kept = job.float_embeddings
-    if not kept:
-        return None
+    with them; None where one was not kept (that image is encoded again)."""
+    kept = job.float_embeddings or {}
     index = {id(s): i for i, s in enumerate(job.samples)}
     return [kept.get(index.get(id(s), -1)) for s in samples]

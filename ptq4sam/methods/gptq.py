@@ -38,8 +38,9 @@ class GPTQ(Method):
         def run():  # on the calibration images (decoder where boxes; a float encoder's kept output), every weight float
             if sec.inputs == "quantized":  # activation quantizers on (the Hessians of quantized inputs)
                 enable_quantization(sam, weights=False)
-            feats = kept_embeddings(job, job.samples) or [None] * len(job.samples)
-            for s, f in zip(progress(job.samples, desc="GPTQ: input Hessians"), feats):
+            # a float encoder has no Hessians to collect: then only the images with boxes (decoder) matter
+            use = job.samples if job.float_embeddings is None else job.boxed
+            for s, f in zip(progress(use, desc="GPTQ: input Hessians"), kept_embeddings(job, use)):
                 forward_sample(job.seg, s, f)
             disable_all(sam)
         g = gptq_alg.apply_gptq(sam, run, sec.damp, sec.act_order, progress=progress)

@@ -98,6 +98,8 @@ class AGQ(Method):
 
         seg, device = job.seg, job.device
         atts = [a for a in quant_attentions(seg.sam) if a.uses_agq]
+        if not atts:  # every softmax site taken by another method (LNQ)
+            return None
         use = job.boxed[: sec.agq_images] if sec.agq_images else job.boxed
         if sec.agq_search == "paper":
             results = softmax_search(job, atts, use, lambda a: agq_mod.PaperAGQSearch(

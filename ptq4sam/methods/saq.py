@@ -23,6 +23,9 @@ class SAQSection:
     def check(self, bad, q) -> None:
         if not self.pcc_quantiles or any(not 0.5 < p < 1 for p in self.pcc_quantiles):
             bad("saqsam.pcc_quantiles", f"must be a list of numbers in (0.5, 1), got {self.pcc_quantiles}")
+        elif list(self.pcc_quantiles) != sorted(set(self.pcc_quantiles)):
+            bad("saqsam.pcc_quantiles", f"must be increasing (ties go to the first, the narrowest clip), got "
+                f"{self.pcc_quantiles}")
         if not 0 < self.pcc_theta < 1:
             bad("saqsam.pcc_theta", f"must be in (0, 1), got {self.pcc_theta}")
         if self.pcc_images < 1:
@@ -52,15 +55,14 @@ class PCC(Method):
     @torch.no_grad()
     def after_calibration(self, sec, job) -> List[Dict]:
         from ..quant_sam import QuantDecoderAttention, quant_attentions  # noqa: PLC0415
-        from ..samples import forward_sample, has_boxes, record  # noqa: PLC0415
+        from ..samples import forward_sample, record  # noqa: PLC0415
 
         seg, sam = job.seg, job.seg.sam
         atts = [a for a in quant_attentions(sam.mask_decoder) if isinstance(a, QuantDecoderAttention)]
-        samples = [s for s in job.samples if has_boxes(s)][: sec.pcc_images]
+        samples = job.boxed[: sec.pcc_images]
         disable_all(sam)
         # the encoder is never PCC's (float throughout the search): its output once per image
-        kept = kept_embeddings(job, samples) or [None] * len(samples)
-        feats = [f if f is not None else seg.encode(s.image)[0] for f, s in zip(kept, samples)]
+        feats = [f if f is not None else seg.encode(s.image)[0] for f, s in zip(kept_embeddings(job, samples), samples)]
         ref = record(seg, samples, atts, ["attn"], feats=feats, desc="PCC: float attention")
         chosen: List[FakeQuantizeBase] = []
         out = []
@@ -84,7 +86,9 @@ class PCC(Method):
                 q, side = points[point]
                 role = f"{getattr(a, 'role', 'attention')}.{point}"
                 if not _searchable(q):
-                    out.append({"layer": role, "skipped": type(q).__name__ if q is not None else "not quantized"})
+                    why = "not quantized" if q is None else "uncalibrated" if not getattr(q, "initialized", False) \
+                        else type(q).__name__
+                    out.append({"layer": role, "skipped": why})
                     continue
                 proj, post = (a.q_proj, a.q_quant) if side == "q" else (a.k_proj, a.k_quant)
                 other = [(a.k_quant(a.k_proj(k)) if side == "q" else a.q_quant(a.q_proj(qq))) for qq, k in inputs]
