@@ -154,9 +154,11 @@ def test_float_export_and_decoder_graph_equal_the_torch_model(tmp_path):
 
 
 def test_vit_b_w4a4_export_matches_fake_quant(tmp_path):
-    """SAM ViT-B (random weights, 64 px), W4A4 with AGQ: below 8 bits the QDQ pairs carry a Clip to the b-bit grid."""
+    """SAM ViT-B (random weights, 64 px, its first 3 blocks: windowed, windowed, global), W4A4 with AGQ: below 8 bits
+    the QDQ pairs carry a Clip to the b-bit grid."""
     torch.manual_seed(0)
     sam = build_sam("vit_b", random_init=True, image_size=64)
+    sam.image_encoder.blocks = sam.image_encoder.blocks[:3]
     seg = BoxPromptSegmenter(sam)
     img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
     sample = CalibSample(img, np.array([[5, 5, 40, 30], [10, 0, 60, 47]], np.float32))
@@ -164,7 +166,7 @@ def test_vit_b_w4a4_export_matches_fake_quant(tmp_path):
                                                 "ptq4sam.agq_search=grid", "ptq4sam.agq_images=1"])
     quantize_segmenter(seg, [sample], q, quant_encoder=True, device=CPU, log=lambda *a: None)
     man = export_sam(sam, tmp_path, 64, q.to_dict(), True).manifest
-    assert man["quantizers"]["emulated-agq"] == 12 + 7  # 12 ViT blocks + 7 decoder attentions
+    assert man["quantizers"]["emulated-agq"] == 3 + 7  # 3 ViT blocks + 7 decoder attentions
     assert all(r["dtype"] == "int8" for r in man["quantizer_list"] if r["kind"] == "weight-dq")  # W4 as int8
     enc = onnx.load(tmp_path / "encoder.onnx")
     assert sum(n.op_type == "Clip" for n in enc.graph.node) > 0
