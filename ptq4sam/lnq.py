@@ -7,21 +7,23 @@ argmin of the per-image optimal errors summed over the images, s = the mean of t
 authors' ``LogTransformObserver``; their p = 2.4)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .agq import PerImageScaleSearch
-from .quantization.lnq import lnq_max_code, lnq_reference
+from .quantization.lnq import lnq_from_log, lnq_log, lnq_max_code
 
 ALPHAS = (0.001, 0.1, 1.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)  # the authors' grid
 
 
 @torch.no_grad()
 def lnq_error(attn: torch.Tensor, v: torch.Tensor, ref: torch.Tensor, alpha: float, s: float, max_code: int,
-              p: float) -> float:
-    """Mean |Q(attn; s, alpha) @ v - attn @ v|^p (``ref`` = attn @ v)."""
-    q = lnq_reference(attn, torch.tensor(s, dtype=torch.float32, device=attn.device), alpha, max_code)
+              p: float, log_attn: Optional[torch.Tensor] = None) -> float:
+    """Mean |Q(attn; s, alpha) @ v - attn @ v|^p (``ref`` = attn @ v; ``log_attn`` = ``lnq_log(attn, alpha)`` if
+    already computed: the same bits)."""
+    log_attn = lnq_log(attn, alpha) if log_attn is None else log_attn
+    q = lnq_from_log(log_attn, torch.tensor(s, dtype=torch.float32, device=attn.device), alpha, max_code)
     return float((q @ v - ref).abs_().pow_(p).mean())
 
 
@@ -38,4 +40,11 @@ class LNQSearch(PerImageScaleSearch):
         return min(max(1e-4, 0.1 * amax), amax), amax
 
     def error_fns(self, attn, v, ref):
-        return [lambda s, a=a: lnq_error(attn, v, ref, a, s, self.max_code, self.p) for a in self.candidates]
+        held = {}  # the transformed map of the alpha being searched (computed once per alpha, not per s)
+
+        def fn(s, a):
+            if held.get("alpha") != a:
+                held.clear()
+                held.update(alpha=a, log=lnq_log(attn, a))
+            return lnq_error(attn, v, ref, a, s, self.max_code, self.p, held["log"])
+        return [lambda s, a=a: fn(s, a) for a in self.candidates]

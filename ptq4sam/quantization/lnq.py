@@ -48,15 +48,23 @@ def log1p_exportable(y: torch.Tensor) -> torch.Tensor:
     return torch.where(u == 1.0, y, torch.log(u) * y / (u - 1.0))
 
 
-def lnq_code(x: torch.Tensor, scale: torch.Tensor, alpha: float, max_code: int) -> torch.Tensor:
-    """code = clamp(round(ln(1 + alpha min(max(x, 0), s)) / ln(1 + alpha s) * L), 0, L), as an integer tensor."""
-    t = log1p_exportable(alpha * torch.minimum(torch.clamp(x, min=0.0), scale)) / log1p_exportable(alpha * scale)
-    return torch.clamp(torch.round(t * max_code), 0.0, float(max_code)).long()
+def lnq_log(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ln(1 + alpha max(x, 0)): the transformed values, independent of s (the search computes them once per alpha)."""
+    return log1p_exportable(alpha * torch.clamp(x, min=0.0))
+
+
+def lnq_from_log(log_x: torch.Tensor, scale: torch.Tensor, alpha: float, max_code: int) -> torch.Tensor:
+    """The LNQ grid from ``log_x`` = :func:`lnq_log` (x): code = clamp(round(min(log_x, D) / D * L), 0, L) with
+    D = ln(1 + alpha s) (= the transform of min(x, s): ln(1 + alpha y) is increasing), then its level (a table
+    lookup: ONNX ``Gather``)."""
+    d = log1p_exportable(alpha * scale)
+    code = torch.clamp(torch.round(torch.minimum(log_x, d) / d * max_code), 0.0, float(max_code)).long()
+    return lnq_levels(scale, alpha, max_code)[code]
 
 
 def lnq_reference(x: torch.Tensor, scale: torch.Tensor, alpha: float, max_code: int) -> torch.Tensor:
-    """The LNQ grid (module docstring): each value's code, then its level (a table lookup: ONNX ``Gather``)."""
-    return lnq_levels(scale, alpha, max_code)[lnq_code(x, scale, alpha, max_code)]
+    """The LNQ grid (module docstring)."""
+    return lnq_from_log(lnq_log(x, alpha), scale, alpha, max_code)
 
 
 def lnq_quantize(x: torch.Tensor, scale: torch.Tensor, alpha: float, max_code: int) -> torch.Tensor:
