@@ -93,21 +93,15 @@ class PCC(Method):
                 proj, post = (a.q_proj, a.q_quant) if side == "q" else (a.k_proj, a.k_quant)
                 other = [(a.k_quant(a.k_proj(k)) if side == "q" else a.q_quant(a.q_proj(qq))) for qq, k in inputs]
                 raw = [qq if side == "q" else k for qq, k in inputs]
-                if point.endswith("_in"):
-                    xs = raw
-
-                    def sided(i, _raw=raw, _proj=proj, _post=post):
-                        return _post(_proj(_raw[i]))
+                if point.endswith("_in"):  # what this quantizer sees, and the way from there to the attention
+                    xs, through = raw, (lambda t, _proj=proj, _post=post: _post(_proj(t)))
                 else:
-                    xs = [proj(r) for r in raw]  # the input quantizer is settled by now
+                    xs, through = [proj(r) for r in raw], post  # the input quantizer is settled by now
 
-                    def sided(i, _xs=xs, _post=post):
-                        return _post(_xs[i])
-
-                def score(_sided=sided, _other=other):
+                def score(_xs=xs, _through=through, _other=other, _side=side):
                     losses = []
-                    for i, tgt in enumerate(targets):
-                        qq, kk = (_sided(i), _other[i]) if side == "q" else (_other[i], _sided(i))
+                    for x, o, tgt in zip(_xs, _other, targets):
+                        qq, kk = (_through(x), o) if _side == "q" else (o, _through(x))
                         losses.append(pcc_mod.focus_loss(a.attention_map(qq, kk), tgt, sec.pcc_theta))
                     return sum(losses) / len(losses)
                 rep = pcc_mod.search_point(q, xs, score, sec.pcc_quantiles, _set_clip)
