@@ -27,9 +27,30 @@ fi
 VPY="$VENV/bin/python"
 pipi() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 
+# the CPU op of multi-scale deformable attention (H-Deformable-DETR / DINO prompts), built in place once per op
+# source, torch and Python version and cached, so a fresh clone copies it instead of compiling for a minute
+OPS=projects/instance_segment_anything/ops
+build_ops() {
+  local key cdir tmp
+  key=$(cat "$OPS"/src/*.cpp "$OPS"/setup.py | sha256sum | cut -c1-16)-$("$VPY" -c "import torch, sys; print(f'torch{torch.__version__}-cp{sys.version_info[0]}{sys.version_info[1]}')")-$(uname -m)
+  if [ -f "$OPS/.built" ] && [ "$(cat "$OPS/.built")" = "$key" ] && ls "$OPS"/ms_deform_attn_cpu*.so >/dev/null 2>&1; then
+    return 0
+  fi
+  cdir="$CACHE/ops/$key"
+  if ! ls "$cdir"/ms_deform_attn_cpu*.so >/dev/null 2>&1; then
+    log "building the CPU ms_deform_attn op -> $cdir (about a minute on 2 cores)"
+    tmp=$(mktemp -d)
+    (cd "$OPS" && "$VPY" setup.py -q build_ext --build-lib "$tmp/lib" --build-temp "$tmp/obj" >/dev/null)
+    mkdir -p "$cdir" && mv "$tmp"/lib/ms_deform_attn_cpu*.so "$cdir"/ && rm -rf "$tmp"
+  fi
+  cp "$cdir"/ms_deform_attn_cpu*.so "$OPS"/
+  echo "$key" > "$OPS/.built"
+}
+
 stamp="$VENV/.ptq4sam-env-stamp"
 want=$(cat environment.sh requirements.txt setup.py | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import ptq4sam, mmcv.ops, mmdet" 2>/dev/null; then
+  build_ops
   log "up to date ($VENV, $(( $(date +%s) - t0 ))s)"
   exit 0
 fi
@@ -73,6 +94,7 @@ fi
 log "installing requirements.txt"
 pipi -r requirements.txt
 pipi --no-deps --no-build-isolation -e .
+build_ops
 
 # 4. smoke check
 "$VPY" - <<'PY'

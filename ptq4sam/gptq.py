@@ -146,7 +146,7 @@ def apply_gptq(model: nn.Module, run_forwards: Callable[[], None], damp: float =
             continue
         h = hk.hessian()
         g = h.shape[0]
-        w = m.weight.detach()
+        w = m.quant_source().detach()  # the float weight, or another method's (ACNR's) weight to quantize
         rows = w.shape[0]
         scale, zp = _rows_params(m, rows)
         wg = w.reshape(g, rows // g, -1)

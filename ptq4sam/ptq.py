@@ -203,8 +203,9 @@ def _method_step(hook: str, job: CalibrationJob, timer: PhaseTimer) -> None:
 
 def _calibrate(job: CalibrationJob, timer: PhaseTimer) -> None:
     """Activation / weight calibration and the methods' calibration steps (everything before reconstruction):
-    encoder activations, then each active method's ``after_encoder`` (e.g. BIG), the weights and the decoder's
-    activations, then each method's ``after_calibration`` (e.g. GPTQ, AGQ); reports into ``job.info``."""
+    encoder activations, then each active method's ``after_encoder`` (e.g. BIG), the decoder's activations, each
+    method's ``before_weights`` (e.g. ACNR), the weights, then each method's ``after_calibration`` (e.g. GPTQ, AGQ);
+    reports into ``job.info``. Weights are off while activations are observed, so their order does not matter."""
     seg, sam, info = job.seg, job.seg.sam, job.info
     # calibration runs the encoder once per image: its activation observers see it (float data) and its output is
     # kept, so BIG's recording and the decoder's calibration run the decoder only (same data as full forwards)
@@ -218,9 +219,7 @@ def _calibrate(job: CalibrationJob, timer: PhaseTimer) -> None:
         job.float_embeddings = {i: f for i, (s, f) in enumerate(zip(job.samples, feats)) if has_boxes(s)}
     del feats
     _method_step("after_encoder", job, timer)
-    with timer.phase("calibration"):  # weights (after BIG's folds), then the decoder on the kept image embeddings
-        for m in quantized_layers(sam):
-            m.calibrate_weight()
+    with timer.phase("calibration"):  # the decoder's activations on the kept image embeddings
         enable_calibration(sam)
         disable_all(sam.image_encoder)
         with torch.no_grad():
@@ -234,6 +233,10 @@ def _calibrate(job: CalibrationJob, timer: PhaseTimer) -> None:
             else:
                 uncalibrated.append(type(q).__name__)
         disable_all(sam)
+    _method_step("before_weights", job, timer)
+    with timer.phase("calibration"):  # the weights (after BIG's folds and ACNR's weights), each observed once
+        for m in quantized_layers(sam):
+            m.calibrate_weight()
     if uncalibrated:
         job.log(f"warning: {len(uncalibrated)} activation quantizer(s) saw no calibration data and stay float")
     info.uncalibrated_quantizers = len(uncalibrated)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from .ahcptq import CAG, HLUQ
-from .ahcq import LNQ
+from .ahcq import ACNR, LNQ
 from .base import CalibrationJob, Method  # noqa: F401
 from .gptq import GPTQ
 from .ptq4sam import AGQ, BIG
@@ -18,6 +18,7 @@ METHODS: List[Method] = [
     BIG(),
     HLUQ(),
     CAG(),
+    ACNR(),  # before the weights are observed
     PCC(),  # after calibration, before GPTQ's Hessians of quantized inputs
     GPTQ(),
     LNQ(),  # before AGQ: AHCQ-SAM's softmax quantizer replaces PTQ4SAM's

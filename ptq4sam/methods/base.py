@@ -52,7 +52,11 @@ class Method:
         """On the float model, before quantizers exist (e.g. an exact re-parametrisation); returns the report."""
 
     def after_encoder(self, sec, job: CalibrationJob) -> Optional[Any]:
-        """After the encoder's activation calibration, before the weights are observed (``job.box_feats`` set)."""
+        """After the encoder's activation calibration, before the decoder's (``job.box_feats`` set)."""
+
+    def before_weights(self, sec, job: CalibrationJob) -> Optional[Any]:
+        """After every activation quantizer is calibrated, before the weights are observed (e.g. a weight to
+        quantize instead of the float one: ``set_quant_source``)."""
 
     def after_calibration(self, sec, job: CalibrationJob) -> Optional[Any]:
         """After every quantizer is calibrated, before reconstruction."""

@@ -45,15 +45,15 @@ class _QuantWeightMixin:
             q.observer.set_layer(self.weight, self.bias, fn)
 
     def quant_source(self) -> torch.Tensor:
-        """The tensor the weight quantizer rounds: the float weight, or the weight GPTQ chose for it
-        (:meth:`set_quant_source`). The float weight itself never changes, so a forward with the quantizers off is
-        the float model's."""
+        """The tensor the weight quantizer rounds: the float weight, or the weight a method chose for it (GPTQ's,
+        ACNR's: :meth:`set_quant_source`; kept in the buffer ``gptq_weight``, its name in every saved state). The
+        float weight itself never changes, so a forward with the quantizers off is the float model's."""
         src = self._buffers.get("gptq_weight")
         return self.weight if src is None else src
 
     @torch.no_grad()
     def set_quant_source(self, w: torch.Tensor) -> None:
-        """Quantize ``w`` (same shape as the weight, e.g. GPTQ's compensated weight) instead of the float weight;
+        """Quantize ``w`` (same shape as the weight, e.g. GPTQ's or ACNR's weight) instead of the float weight;
         the float weight stays for float forwards and as the reconstruction's reference."""
         if tuple(w.shape) != tuple(self.weight.shape):
             raise ValueError(f"quantization source of shape {tuple(w.shape)} for a weight of {tuple(self.weight.shape)}")
@@ -86,15 +86,17 @@ class _QuantWeightMixin:
 
     @torch.no_grad()
     def calibrate_weight(self) -> None:
-        """Observe the weight once and initialise its quantizer (and AdaRound's alpha)."""
+        """Observe the weight to quantize (:meth:`quant_source`) once and initialise its quantizer (and AdaRound's
+        alpha)."""
         wq = self.weight_quantizer
         if wq is None:
             return
-        wq.check_finite(self.weight, "weights")
-        observe_weight(wq.observer, self.weight)  # cached: the 2-D range search is the costly part of calibration
+        w = self.quant_source()
+        wq.check_finite(w, "weights")
+        observe_weight(wq.observer, w)  # cached: the 2-D range search is the costly part of calibration
         wq.init_from_observer()
         if isinstance(wq, AdaRoundFakeQuantize) and wq.learnable:
-            wq.init_alpha(self.weight)
+            wq.init_alpha(w)
 
 
 class QuantLinear(nn.Linear, _QuantWeightMixin):
