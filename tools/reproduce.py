@@ -189,6 +189,8 @@ class Runner:
                    "unit_s": [[u["unit"], u.get("unit_s"), u.get("iter_s")] for u in info.get("recon") or []],
                    "agq_tau": [e["tau"] for e in info.get("agq", [])],
                    "big_flipped": [e["layer"] for e in info.get("big", []) if e["bimodal"]],
+                   "acnr": [[e["layer"], e["kappa_before"], e["kappa_after"], round(e["rel_change"], 4)]
+                            for e in (info.get("acnr") or {}).get("per_layer", [])],
                    "command": self.command, "env": self.env}
             self._write(path, rec)
             self.log(f"{name}: mask mAP {metrics['segm_mAP']:.4f} (calibration {calib_s} s, reconstruction "
