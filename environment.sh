@@ -32,25 +32,36 @@ pipi() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 OPS=projects/instance_segment_anything/ops
 build_ops() {
   local key cdir tmp
-  key=$(cat "$OPS"/src/*.cpp "$OPS"/setup.py | sha256sum | cut -c1-16)-$("$VPY" -c "import torch, sys; print(f'torch{torch.__version__}-cp{sys.version_info[0]}{sys.version_info[1]}')")-$(uname -m)
+  key=$(cat "$OPS"/src/*.cpp "$OPS"/setup.py | sha256sum | cut -c1-16)-$("$VPY" -c "import torch, sys; print(f'torch{torch.__version__}-cp{sys.version_info[0]}{sys.version_info[1]}')")-$(uname -m) || return 1
   if [ -f "$OPS/.built" ] && [ "$(cat "$OPS/.built")" = "$key" ] && ls "$OPS"/ms_deform_attn_cpu*.so >/dev/null 2>&1; then
     return 0
   fi
   cdir="$CACHE/ops/$key"
   if ! ls "$cdir"/ms_deform_attn_cpu*.so >/dev/null 2>&1; then
     log "building the CPU ms_deform_attn op -> $cdir (about a minute on 2 cores)"
-    tmp=$(mktemp -d)
-    (cd "$OPS" && "$VPY" setup.py -q build_ext --build-lib "$tmp/lib" --build-temp "$tmp/obj" >/dev/null)
-    mkdir -p "$cdir" && mv "$tmp"/lib/ms_deform_attn_cpu*.so "$cdir"/ && rm -rf "$tmp"
+    mkdir -p "$CACHE/ops" || return 1
+    tmp=$(mktemp -d "$CACHE/ops/.build.XXXXXX") || return 1
+    if ! (cd "$OPS" && "$VPY" setup.py -q build_ext --build-lib "$tmp/lib" --build-temp "$tmp/obj" >/dev/null); then
+      rm -rf "$tmp"
+      return 1
+    fi
+    mkdir -p "$tmp/done" && mv "$tmp"/lib/ms_deform_attn_cpu*.so "$tmp/done/" && rm -rf "$cdir" && mv "$tmp/done" "$cdir"
+    rm -rf "$tmp"
   fi
-  cp "$cdir"/ms_deform_attn_cpu*.so "$OPS"/
+  # a new file moved over the old one: a process that has the old one loaded keeps its copy
+  for f in "$cdir"/ms_deform_attn_cpu*.so; do
+    cp "$f" "$OPS/.$(basename "$f").tmp" && mv -f "$OPS/.$(basename "$f").tmp" "$OPS/$(basename "$f")" || return 1
+  done
   echo "$key" > "$OPS/.built"
+}
+ops() {  # optional: without the op the PyTorch path runs (same numbers, slower)
+  build_ops || log "warning: the CPU ms_deform_attn op was not built; DETR prompts use the PyTorch path"
 }
 
 stamp="$VENV/.ptq4sam-env-stamp"
 want=$(cat environment.sh requirements.txt setup.py | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import ptq4sam, mmcv.ops, mmdet" 2>/dev/null; then
-  build_ops
+  ops
   log "up to date ($VENV, $(( $(date +%s) - t0 ))s)"
   exit 0
 fi
@@ -94,7 +105,7 @@ fi
 log "installing requirements.txt"
 pipi -r requirements.txt
 pipi --no-deps --no-build-isolation -e .
-build_ops
+ops
 
 # 4. smoke check
 "$VPY" - <<'PY'

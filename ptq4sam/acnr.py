@@ -23,7 +23,12 @@ Where this differs from the authors' code: their C_i is summed twice per batch (
 formula); they capture each layer's inputs again after the layers before it changed (with their changed weights
 upstream), where we capture every layer's inputs in one pass of the original weights (2 forwards per image instead of
 2 per image per layer); they redo the SVD every step (the same U; the tail is chosen on the sorted current values, as
-here)."""
+here); they calibrate the activations again after ACNR (their AGQ / LNQ parameters stay from before it), we keep the
+ranges of the original model; they use the first 32 calibration images, we all (``acnr_images``). As theirs, C is
+measured before the softmax searches (AGQ / LNQ) and PCC have set their quantizers (their calibrated ranges then).
+
+Memory: one image's float inputs of every treated layer are held until its quantized forward (for SAM-H with the
+encoder quantized, several GB per image)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -113,21 +118,13 @@ def treat(svds: Dict[str, LayerSVD], weights: Dict[str, torch.Tensor], iters: in
     return out, report
 
 
-def needs_acnr(weight: torch.Tensor, kappa_min: float = KAPPA_MIN) -> Tuple[bool, float]:
-    """(whether ``weight``'s condition number reaches ``kappa_min``, that number); only 2-D weights qualify."""
-    if weight.dim() != 2:
-        return False, float("nan")
-    k = condition_number(torch.linalg.svdvals(weight.detach().double()))
-    return k >= kappa_min, k
-
-
 @torch.no_grad()
 def collect_errors(seg, samples: Sequence, feats: Sequence, layers: Dict[str, torch.nn.Module],
                    svds: Dict[str, LayerSVD], progress=lambda it, **kw: it) -> None:
     """C of every layer in ``svds``: per sample two forwards, the float model's (every quantizer off; each layer's
     input recorded) and the activation-quantized one's (weights float); each layer's X_fp - Q_a(X_q) is added to its
     SVD. ``feats``: the float image embeddings per sample (None: encode), ``layers``: the modules by name."""
-    from .quantization import disable_all, enable_quantization  # noqa: PLC0415
+    from .quantization import disable_all, enable_quantization, set_drop_prob  # noqa: PLC0415
     from .samples import forward_sample  # noqa: PLC0415
 
     sam = seg.sam
@@ -153,7 +150,11 @@ def collect_errors(seg, samples: Sequence, feats: Sequence, layers: Dict[str, to
             forward_sample(seg, s, f)
             quantized[0] = True
             enable_quantization(sam, weights=False)
+            set_drop_prob(sam, 1.0)  # every activation quantized (no QDrop mixing)
             forward_sample(seg, s, f)
+            left = [n for n, v in recorded.items() if v]
+            if left:
+                raise RuntimeError(f"ACNR: {left[:3]} ran more often in float than with quantized activations")
     finally:
         for h in handles:
             h.remove()

@@ -105,7 +105,7 @@ def save_compact(sam: nn.Module, path, q_config: Dict, quant_encoder: bool, info
         q, bits = got
         int_weights[name] = {"q": pack(q, bits).cpu(), "bits": bits, "shape": list(q.shape)}
         state.pop(f"{name}.weight")
-        state.pop(f"{name}.gptq_weight", None)  # GPTQ's weight: its quantization is in q
+        state.pop(f"{name}.gptq_weight", None)  # the weight quantized instead (GPTQ's, ACNR's): its quantization is in q
         state.pop(f"{name}.weight_quantizer.alpha", None)  # AdaRound's learned rounding: in q now
     # a weight observer's per-channel ranges only served to find the scale / zero point, which are kept
     state = {k: v for k, v in state.items() if ".weight_quantizer.observer." not in k}

@@ -102,7 +102,7 @@ class ACNR(Method):
         from ..quantization import QuantLinear  # noqa: PLC0415
 
         sam = job.seg.sam
-        layers, skipped = {}, []
+        layers, svds, skipped = {}, {}, []
         for n, m in sam.named_modules():
             if not isinstance(m, QuantLinear) or m.weight_quantizer is None:
                 continue
@@ -110,15 +110,15 @@ class ACNR(Method):
             if aq is None or not aq.initialized:
                 skipped.append({"layer": n, "why": "input not quantized"})
                 continue
-            ok, kappa = acnr_mod.needs_acnr(m.weight, sec.acnr_kappa)
-            if ok:
-                layers[n] = m
+            svd = acnr_mod.LayerSVD.of(m.weight)
+            kappa = acnr_mod.condition_number(svd.s)
+            if kappa >= sec.acnr_kappa:
+                layers[n], svds[n] = m, svd
             else:
                 skipped.append({"layer": n, "kappa": round(kappa, 2)})
         if not layers:
             job.log(f"ACNR: no Linear layer with condition number >= {sec.acnr_kappa}")
             return {"layers": 0, "skipped": skipped}
-        svds = {n: acnr_mod.LayerSVD.of(m.weight) for n, m in layers.items()}
         # a float encoder: its kept outputs, and only the images with boxes reach a quantized layer
         use = job.samples if job.float_embeddings is None else job.boxed
         use = use[: sec.acnr_images] if sec.acnr_images else use

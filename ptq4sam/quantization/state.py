@@ -106,7 +106,7 @@ def restore_quantizers(model: nn.Module, state: dict, meta: dict) -> None:
             if key in state:
                 setattr(q.observer, bname, state[key].clone())
     for key in state:
-        if key.endswith(".gptq_weight"):  # GPTQ's weights, quantized instead of the (kept) float weights
+        if key.endswith(".gptq_weight"):  # a method's weight to quantize (GPTQ's, ACNR's); the float weight is kept
             mods[key[: -len(".gptq_weight")]].set_quant_source(state[key])
 
 
