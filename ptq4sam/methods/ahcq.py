@@ -13,7 +13,7 @@ from .. import acnr as acnr_mod
 from .. import lnq as lnq_mod
 from ..progress import progress
 from ..quantization import QuantizerConfig
-from .base import Method, kept_embeddings, softmax_search
+from .base import Method, kept_embeddings, layer_input_samples, softmax_search
 
 
 @dataclass
@@ -119,8 +119,7 @@ class ACNR(Method):
         if not layers:
             job.log(f"ACNR: no Linear layer with condition number >= {sec.acnr_kappa}")
             return {"layers": 0, "skipped": skipped}
-        # a float encoder: its kept outputs, and only the images with boxes reach a quantized layer
-        use = job.samples if job.float_embeddings is None else job.boxed
+        use = layer_input_samples(job)
         use = use[: sec.acnr_images] if sec.acnr_images else use
         acnr_mod.collect_errors(job.seg, use, kept_embeddings(job, use), layers, svds, progress)
         unreached = [n for n, v in svds.items() if v.n == 0]

@@ -84,6 +84,12 @@ def softmax_search(job: CalibrationJob, attentions: List[Any], samples: List[Any
     return {aid: s.result() for aid, s in searches.items()}
 
 
+def layer_input_samples(job: CalibrationJob) -> List[Any]:
+    """The calibration samples whose forwards reach a quantized layer: all of them when the encoder is quantized;
+    with a float encoder (its outputs kept: :func:`kept_embeddings`) only those with boxes (the decoder)."""
+    return job.samples if job.float_embeddings is None else job.boxed
+
+
 def kept_embeddings(job: CalibrationJob, samples: List[Any]) -> List[Any]:
     """The float image embeddings calibration kept for ``samples`` (a float encoder: its output is final), aligned
     with them; None where one was not kept (that image is encoded again)."""

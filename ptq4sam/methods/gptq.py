@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .. import gptq as gptq_alg
 from ..progress import progress
 from ..quantization import disable_all, enable_quantization
-from .base import Method, check_choice, kept_embeddings
+from .base import Method, check_choice, kept_embeddings, layer_input_samples
 
 
 @dataclass
@@ -38,8 +38,7 @@ class GPTQ(Method):
         def run():  # on the calibration images (decoder where boxes; a float encoder's kept output), every weight float
             if sec.inputs == "quantized":  # activation quantizers on (the Hessians of quantized inputs)
                 enable_quantization(sam, weights=False)
-            # a float encoder has no Hessians to collect: then only the images with boxes (decoder) matter
-            use = job.samples if job.float_embeddings is None else job.boxed
+            use = layer_input_samples(job)  # a float encoder has no Hessians to collect
             for s, f in zip(progress(use, desc="GPTQ: input Hessians"), kept_embeddings(job, use)):
                 forward_sample(job.seg, s, f)
             disable_all(sam)
