@@ -117,7 +117,7 @@ def calibrate_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, quant_en
     _method_step("before_convert", job, timer)
     ctx = build_context(qcfg)
     quantize_sam(sam, ctx, quant_encoder, float_modules=tuple(qcfg.float_modules))
-    n_units = sum(len(u) for _, u in recon_stages(sam, quant_encoder, qcfg.recon.units))
+    n_units = sum(len(u) for _, u in _recon_stages(sam, qcfg, quant_encoder))
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:  # --resume: calibration, BIG and AGQ are in the saved state
         restore_quant_state(sam, saved, checkpoint.path)
@@ -147,7 +147,10 @@ def reconstruct_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, device
     the run's info. ``cal``: :func:`calibrate_segmenter`'s record of this model (or of the model it was copied
     from: pass ``copy.deepcopy(cal)`` with a ``copy.deepcopy`` of the model)."""
     sam, info, timer, saved = seg.sam, cal.info, cal.timer, cal.saved
-    stages = recon_stages(sam, cal.quant_encoder, qcfg.recon.units)
+    stages = _recon_stages(sam, qcfg, cal.quant_encoder)
+    objectives = [o for m, sec in methods.active(qcfg) if (o := m.recon_objective(sec, seg, samples, qcfg.seed))]
+    if len(objectives) > 1:
+        raise InputError(f"{len(objectives)} active methods change the reconstruction loss; at most one can")
     n_units = sum(len(u) for _, u in stages)
     info.seed = qcfg.seed
     with timer.phase("reconstruction"):
@@ -158,7 +161,8 @@ def reconstruct_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, device
                     checkpoint.save(sam, len(records), n_units, info.to_dict(), records, rng)
             info.recon = reconstruct(seg, samples, stages, qcfg.recon, qcfg.seed, device, paper_bugs=paper_eval_bugs,
                                         done=saved["recon"] if saved else None, rng=saved["rng"] if saved else None,
-                                        on_unit=save, embeddings=cal.embeddings)
+                                        on_unit=save, embeddings=cal.embeddings,
+                                        objective=objectives[0] if objectives else None)
     cal.embeddings = None
     info.reconstruction_s = timer.times["reconstruction"]
     info.ptq_phases_s = dict(timer.times)
@@ -166,6 +170,14 @@ def reconstruct_segmenter(seg, samples: List[CalibSample], qcfg: QConfig, device
         info.ptq_phases_s["recon_state_saves"] = round(checkpoint.save_s, 2)
     finalize(sam, qcfg, info, paper_eval_bugs)
     return info
+
+
+def _recon_stages(sam, qcfg: QConfig, quant_encoder: bool):
+    """[(stage, units)] of the reconstruction: ``recon.units``' default, or an active method's own (e.g. PAR's)."""
+    stages = recon_stages(sam, quant_encoder, qcfg.recon.units)
+    for method, sec in methods.active(qcfg):
+        stages = method.recon_stages(sec, sam, quant_encoder, stages)
+    return stages
 
 
 def finalize(sam, qcfg: QConfig, info: QuantInfo, paper_eval_bugs: bool = False) -> None:

@@ -2,6 +2,7 @@
 outputs, the loss and AdaRound's temperature, one unit's optimisation and the driver over all units."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -56,6 +57,46 @@ def _flat(obj) -> List[torch.Tensor]:
     return []
 
 
+class StageGroup(nn.Module):
+    """A run of consecutive blocks reconstructed as one unit (e.g. SAQ-SAM's encoder stages: the blocks up to a
+    global-attention block). Not part of the model: the model calls the blocks; :class:`UnitCache` grabs the group's
+    input at its first block and stubs the group as a whole (first block -> the stored output, the rest identity)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x, *args, **kwargs):
+        for b in self.blocks:
+            x = b(x, *args, **kwargs)
+        return x
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+def stage_entry(stage: nn.Module) -> nn.Module:
+    """The module of the model a stage's input goes into (a group's first block)."""
+    return stage.blocks[0] if isinstance(stage, StageGroup) else stage
+
+
+def _patch(stage: nn.Module, fn, patched: List[nn.Module]) -> None:
+    """Make the model's call of ``stage`` return ``fn(...)`` (a group: its later blocks pass through)."""
+    entry = stage_entry(stage)
+    entry.forward = fn
+    patched.append(entry)
+    if isinstance(stage, StageGroup):
+        for b in stage.blocks[1:]:
+            b.forward = _identity
+            patched.append(b)
+
+
+def _unpatch(patched: List[nn.Module]) -> None:
+    for m in patched:
+        m.__dict__.pop("forward", None)
+
+
 class UnitCache:
     """Cached inputs/outputs of the current stage and output stubs of earlier ones (so a forward skips them).
 
@@ -86,25 +127,27 @@ class UnitCache:
             raise _Stop
         return grab
 
+    def _stub(self, j: int, mode: Optional[str]):
+        """What stage j returns in a forward that skips it: the previous stage's stored output (``mode``), or zeros
+        of its output's shape (later stages overwrite them)."""
+        if mode is not None and mode in self.prev_out:
+            outs = self.prev_out[mode]
+            return lambda *a, **k: self.load(outs[self._cur])
+        shp = self.shapes[j]
+        return lambda *a, **k: _map_tensors(shp[self._cur], lambda t: torch.zeros(t.shape, dtype=t.dtype,
+                                                                                   device=self.compute))
+
     def capture_inputs(self, seg, samples, idx: List[int], i: int, mode: str):
         """Inputs (args, kwargs) of stage i for the samples ``idx``, with earlier stages replaced by stubs."""
         captured: List[Any] = []
         stage = self.stages[i]
-        grab = self._grabber(captured)
-
-        stubs = {}
-        for j in range(i):
-            if j == i - 1 and mode in self.prev_out:
-                outs = self.prev_out[mode]
-                stubs[j] = lambda *a, _o=outs, **k: self.load(_o[self._cur])
-            else:
-                shp = self.shapes[j]
-                stubs[j] = lambda *a, _s=shp, **k: _map_tensors(_s[self._cur], lambda t: torch.zeros(
-                    t.shape, dtype=t.dtype, device=self.compute))
+        patched: List[nn.Module] = []
         try:
-            for j, fn in stubs.items():
-                self.stages[j].forward = fn
-            stage.forward = grab
+            for j in range(i):
+                _patch(self.stages[j], self._stub(j, mode if j == i - 1 else None), patched)
+            entry = stage_entry(stage)
+            entry.forward = self._grabber(captured)
+            patched.append(entry)
             with torch.no_grad():
                 for self._cur in idx:
                     try:
@@ -114,9 +157,22 @@ class UnitCache:
                     raise RuntimeError(f"stage {i} ({type(stage).__name__}) was not reached in the forward of "
                                        f"calibration sample {self._cur}")
         finally:
-            for j in list(stubs) + [i]:
-                self.stages[j].__dict__.pop("forward", None)
+            _unpatch(patched)
         return captured
+
+    @contextlib.contextmanager
+    def replaced(self, i: int, out, cur: int):
+        """Within: the model's stage i returns ``out`` (e.g. a unit's output with its gradient) and the stages before
+        it return zeros (skipped: nothing after stage i reads them), for sample ``cur``."""
+        patched: List[nn.Module] = []
+        self._cur = cur
+        try:
+            for j in range(i):
+                _patch(self.stages[j], self._stub(j, None), patched)
+            _patch(self.stages[i], lambda *a, **k: out, patched)
+            yield
+        finally:
+            _unpatch(patched)
 
     def capture_within(self, stage: nn.Module, unit: nn.Module, stage_inputs):
         """Inputs of ``unit`` (a module inside ``stage``) from the stage's cached inputs, in the current state."""
@@ -174,14 +230,30 @@ class UnitCache:
 
 
 
-def lp_loss(pred, tgt, p=2.0, reduction: str = "paper"):
-    """Reconstruction loss. ``'paper'``: ``|pred - tgt|^p`` summed over dim 1 (tokens / channels), averaged over the
-    rest, as the paper's code; ``'mean'``: averaged over every element (an option; 7x-4096x weaker beside
+def lp_loss(pred, tgt, p=2.0, reduction: str = "paper", dim: int = 1):
+    """Reconstruction loss. ``'paper'``: ``|pred - tgt|^p`` summed over ``dim`` (1: tokens / channels, as the
+    paper's code), averaged over the rest; ``'mean'``: averaged over every element (an option; 7x-4096x weaker beside
     AdaRound's summed regulariser, depending on dim 1)."""
     d = (pred - tgt).abs().pow(p)
     if reduction == "paper" and d.dim() > 1:
-        return d.sum(1).mean()
+        return d.sum(dim).mean()
     return d.mean()
+
+
+class UnitObjective:
+    """What a unit's reconstruction minimises beyond the paper's output loss (a method's, e.g. SAQ-SAM's PAR):
+    weights on the unit's own output terms and an extra term per step. The default is the paper's loss."""
+
+    def local_weights(self, unit: nn.Module, n: int) -> Optional[List[float]]:
+        """Weights of the unit's ``n`` output tensors' losses (None: 1 each)."""
+        return None
+
+    def prepare(self, cache: "UnitCache", i: int, stage: nn.Module, unit: nn.Module, quant_state: Callable[[], None]):
+        """Before ``unit`` (of stage ``i``) is optimised, in the quantized state (``quant_state()`` restores it)."""
+
+    def extra(self, unit: nn.Module, out, sample: int, gen: torch.Generator) -> Optional[torch.Tensor]:
+        """The extra loss of one step: ``out`` = the unit's output on calibration sample ``sample``."""
+        return None
 
 
 def temperature(it: int, iters: int, warm_up: float, b_range, mode: str = "linear") -> Optional[float]:
@@ -207,7 +279,10 @@ def _grad_norm(grads) -> float:
 
 
 def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache, recon, gen: torch.Generator,
-                     desc: str) -> Dict:
+                     desc: str, objective: Optional[UnitObjective] = None,
+                     sample_ids: Optional[List[int]] = None) -> Dict:
+    """Optimise ``unit``'s rounding (and scales) on its cached inputs; ``objective`` (with ``sample_ids``, the
+    calibration index of each cached input) adds a method's terms to the loss."""
     adarounds = [q for q in unit.modules() if isinstance(q, AdaRoundFakeQuantize) and q.learnable
                  and q.fake_quant_enabled]
     learning = [q for q in unit.modules() if isinstance(q, FakeQuantizeBase) and not q.is_weight
@@ -264,8 +339,14 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
             if recon.drop_prob < 1.0:
                 qa, qk = _zip_tensors(qa, fa, mix), _zip_tensors(qk, fk, mix)
             out = unit(*qa, **qk)
-            rec = rec + sum(lp_loss(o, t, reduction=recon.loss) for o, t in zip(_flat(out), _flat(tgt))) \
-                / recon.batch_size
+            terms = [lp_loss(o, t, reduction=recon.loss) for o, t in zip(_flat(out), _flat(tgt))]
+            weights = objective.local_weights(unit, len(terms)) if objective is not None else None
+            step = sum(terms) if weights is None else sum(w * t for w, t in zip(weights, terms))
+            if objective is not None:
+                more = objective.extra(unit, out, sample_ids[idx], gen)
+                if more is not None:
+                    step = step + more
+            rec = rec + step / recon.batch_size
         b = temperature(it, iters, recon.warm_up, recon.b_range, recon.b_decay) if adarounds else None
         if b is None:
             round_loss = torch.zeros((), device=rec.device)
@@ -326,7 +407,8 @@ def global_rng() -> Dict[str, Any]:
 def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool = False,
                 done: Optional[List[Dict]] = None, rng: Optional[Dict] = None,
                 on_unit: Optional[Callable[[List[Dict], Dict], None]] = None,
-                embeddings: Optional[Dict[int, torch.Tensor]] = None) -> List[Dict]:
+                embeddings: Optional[Dict[int, torch.Tensor]] = None,
+                objective: Optional[UnitObjective] = None) -> List[Dict]:
     """Reconstruct ``stages`` ([(stage, units)], :func:`quant_sam.recon_stages`) one unit at a time, in order.
 
     Decoder stages use the calibration images that have boxes. ``paper_bugs`` reproduces the paper code's leaks
@@ -336,7 +418,8 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
     Resuming: ``done`` = the records of the units already reconstructed (their state is in the model) and ``rng`` the
     generators' states saved after the last of them; finished stages are replayed (forwards only) to rebuild the
     cached inputs. ``on_unit(records, rng)`` is called after every unit (to save the state). ``embeddings``: the
-    float image encoder's outputs of the samples with boxes (by index) when calibration kept them (else encoded here)."""
+    float image encoder's outputs of the samples with boxes (by index) when calibration kept them (else encoded here).
+    ``objective``: a method's loss terms (:class:`UnitObjective`; None: the paper's loss)."""
     if done and paper_bugs:
         raise InputError("--resume cannot continue a --paper-eval-bugs run: its leaking QDrop layers draw from the "
                          "global random generator during the replayed forwards; rerun it from the start")
@@ -357,7 +440,7 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
     dec_ids = {id(m) for m in dec.modules()}
     all_idx = list(range(len(samples)))
     box_idx = [i for i in all_idx if has_boxes(samples[i])]
-    if not any(s is enc or id(s) in {id(m) for m in enc.modules()} for s, _ in stages):
+    if not any(id(stage_entry(s)) in {id(m) for m in enc.modules()} for s, _ in stages):
         # float image encoder: compute each sample's embedding once and replay it in every capture pass
         disable_all(sam)
         with torch.no_grad():
@@ -417,8 +500,11 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
                     fp_out = cache.run(unit, fp_in)
                 quant_state()
                 name = f"unit {len(infos) + 1}/{n_units} {type(unit).__name__}"
+                if objective is not None:
+                    objective.prepare(cache, i, stage, unit, quant_state)
                 with torch.enable_grad():
-                    infos.append(reconstruct_unit(unit, quant_in, fp_in, fp_out, cache, recon, gen, name))
+                    infos.append(reconstruct_unit(unit, quant_in, fp_in, fp_out, cache, recon, gen, name,
+                                                  objective, idx))
                 ada = [q for q in unit.modules() if isinstance(q, AdaRoundFakeQuantize)]
                 for q in ada[:1] if paper_bugs else ada:
                     q.harden()

@@ -10,7 +10,7 @@ from .ahcq import ACNR, LNQ
 from .base import CalibrationJob, Method  # noqa: F401
 from .gptq import GPTQ
 from .ptq4sam import AGQ, BIG
-from .saq import PCC
+from .saq import PAR, PCC
 from .smooth import Smoothing
 
 METHODS: List[Method] = [
@@ -23,6 +23,7 @@ METHODS: List[Method] = [
     GPTQ(),
     LNQ(),  # before AGQ: AHCQ-SAM's softmax quantizer replaces PTQ4SAM's
     AGQ(),
+    PAR(),  # the reconstruction's units and loss
 ]
 
 SECTIONS: Dict[str, type] = {}  # yaml section -> its dataclass

@@ -61,6 +61,14 @@ class Method:
     def after_calibration(self, sec, job: CalibrationJob) -> Optional[Any]:
         """After every quantizer is calibrated, before reconstruction."""
 
+    def recon_stages(self, sec, sam, quant_encoder: bool, stages: List[Tuple[Any, List[Any]]]):
+        """The reconstruction's [(stage, units)]: ``stages`` (the ``recon.units`` default), or this method's own."""
+        return stages
+
+    def recon_objective(self, sec, seg, samples: List[Any], seed: int) -> Optional[Any]:
+        """A :class:`ptq4sam.reconstruction.UnitObjective` (this method's loss terms), or None (the paper's loss)."""
+        return None
+
 
 def check_choice(bad, key: str, value, allowed) -> None:
     if value not in allowed:

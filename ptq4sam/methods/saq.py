@@ -1,6 +1,7 @@
 """SAQ-SAM's methods (Zhu et al., "SAQ-SAM"; code jingjing0419/SAQ-SAM), yaml section ``saqsam``: PCC, the clipping of
 the mask decoder's attention inputs by the focus of the attention maps (:mod:`ptq4sam.pcc`), after calibration and
-before reconstruction (whose scale learning starts from the chosen clips, as the authors')."""
+before reconstruction (whose scale learning starts from the chosen clips, as the authors'); PAR, the prompt-aware
+reconstruction (:mod:`ptq4sam.par`: its units and loss)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ from typing import Dict, List
 
 import torch
 
+from .. import par as par_mod
 from .. import pcc as pcc_mod
 from ..quantization import FakeQuantizeBase, disable_all, qparams_from_range
 from .base import Method, kept_embeddings
@@ -19,6 +21,11 @@ class SAQSection:
     pcc_quantiles: List[float] = field(default_factory=lambda: list(pcc_mod.QUANTILES))  # the authors' grid
     pcc_theta: float = 0.5  # focus: values above theta x the row's maximum
     pcc_images: int = 1  # calibration images (with boxes) the search sees (the authors: 1)
+    PAR: bool = False  # prompt-aware reconstruction: SAQ-SAM's units (encoder stages, decoder blocks) and loss
+    par_alpha: float = 1.0  # weight of the term through the decoder (prompt tokens / image tokens)
+    par_beta: float = 1.0  # weight of a decoder block's own output loss
+    par_query_weight: float = 0.01  # within that: the queries' (prompt tokens') share beside the keys' 1
+    par_prompts: int = 16  # box prompts per image through the decoder (a seeded subset, fixed per image)
 
     def check(self, bad, q) -> None:
         if not self.pcc_quantiles or any(not 0.5 < p < 1 for p in self.pcc_quantiles):
@@ -32,6 +39,13 @@ class SAQSection:
             bad("saqsam.pcc_images", f"must be >= 1, got {self.pcc_images}")
         if self.PCC and q.a_qconfig.bit is None:
             bad("saqsam.PCC", "clips activation quantizers: a_qconfig.bit must not be off")
+        for key in ("par_alpha", "par_beta", "par_query_weight"):
+            if getattr(self, key) < 0:
+                bad(f"saqsam.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.par_prompts < 1:
+            bad("saqsam.par_prompts", f"must be >= 1, got {self.par_prompts}")
+        if self.PAR and q.recon.iters == 0:
+            bad("saqsam.PAR", "is a reconstruction: recon.iters must be > 0 (or set PAR false)")
 
 
 def _searchable(q) -> bool:
@@ -112,3 +126,17 @@ class PCC(Method):
         job.log(f"PCC: {len(done)} clips chosen (quantiles {sorted({e['quantile'] for e in done})}), "
                 f"{len(out) - len(done)} skipped")
         return out
+
+
+class PAR(Method):
+    name, section, section_cls = "par", "saqsam", SAQSection
+
+    def enabled(self, sec, qcfg) -> bool:
+        return sec.PAR
+
+    def recon_stages(self, sec, sam, quant_encoder, stages):
+        return par_mod.recon_stages(sam, quant_encoder)
+
+    def recon_objective(self, sec, seg, samples, seed):
+        return par_mod.PARObjective(seg, samples, sec.par_alpha, sec.par_beta, sec.par_query_weight, sec.par_prompts,
+                                    seed)
