@@ -114,3 +114,19 @@ def test_every_row_command_names_its_split_method_and_bits():
     assert rp._row_command("test", "qdrop", 4) == "python tools/reproduce.py --split test --methods qdrop --bits 4"
     assert Path(ROOT / rp.recipes.method("recommended").q_config(4)).is_file()
     assert Path(ROOT / rp.recipes.method("mixed").q_config(4)).is_file()
+
+
+def test_cell_spec_ignores_the_sections_of_methods_that_are_off():
+    """A cell stays valid when a method it does not use gains a key or changes a default (its section is not in the
+    spec), and is recomputed when anything it uses changes."""
+    from ptq4sam.qconfig import load_qconfig
+
+    rep = _reproduce()
+    base = rep.spec_q(load_qconfig("exp/demo/config44.yaml"))
+    assert "saqsam" not in base and "gptq" not in base and "ptq4sam" in base
+    assert rep.spec_q(load_qconfig("exp/demo/config44.yaml", ["saqsam.par_prompts=3", "gptq.damp=0.5"])) == base
+    for opt in ["saqsam.PAR=true", "recon.iters=7", "ptq4sam.agq_images=1", "seed=3"]:
+        assert rep.spec_q(load_qconfig("exp/demo/config44.yaml", [opt])) != base, opt
+    on = load_qconfig("exp/demo/config44.yaml", ["saqsam.PAR=true"])
+    assert rep.spec_q(load_qconfig("exp/demo/config44.yaml", ["saqsam.PAR=true", "saqsam.par_prompts=3"])) != \
+        rep.spec_q(on)

@@ -77,6 +77,15 @@ def _spec_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def spec_q(q) -> Dict:
+    """The part of a q_config a cell's result depends on: all of it but the yaml sections of methods that are off
+    (so a new method's section, or a changed default of a method a cell does not use, keeps the cell valid)."""
+    from ptq4sam import methods  # noqa: PLC0415
+
+    used = {m.section for m, _ in methods.active(q)}
+    return {k: v for k, v in q.to_dict().items() if k not in methods.SECTIONS or k in used} | {"source": ""}
+
+
 def _load_qcfg(m: recipes.Method, bits: int, st: Settings, seed: int):
     from ptq4sam.qconfig import load_qconfig  # noqa: PLC0415
 
@@ -155,7 +164,7 @@ class Runner:
         deterministic = loaded[0][1].recon.iters == 0
         todo = []
         for seed, q, opts in loaded[:1] if deterministic else loaded:
-            spec = _spec_hash({"q": q.to_dict() | {"source": ""}, "split": self.st.split,
+            spec = _spec_hash({"q": spec_q(q), "split": self.st.split,
                                "eval_images": self.st.eval_images, "device": self.st.device})
             path = self.cell_path(m.name, bits, seed)
             if self._done(path, spec):
