@@ -174,3 +174,34 @@ def test_acnr_config_errors_name_the_key():
             load_qconfig("exp/demo/config66.yaml", [opt])
     with pytest.raises(QConfigError, match=r"ahcqsam.ACNR.*w_qconfig.bit"):
         load_qconfig("exp/demo/config66.yaml", ["ahcqsam.ACNR=true", "w_qconfig.bit=null"])
+
+
+@pytest.mark.parametrize("float_calls, quant_calls, msg", [(1, 2, "more often with quantized"),
+                                                            (2, 1, "more often in float")])
+def test_collect_errors_refuses_unpaired_layer_calls(float_calls, quant_calls, msg):
+    """A layer called a different number of times in the float and the quantized forward of a sample has no paired
+    error to add: a clear error naming it, never a silently shifted pairing."""
+    from torch import nn
+
+    from ptq4sam.acnr import collect_errors
+    from ptq4sam.samples import CalibSample
+
+    layer = nn.Module()
+    layer.input_quant = nn.Identity()
+    sam = nn.Module()
+    sam.layer = layer
+    calls = iter([float_calls, quant_calls])
+
+    class Seg:
+        def __init__(self):
+            self.sam = sam
+
+        def decode(self, feats, boxes, size):
+            for _ in range(next(calls)):
+                layer.input_quant(torch.ones(2, 3))
+
+    svd = LayerSVD.of(torch.randn(4, 3, dtype=torch.float64))
+    sample = CalibSample(np.zeros((4, 4, 3), np.uint8), np.array([[0, 0, 2, 2]], np.float32))
+    with pytest.raises(RuntimeError, match=f"ACNR: .*layer.*{msg}"):
+        collect_errors(Seg(), [sample], [torch.zeros(1)], {"layer": layer}, {"layer": svd})
+    assert not layer.input_quant._forward_hooks  # hooks removed
