@@ -1,5 +1,6 @@
 """Large CPU tensors without a page fault per 4 KB page (ptq4sam/_memory.py): what importing ptq4sam sets, measured
 in a fresh process by the kernel's own counters (minor faults, huge pages of the process)."""
+import functools
 import json
 import os
 import re
@@ -30,8 +31,13 @@ print(json.dumps({"huge_kb": huge, "faults": faults}))
 
 
 def _probe(**env):
+    return _probe_once(tuple(sorted(env.items())))
+
+
+@functools.lru_cache(maxsize=None)  # the same probe for two tests on a worker: one process
+def _probe_once(env_items):
     e = {k: v for k, v in os.environ.items() if k not in ("PTQ4SAM_MALLOC", "THP_MEM_ALLOC_ENABLE")}
-    e.update(env)
+    e.update(dict(env_items))
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=e, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -21,7 +21,7 @@ REF_FP_GT4 = 0.1621
 @pytest.fixture(scope="module")
 def fp_gt4(tmp_path_factory):
     w = tmp_path_factory.mktemp("fp_gt4")
-    p = run_cli(["--config", GT_CFG, "--fp", "--work-dir", str(w), "--max-images", "4", "--show-dir", str(w / "show")])
+    p = run_main(["--config", GT_CFG, "--fp", "--work-dir", str(w), "--max-images", "4", "--show-dir", str(w / "show")])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return w, json.loads((w / "metrics.json").read_text()), p.stdout
 
