@@ -177,6 +177,22 @@ def test_vit_b_w4a4_export_matches_fake_quant(tmp_path):
     assert ((m_dec > 0) == (low > 0)).mean() >= 0.99
     f2 = open_graph(tmp_path / "encoder.onnx", "ort")({"image": x})[0]
     assert np.corrcoef(f2.ravel(), feats.ravel())[0, 1] > 0.99
+    # INT4 storage: every weight packed two per byte (asymmetric 4-bit grids: UINT4 with per-channel zero points),
+    # the same dequantized weights, so ONNX Runtime computes the same outputs as from the int8-stored graph
+    i4 = export_sam(sam, tmp_path / "int4", 64, q.to_dict(), True, int4_weights=True).manifest
+    n_weights = sum(r["kind"] == "weight-dq" for r in man["quantizer_list"])
+    packed = i4["int4_weights"]
+    assert i4["opset"] == 21 and packed["encoder"]["packed"] + packed["decoder"]["packed"] == n_weights
+    assert all(p["kept"] == 0 and p["weight_bytes_int4"] * 2 >= p["weight_bytes_int8"] > 0 for p in packed.values())
+    for part in ("encoder", "decoder"):
+        saved = man["file_bytes"][part] - i4["file_bytes"][part]
+        assert saved >= 0.95 * (packed[part]["weight_bytes_int8"] - packed[part]["weight_bytes_int4"]), part
+        g4 = onnx.load(tmp_path / "int4" / f"{part}.onnx")
+        assert {t.data_type for t in g4.graph.initializer} & {onnx.TensorProto.UINT4, onnx.TensorProto.INT4}
+        assert not any(t.data_type == onnx.TensorProto.INT8 for t in g4.graph.initializer)
+    np.testing.assert_array_equal(open_graph(tmp_path / "int4" / "encoder.onnx", "ort")({"image": x})[0], f2)
+    d4, _ = open_graph(tmp_path / "int4" / "decoder.onnx", "ort")({"image_embeddings": feats, "boxes": boxes})
+    np.testing.assert_allclose(d4, m_dec, rtol=0, atol=1e-5 * np.abs(m_dec).max())
 
 
 def test_integer_weight_and_agq_forms_are_exact():
@@ -265,3 +281,51 @@ def test_backend_threads_follow_omp_num_threads_unless_given(monkeypatch):
         assert runtime_threads(0) == 0
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert runtime_threads(0) == 0 and runtime_threads(2) == 2
+
+
+def test_int4_packing_by_hand(tmp_path):
+    """pack_int4_weights on a written-out graph: a symmetric weight (q in [-8, 7]) -> INT4, an asymmetric one (16
+    levels per channel) -> UINT4 with per-channel zero points, a 17-level one kept as int8, an activation's QDQ
+    untouched; the nibbles in ONNX's order; ONNX Runtime's outputs unchanged."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptq4sam.deploy.int4 import pack_int4_weights, pack_nibbles
+
+    assert pack_nibbles(np.array([1, -2, 15])) == bytes([0xE1, 0x0F])  # low nibble first, odd count padded
+    rng = np.random.default_rng(0)
+    sym = rng.integers(-8, 8, (6, 4))
+    asym = rng.integers(-9, 7, (6, 4))
+    asym[0, :] = -9
+    asym[1, :] = 6  # 16 levels (-9 ... 6) in every column
+    wide = rng.integers(-9, 8, (6, 4))
+    wide[0, 0], wide[1, 0] = -9, 8  # 18 levels in column 0
+    inits, nodes = [], []
+    for name, q in (("sym", sym), ("asym", asym), ("wide", wide)):
+        inits += [numpy_helper.from_array(q.astype(np.int8), name), numpy_helper.from_array(
+            (rng.random(4) + 0.5).astype(np.float32), name + "_s"), numpy_helper.from_array(np.zeros(4, np.int8), name + "_z")]
+        nodes.append(helper.make_node("DequantizeLinear", [name, name + "_s", name + "_z"], [name + "_w"], axis=1))
+    inits += [numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.uint8(128), "xz")]
+    nodes += [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    nodes += [helper.make_node("MatMul", ["xd", f"{n}_w"], [f"y_{n}"]) for n in ("sym", "asym", "wide")]
+    outs = [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, [2, 4]) for n in ("sym", "asym", "wide")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])], outs, inits)
+    path = tmp_path / "g.onnx"
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10  # what ONNX Runtime reads
+    onnx.save(model, str(path))
+    x = rng.random((2, 6)).astype(np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})
+    got = pack_int4_weights(path)
+    assert got == {"packed": 2, "kept": 1, "weight_bytes_int8": 48, "weight_bytes_int4": 24}
+    m = onnx.load(str(path))
+    t = {i.name: i for i in m.graph.initializer}
+    assert t["sym_4bit"].data_type == TensorProto.INT4 and np.array_equal(numpy_helper.to_array(t["sym_4bit"]), sym)
+    assert t["asym_4bit"].data_type == TensorProto.UINT4
+    np.testing.assert_array_equal(numpy_helper.to_array(t["asym_4bit_zero_point"]), [9, 9, 9, 9])
+    np.testing.assert_array_equal(numpy_helper.to_array(t["asym_4bit"]), asym + 9)
+    assert t["wide"].data_type == TensorProto.INT8 and "sym" not in t and "xz" in t
+    after = ort.InferenceSession(str(path)).run(None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -32,6 +32,9 @@ def main(argv=None) -> int:
                    help="compact quantized checkpoint (test_quant.py --save_sam_path)")
     g.add_argument("--fp", action="store_true", help="export the float model")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--int4-weights", action="store_true",
+                   help="store integer weights that fit 4 bits (W4 models) packed as INT4 / UINT4 (opset 21): half "
+                        "the weight bytes; see docs/deploy.md for what each runtime does with them")
     p.add_argument("--debug", action="store_true")
     return run_cli(run, p.parse_args(argv))
 
@@ -55,9 +58,13 @@ def run(args) -> None:
         qcfg, quant_encoder, info = load_quantized_file(sam, args.load_sam_path, torch.device("cpu"))
         q_config = qcfg.to_dict()
     res = export_sam(sam, out, sam.image_encoder.img_size, q_config, quant_encoder,
-                     {"config": args.config, "load_sam_path": args.load_sam_path, "saved_run": info})
+                     {"config": args.config, "load_sam_path": args.load_sam_path, "saved_run": info},
+                     int4_weights=args.int4_weights)
     man = res.manifest
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in man["file_bytes"].items())
+    if args.int4_weights:
+        sizes += "; 4-bit weights " + ", ".join(f"{k} {v['packed']} packed, {v['kept']} wider kept"
+                                               for k, v in man["int4_weights"].items())
     print(f"wrote {out}: {sizes}; quantizers {man['quantizers']}"
           + (f"; emulated in float: {len(man['emulated'])} (AGQ / LNQ softmax, HLUQ)" if man["emulated"] else ""))
 

@@ -325,30 +325,45 @@ class ExportResult:
     manifest: Dict
 
 
-def _export_one(module: nn.Module, args, path: Path, input_names, output_names, dynamic_axes):
+def _export_one(module: nn.Module, args, path: Path, input_names, output_names, dynamic_axes, opset: int = OPSET,
+                int4: Optional[Dict] = None):
+    """One graph; ``int4`` (a dict): its int8 weights that fit INT4 stored packed (``int4.pack_int4_weights``' counts
+    go into the dict)."""
     import warnings  # noqa: PLC0415
+
+    from .int4 import pack_int4_weights  # noqa: PLC0415
+
+    def write(tmp):
+        torch.onnx.export(module, args, tmp, dynamo=False, opset_version=opset, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        if int4 is not None:
+            int4.update(pack_int4_weights(Path(tmp)))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-        atomic_write(path, lambda tmp: torch.onnx.export(
-            module, args, tmp, dynamo=False, opset_version=OPSET, input_names=input_names, output_names=output_names,
-            dynamic_axes=dynamic_axes, do_constant_folding=True))
+        atomic_write(path, write)
 
 
 @torch.no_grad()
 def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] = None,
                quant_encoder: Optional[bool] = None, info: Optional[Dict] = None, parts=("encoder", "decoder"),
-               example_boxes: int = 2) -> ExportResult:
-    """Export ``sam`` (float, or quantized in its evaluation state) as ONNX graphs into ``out_dir``."""
+               example_boxes: int = 2, int4_weights: bool = False) -> ExportResult:
+    """Export ``sam`` (float, or quantized in its evaluation state) as ONNX graphs into ``out_dir``.
+    ``int4_weights``: integer weights that fit 4 bits stored as packed INT4 (opset 21; :mod:`.int4`)."""
+    from .int4 import INT4_OPSET  # noqa: PLC0415
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sam = sam.eval().cpu()
     image = torch.zeros(1, 3, img_size, img_size)
     t0 = time.time()
+    opset = INT4_OPSET if int4_weights else OPSET
+    packed: Dict[str, Dict] = {}
     with export_mode(sam) as records:
         files = {}
         if "encoder" in parts:
-            _export_one(EncoderGraph(sam), (image,), out_dir / ENCODER_FILE, ["image"], ["image_embeddings"], None)
+            _export_one(EncoderGraph(sam), (image,), out_dir / ENCODER_FILE, ["image"], ["image_embeddings"], None,
+                        opset, packed.setdefault("encoder", {}) if int4_weights else None)
             files["encoder"] = ENCODER_FILE
         if "decoder" in parts:
             feats = sam.image_encoder(image)  # eager: the decoder's example input
@@ -356,7 +371,8 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
             boxes = torch.tensor([[0.1 * s, 0.2 * s, 0.6 * s, 0.7 * s]] * example_boxes)
             _export_one(DecoderGraph(sam), (feats, boxes), out_dir / DECODER_FILE, ["image_embeddings", "boxes"],
                         ["low_res_masks", "iou"], {"boxes": {0: "num_boxes"}, "low_res_masks": {0: "num_boxes"},
-                                                   "iou": {0: "num_boxes"}})
+                                                   "iou": {0: "num_boxes"}},
+                        opset, packed.setdefault("decoder", {}) if int4_weights else None)
             files["decoder"] = DECODER_FILE
     kinds: Dict[str, int] = {}
     for r in records:
@@ -367,7 +383,7 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
                         "(the runtime fuses them into integer kernels)",
         emulated=sorted(r.name for r in records if r.kind.startswith("emulated")),
         quantizer_list=[r.__dict__ for r in records], info=info or {}, torch=torch.__version__,
-        export_s=round(time.time() - t0, 2))
+        export_s=round(time.time() - t0, 2), opset=opset, int4_weights=packed)
     return ExportResult(out_dir, manifest)
 
 
@@ -375,7 +391,7 @@ def write_manifest(out_dir: Path, files: Dict[str, str], img_size: int, q_config
                    quant_encoder: Optional[bool], **fields) -> Dict:
     """``export.json`` of a folder of graphs (ours or a peer's): format, graph files and their size on disk (an
     OpenVINO ``.xml`` counts with its ``.bin``), the quantization that made them and ``fields``."""
-    manifest = {"format": EXPORT_FORMAT, "opset": OPSET, "img_size": img_size, "files": files,
+    manifest = {"format": EXPORT_FORMAT, "opset": fields.pop("opset", OPSET), "img_size": img_size, "files": files,
                 "file_bytes": {k: sum(p.stat().st_size for p in out_dir.glob(Path(f).stem + ".*")
                                       if p.suffix in (".onnx", ".xml", ".bin")) for k, f in files.items()},
                 "quantized": q_config is not None, "q_config": q_config, "quant_encoder": quant_encoder,
