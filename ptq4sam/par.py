@@ -2,8 +2,8 @@
 units judged by what the mask decoder makes of them, not only by their own outputs.
 
 * Encoder stages end at each global-attention block (SAM ViT: blocks 0-2, 3-5, ... for ViT-B; TinyViT, whose
-  attention is all windowed: each of its layers, i.e. the end of each attention stage), then the neck. A stage's
-  quantized output goes through the rest of the image encoder and the two-way transformer of the mask decoder, all
+  attention is all windowed: each of its layers, i.e. its convolution stage and the end of each attention stage),
+  then the neck. A stage's quantized output goes through the rest of the image encoder and the two-way transformer of the mask decoder, all
   in float, with up to ``prompts`` of the image's box prompts; the loss is on the transformer's image tokens (after
   the prompt interaction) against the float model's, ``|.|^2`` summed over channels, averaged over prompts and tokens.
   The stage's own output loss has weight 0 (as the authors' code).
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .quantization import disable_all, enable_quantization
-from .reconstruction import StageGroup, UnitObjective, lp_loss
+from .reconstruction import StageGroup, UnitObjective, lp_loss, stage_entry
 from .samples import CalibSample, forward_sample
 
 
@@ -131,8 +131,6 @@ class PARObjective(UnitObjective):
 
     @torch.no_grad()
     def prepare(self, cache, i, stage, unit, quant_state):
-        from .reconstruction import stage_entry  # noqa: PLC0415
-
         self.cache, self.stage_i = cache, i
         if id(stage_entry(stage)) in self.enc_ids:
             self.kind = "encoder"
@@ -144,6 +142,7 @@ class PARObjective(UnitObjective):
             enable_quantization(unit)
         elif id(stage) in self.blocks:
             self.kind = "decoder"
+            self.fp_image_tokens = None  # the encoder stages are done
             if self.fp_prompt_tokens is None:  # the quantized encoder is final by now
                 quant_state()
                 for i in self.subsets:

@@ -420,6 +420,9 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
     cached inputs. ``on_unit(records, rng)`` is called after every unit (to save the state). ``embeddings``: the
     float image encoder's outputs of the samples with boxes (by index) when calibration kept them (else encoded here).
     ``objective``: a method's loss terms (:class:`UnitObjective`; None: the paper's loss)."""
+    if objective is not None and paper_bugs:
+        raise InputError("--paper-eval-bugs reproduces the paper's per-module leaks; a method with its own "
+                         "reconstruction units and loss (e.g. saqsam.PAR) cannot run with it")
     if done and paper_bugs:
         raise InputError("--resume cannot continue a --paper-eval-bugs run: its leaking QDrop layers draw from the "
                          "global random generator during the replayed forwards; rerun it from the start")

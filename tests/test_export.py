@@ -297,7 +297,8 @@ def test_int4_packing_by_hand(tmp_path):
     sym = rng.integers(-8, 8, (6, 4))
     asym = rng.integers(-9, 7, (6, 4))
     asym[0, :] = -9
-    asym[1, :] = 6  # 16 levels (-9 ... 6) in every column
+    asym[1, :] = 6  # 16 levels (-9 ... 6) in every column but the last
+    asym[:, 3] = rng.integers(3, 13, 6)  # all positive (3 ... 12): zero point 0, not a negative one
     wide = rng.integers(-9, 8, (6, 4))
     wide[0, 0], wide[1, 0] = -9, 8  # 18 levels in column 0
     inits, nodes = [], []
@@ -323,8 +324,8 @@ def test_int4_packing_by_hand(tmp_path):
     t = {i.name: i for i in m.graph.initializer}
     assert t["sym_4bit"].data_type == TensorProto.INT4 and np.array_equal(numpy_helper.to_array(t["sym_4bit"]), sym)
     assert t["asym_4bit"].data_type == TensorProto.UINT4
-    np.testing.assert_array_equal(numpy_helper.to_array(t["asym_4bit_zero_point"]), [9, 9, 9, 9])
-    np.testing.assert_array_equal(numpy_helper.to_array(t["asym_4bit"]), asym + 9)
+    np.testing.assert_array_equal(numpy_helper.to_array(t["asym_4bit_zero_point"]), [9, 9, 9, 0])
+    np.testing.assert_array_equal(numpy_helper.to_array(t["asym_4bit"]), asym + [9, 9, 9, 0])
     assert t["wide"].data_type == TensorProto.INT8 and "sym" not in t and "xz" in t
     after = ort.InferenceSession(str(path)).run(None, {"x": x})
     for a, b in zip(before, after):

@@ -332,7 +332,7 @@ def render(summary: Dict) -> str:
         rows = s["rows"]
         n_seeds = max(len(r["seeds"]) for r in rows)
         lines += [f"LiteMedSAM, GT-box prompts, encoder + decoder, split `{sp}` ({s['num_images']} images, "
-                  f"`{s['ann_file']}`), FP mask mAP {s['fp_segm_mAP']:.4f}; {n_seeds} seed(s) per row (mean +- sd); "
+                  f"`{s['ann_file']}`), FP mask mAP {s['fp_segm_mAP']:.4f}; up to {n_seeds} seed(s) per row (mean +- sd); "
                   f"the last columns: the paired bootstrap ({summary['bootstrap_samples']} resamples of the images) of "
                   f"the difference to the `{ref}` row at the same bits, in points of FP mask mAP.", "",
                   "| W/A | method | mask mAP | % of FP | vs PTQ4SAM (points of FP) | 95 % interval | verdict | "
@@ -342,7 +342,7 @@ def render(summary: Dict) -> str:
             if r["method"] == "fp":
                 lines.append(f"| FP | FP | {r['mean']:.4f} | 100.0 | | | | |")
                 continue
-            det = " (deterministic)" if r["deterministic"] else ""
+            det = " (deterministic)" if r["deterministic"] else "" if len(r["seeds"]) > 1 else " (1 seed)"
             vs = r.get("vs_reference")
             v_cells = (f"{vs['points_of_fp']:+.1f} | [{vs['ci95'][0]:+.1f}, {vs['ci95'][1]:+.1f}] | {vs['verdict']}"
                        if vs else ("reference | | " if r["method"] == ref else " | | "))

@@ -12,6 +12,7 @@ from typing import Dict
 import numpy as np
 
 INT4_OPSET = 21  # DequantizeLinear takes INT4 from opset 21
+EXPORT_OPSET = 20  # the TorchScript exporter's highest: graphs are exported at 20 and relabelled 21 when packed
 
 
 def pack_nibbles(values: np.ndarray) -> bytes:
@@ -23,7 +24,7 @@ def pack_nibbles(values: np.ndarray) -> bytes:
 
 
 def pack_int4_weights(path: Path) -> Dict[str, int]:
-    """Rewrite the ONNX graph at ``path`` (exported at opset >= 21) with every integer weight of a
+    """Rewrite the ONNX graph at ``path`` (exported at opset >= 20; relabelled 21) with every integer weight of a
     ``DequantizeLinear`` whose values span at most 16 levels (per channel) stored as INT4 / UINT4 (module docstring;
     its zero point of the same type, this node's own). Returns counts: ``packed`` weights, ``kept`` (those wider than
     4 bits) and the weights' bytes before / after."""
@@ -32,8 +33,11 @@ def pack_int4_weights(path: Path) -> Dict[str, int]:
 
     model = onnx.load(str(path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < INT4_OPSET:
-        raise ValueError(f"{path}: opset {opset}; INT4 DequantizeLinear needs opset >= {INT4_OPSET}")
+    if opset < EXPORT_OPSET:
+        raise ValueError(f"{path}: opset {opset}; INT4 storage needs a graph of opset >= {EXPORT_OPSET}")
+    for o in model.opset_import:  # 20 -> 21 changes no operator's meaning (21 adds types: INT4 / UINT4, float8)
+        if o.domain in ("", "ai.onnx") and o.version < INT4_OPSET:
+            o.version = INT4_OPSET
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
@@ -46,7 +50,7 @@ def pack_int4_weights(path: Path) -> Dict[str, int]:
         if name in inits:
             return inits[name]
         node = consts.get(name)
-        return None if node is None else next(a.t for a in node.attribute if a.name == "value")
+        return None if node is None else next((a.t for a in node.attribute if a.name == "value"), None)
 
     packed = kept = before = after = 0
     for n in g.node:
@@ -68,10 +72,11 @@ def pack_int4_weights(path: Path) -> Dict[str, int]:
         else:  # an asymmetric grid (b <= 4: max - min <= 15 per channel): UINT4 with a zero point per channel
             red = tuple(i for i in range(q.ndim) if not zp.ndim or i != (axis % q.ndim))
             lo, hi = d.min(axis=red, keepdims=True), d.max(axis=red, keepdims=True)
-            if np.any(hi - lo > 15):
+            z = np.maximum(-lo, 0)  # a zero point in [0, 15] that puts every d + z in [0, 15]
+            if np.any(z + hi > 15):
                 kept += 1
                 continue
-            dtype, q4, z4 = TensorProto.UINT4, d - lo, (-lo).reshape(zp.shape)
+            dtype, q4, z4 = TensorProto.UINT4, d + z, z.reshape(zp.shape)
         before += q.size
         name = n.input[0] + "_4bit"
         g.initializer.append(helper.make_tensor(name, dtype, q.shape, pack_nibbles(q4), raw=True))

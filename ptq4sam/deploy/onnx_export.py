@@ -350,14 +350,14 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
                example_boxes: int = 2, int4_weights: bool = False) -> ExportResult:
     """Export ``sam`` (float, or quantized in its evaluation state) as ONNX graphs into ``out_dir``.
     ``int4_weights``: integer weights that fit 4 bits stored as packed INT4 (opset 21; :mod:`.int4`)."""
-    from .int4 import INT4_OPSET  # noqa: PLC0415
+    from .int4 import EXPORT_OPSET, INT4_OPSET  # noqa: PLC0415
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sam = sam.eval().cpu()
     image = torch.zeros(1, 3, img_size, img_size)
     t0 = time.time()
-    opset = INT4_OPSET if int4_weights else OPSET
+    opset = EXPORT_OPSET if int4_weights else OPSET
     packed: Dict[str, Dict] = {}
     with export_mode(sam) as records:
         files = {}
@@ -383,7 +383,7 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
                         "(the runtime fuses them into integer kernels)",
         emulated=sorted(r.name for r in records if r.kind.startswith("emulated")),
         quantizer_list=[r.__dict__ for r in records], info=info or {}, torch=torch.__version__,
-        export_s=round(time.time() - t0, 2), opset=opset, int4_weights=packed)
+        export_s=round(time.time() - t0, 2), opset=INT4_OPSET if int4_weights else OPSET, int4_weights=packed)
     return ExportResult(out_dir, manifest)
 
 
