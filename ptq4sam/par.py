@@ -3,10 +3,10 @@ units judged by what the mask decoder makes of them, not only by their own outpu
 
 * Encoder stages end at each global-attention block (SAM ViT: blocks 0-2, 3-5, ... for ViT-B; TinyViT, whose
   attention is all windowed: each of its layers, i.e. its convolution stage and the end of each attention stage),
-  then the neck. A stage's quantized output goes through the rest of the image encoder and the two-way transformer of the mask decoder, all
-  in float, with up to ``prompts`` of the image's box prompts; the loss is on the transformer's image tokens (after
-  the prompt interaction) against the float model's, ``|.|^2`` summed over channels, averaged over prompts and tokens.
-  The stage's own output loss has weight 0 (as the authors' code).
+  then the neck. A stage's quantized output goes through the rest of the image encoder and the two-way transformer
+  of the mask decoder, all in float, with up to ``prompts`` of the image's box prompts; the loss is on the
+  transformer's image tokens (after the prompt interaction) against the float model's, ``|.|^2`` summed over
+  channels, averaged over prompts and tokens. The stage's own output loss has weight 0 (as the authors' code).
 * Decoder two-way blocks (one unit each): ``beta * (query_weight * L(queries) + L(keys))`` on the block's outputs
   plus ``alpha * L(prompt tokens)``: the quantized decoder's output prompt tokens (the whole quantized decoder fed
   the quantized image embedding, the block inside it with QDrop) against the float decoder's on the same embedding.
