@@ -24,37 +24,15 @@ import torch
 from torch import nn
 
 from .quantization import disable_all, enable_quantization
-from .reconstruction import StageGroup, UnitObjective, lp_loss, stage_entry
+from .reconstruction import UnitObjective, lp_loss, stage_entry
 from .samples import CalibSample, forward_sample
-
-
-def encoder_stages(enc) -> List[nn.Module]:
-    """SAQ-SAM's encoder stages: runs of blocks ending at each global-attention block (SAM ViT) or each layer
-    (TinyViT), then the neck."""
-    from .quant_sam import tinyvit, vit  # noqa: PLC0415
-
-    if isinstance(enc, vit.ImageEncoderViT):
-        stages, run = [], []
-        for blk in enc.blocks:
-            run.append(blk)
-            if blk.window_size == 0:  # a global-attention block ends a stage
-                stages.append(StageGroup(run))
-                run = []
-        if run:
-            stages.append(StageGroup(run))
-        return stages + [enc.neck]
-    if tinyvit is not None and isinstance(enc, tinyvit.TinyViT):
-        return list(enc.layers) + [enc.neck]
-    raise TypeError(f"PAR: no stages known for image encoder {type(enc).__name__}")
 
 
 def recon_stages(sam, quant_encoder: bool) -> List[Tuple[nn.Module, List[nn.Module]]]:
     """[(stage, [stage])]: PAR reconstructs whole stages (encoder stages, decoder blocks, the final attention)."""
-    from .quant_sam import decoder_stages  # noqa: PLC0415
+    from .quant_sam import recon_stages as stages_of  # noqa: PLC0415
 
-    stages = encoder_stages(sam.image_encoder) if quant_encoder else []
-    stages += decoder_stages(sam.mask_decoder.transformer)
-    return [(s, [s]) for s in stages]
+    return stages_of(sam, quant_encoder, "stage")
 
 
 class _StopAtTransformer(Exception):

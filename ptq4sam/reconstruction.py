@@ -313,8 +313,10 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
         scheds.append(torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=iters, eta_min=0.0))
     for p in adarounds:
         p.alpha.requires_grad_(True)
+        p.alpha.grad = None
     for s in scales + offsets:
         s.requires_grad_(True)
+        s.grad = None  # nothing left from a loss computed before this unit
     n = len(quant_in)
     first = last = None
     g_rec = g_round = None
@@ -368,6 +370,7 @@ def reconstruct_unit(unit: nn.Module, quant_in, fp_in, fp_out, cache: UnitCache,
                 g_round, g_rec = 0.0, _grad_norm([a.grad for a in alphas])
         for ls, s in zip(log_scales, scales):  # s = sign * exp(ls): dL/dls = dL/ds * ds/dls = dL/ds * s
             ls.grad = None if s.grad is None else s.grad * s.detach()
+            s.grad = None  # no optimizer holds s: its gradient would otherwise add up over the steps
         for o in opts:
             o.step()
         with torch.no_grad():
@@ -439,6 +442,10 @@ def reconstruct(seg, samples, stages, recon, seed: int, device, paper_bugs: bool
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(list(rng["cuda"]))
     sam = seg.sam
+    for q in sam.modules():  # each unit turns on the gradients of its own parameters only: a loss through later
+        if isinstance(q, FakeQuantizeBase):  # units (e.g. PAR's) must not backpropagate into theirs
+            for t in q.parameters():
+                t.requires_grad_(False)
     enc, dec = sam.image_encoder, sam.mask_decoder
     dec_ids = {id(m) for m in dec.modules()}
     all_idx = list(range(len(samples)))

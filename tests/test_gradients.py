@@ -160,3 +160,33 @@ def test_first_adam_step_follows_the_chain_rule(space, sign):
         assert math.log(a1 / a0) == pytest.approx(0.01 * direction, rel=1e-3)
     else:  # linear: the stored value moves by lr; its magnitude by sign * lr
         assert (float(q.scale) - sign * a0) == pytest.approx(0.01 * direction * sign, rel=1e-3)
+
+
+def test_log_space_steps_use_each_steps_own_gradient():
+    """Several log-space steps against a hand loop: Adam on l = log|s| fed dL/dl = dL/ds * s of the current step only
+    (a scale's gradient must not add up over the steps), with the reconstruction's cosine learning-rate schedule."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+    layer, q = _linear_unit(QuantizerConfig("LSQFakeQuantize", "MinMaxObserver", 3), x)
+    iters, lr = 5, 0.05
+    with torch.no_grad():
+        tgt = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    ref_layer, ref_q = _linear_unit(QuantizerConfig("LSQFakeQuantize", "MinMaxObserver", 3), x)
+    assert torch.equal(ref_q.scale, q.scale)
+    log_s = torch.nn.Parameter(ref_q.scale.detach().abs().log())
+    opt = torch.optim.Adam([log_s], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
+    ref_q.scale.requires_grad_(True)
+    trail = []
+    for _ in range(iters):
+        with torch.no_grad():
+            ref_q.scale.copy_(log_s.detach().exp())
+        out = ref_layer(x)
+        loss = (out - tgt).pow(2).sum(1).mean()  # the 'paper' loss: summed over dim 1, mean over the rest
+        (g_s,) = torch.autograd.grad(loss, [ref_q.scale])
+        log_s.grad = g_s * ref_q.scale.detach()
+        opt.step()
+        sched.step()
+        trail.append(float(log_s.detach().exp()))
+    _reconstruct(layer, x, ReconSection(iters=iters, scale_lr=lr, scale_space="log", drop_prob=1.0))
+    assert len(set(trail)) == iters  # the scale moved at every step
+    assert float(q.scale) == pytest.approx(trail[-1], rel=1e-5)

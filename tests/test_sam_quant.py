@@ -81,6 +81,8 @@ def test_default_float_modules_stay_float(lite):
                                                            for r in ("self_attn", "token_to_image", "image_to_token")])
     assert len(recon_units(q, True)) == 55 and len(recon_units(q, False)) == 9  # the paper's per-module units
     assert len(recon_units(q, True, "block")) == 19 and len(recon_units(q, False, "block")) == 3
+    # SAQ-SAM's stages: TinyViT's 4 layers + neck, then the 2 two-way blocks + the final attention
+    assert len(recon_units(q, True, "stage")) == 8 and len(recon_units(q, False, "stage")) == 3
 
 
 # ---- BIG ------------------------------------------------------------------------------------------------------

@@ -12,8 +12,11 @@ from ..quantization import QuantizerConfig
 #   "linear_input" (kw: ch_axis)      the input of a Linear (or of a dense conv treated like one, ch_axis=1)
 #   "conv_input"   (kw: conv, depthwise)  the input of a Conv2d
 #   "softmax"                          an attention's softmax output
+#   "attn_query"                       an attention's query before q.k^T
 #   "attn_key"     (kw: decoder)       an attention's key before q.k^T
-SITES = ("linear_input", "conv_input", "softmax", "attn_key")
+#   "attn_value"                       an attention's value before attn.v
+SITES = ("linear_input", "conv_input", "softmax", "attn_query", "attn_key", "attn_value")
+FLOAT = QuantizerConfig(bit=None)  # a method's answer for a site it leaves float (no quantizer there)
 
 
 @dataclass
@@ -45,7 +48,8 @@ class Method:
         return False
 
     def site_quantizer(self, sec, site: str, ctx, base: QuantizerConfig, **kw) -> Optional[QuantizerConfig]:
-        """The quantizer this method puts at ``site`` of the module ``ctx`` describes (None: not this method's)."""
+        """The quantizer this method puts at ``site`` of the module ``ctx`` describes (None: not this method's;
+        :data:`FLOAT`: the site stays float)."""
         return None
 
     def before_convert(self, sec, job: CalibrationJob) -> Optional[Any]:
