@@ -73,6 +73,8 @@ _LIST: List[Method] = [
     Method("ptq4sam+par", "PTQ4SAM + PAR (SAQ-SAM's prompt-aware reconstruction)", _DEMO, ("saqsam.PAR=true",)),
     Method("qdrop+nncf_attention", "QDrop, NNCF's attention placement (q / k symmetric, softmax.v float)", _DEMO,
            _NO_PTQ4SAM + ("attention.placement=nncf",)),
+    Method("qdrop+float_attention", "QDrop, attention matmuls float (q, k, v, softmax)", _DEMO,
+           _NO_PTQ4SAM + ("attention.placement=float",)),
     Method("ptq4sam+lnq", "PTQ4SAM with LNQ for AGQ", _DEMO, ("ahcqsam.LNQ=true", "ptq4sam.AGQ=false", _LNQ_IMAGES)),
     Method("ptq4sam+acnr", "PTQ4SAM + ACNR (AHCQ-SAM's weight conditioning)", _DEMO, ("ahcqsam.ACNR=true",)),
     Method("ptq4sam_calib+acnr", "PTQ4SAM calibration only + ACNR", _DEMO, ("recon.iters=0", "ahcqsam.ACNR=true")),

@@ -1,5 +1,6 @@
-"""``attention.placement: nncf`` (NNCF's transformer preset): q and k symmetric, softmax.v float -- in the fake-quant
-model (against an independent attention), in the q_config checks and in the exported graph."""
+"""``attention.placement``: ``nncf`` (NNCF's transformer preset: q and k symmetric, softmax.v float) and ``float`` (no
+quantizer inside the attention) -- in the fake-quant model (against an independent attention), in the q_config checks
+and in the exported graph."""
 import numpy as np
 import onnx
 import pytest
@@ -21,7 +22,9 @@ def test_nncf_placement_refuses_a_softmax_quantizer():
         load_qconfig("exp/demo/config88.yaml", ["attention.placement=nncf"])
     with pytest.raises(QConfigError, match=r"attention.placement.*ahcqsam.LNQ"):
         load_qconfig("exp/demo/config88.yaml", ["attention.placement=nncf", "ptq4sam.AGQ=false", "ahcqsam.LNQ=true"])
-    with pytest.raises(QConfigError, match=r"attention.placement.*'paper', 'nncf'"):
+    with pytest.raises(QConfigError, match=r"attention.placement.*'float'.*ptq4sam.AGQ"):
+        load_qconfig("exp/demo/config88.yaml", ["attention.placement=float"])
+    with pytest.raises(QConfigError, match=r"attention.placement.*'paper', 'nncf', 'float'"):
         load_qconfig("exp/demo/config88.yaml", ["attention.placement=fused"])
 
 
@@ -94,3 +97,27 @@ def test_nncf_placement_in_torch_and_in_the_exported_graph(tmp_path):
     for a in quant_attentions(paper.sam):
         assert all(p.quantizer is not None for p in (a.q_quant, a.k_quant, a.v_quant, a.attn_quant))
         assert not a.q_quant.quantizer.symmetric
+
+
+def test_float_placement_leaves_the_attention_matmuls_float():
+    """No quantizer on q, k, v or the softmax output; the projections stay quantized; a decoder attention's output
+    equals scaled_dot_product_attention of its (quantized) projections' outputs."""
+    seg, _, _ = _vit_b_w8a8("float")
+    atts = quant_attentions(seg.sam)
+    assert len(atts) == 10
+    for a in atts:
+        assert all(p.quantizer is None for p in (a.q_quant, a.k_quant, a.v_quant, a.attn_quant))
+    att = next(a for a in atts if isinstance(a, QuantDecoderAttention))
+    assert att.q_proj.weight_quantizer.fake_quant_enabled and att.q_proj.input_quant.quantizer is not None
+    g = torch.Generator().manual_seed(4)
+    x_q, x_k, x_v = (torch.randn(2, 5 if i == 0 else 16, att.embedding_dim, generator=g) for i in range(3))
+    with torch.no_grad():
+        got = att(x_q, x_k, x_v)
+
+        def heads(t):
+            return t.reshape(t.shape[0], t.shape[1], att.num_heads, -1).transpose(1, 2)
+
+        o = torch.nn.functional.scaled_dot_product_attention(heads(att.q_proj(x_q)), heads(att.k_proj(x_k)),
+                                                             heads(att.v_proj(x_v)))
+        want = att.out_proj(o.transpose(1, 2).reshape(2, 5, -1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

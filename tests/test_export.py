@@ -330,3 +330,15 @@ def test_int4_packing_by_hand(tmp_path):
     after = ort.InferenceSession(str(path)).run(None, {"x": x})
     for a, b in zip(before, after):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_openvino_fuses_a_log_free_softmax_quantizer_but_not_agq():
+    """OpenVINO fuses an attention (one Subgraph, no MatMul / Softmax left) with a float, uniform-QDQ or power-law
+    (Pow, QDQ, Pow) softmax, and not with AGQ's exported form or AGQ's Log in a single chain."""
+    from ptq4sam.deploy.fusion import probe
+
+    rows = {r["form"]: r for r in probe(["float (attention.placement: float)", "softmax uniform QDQ",
+                                         "softmax power-law (Pow, QDQ, Pow)",
+                                         "softmax AGQ (exported form)", "softmax AGQ, one chain (Log, no zero branch)"])}
+    assert [r["fused"] for r in rows.values()] == [True, True, True, False, False], rows
+    assert rows["softmax AGQ (exported form)"]["ops"].get("MatMul:f32") == 2

@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 
 from .ahcptq import CAG, HLUQ
 from .ahcq import ACNR, LNQ
-from .attention import NNCFAttention
+from .attention import AttentionPlacement
 from .base import CalibrationJob, Method  # noqa: F401
 from .gptq import GPTQ
 from .ptq4sam import AGQ, BIG
@@ -15,7 +15,7 @@ from .saq import PAR, PCC
 from .smooth import Smoothing
 
 METHODS: List[Method] = [
-    NNCFAttention(),  # first: the attention sites it leaves float or makes symmetric are its alone
+    AttentionPlacement(),  # first: the attention sites it leaves float or makes symmetric are its alone
     Smoothing(),
     BIG(),
     HLUQ(),
