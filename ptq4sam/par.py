@@ -17,22 +17,14 @@ feeds it to the neck directly); AdaRound keeps its rounding regulariser (theirs 
 ``recon.iters`` steps (theirs 2000 for PAR units, 10000 for the final attention)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from .quantization import disable_all, enable_quantization
 from .reconstruction import UnitObjective, lp_loss, stage_entry
 from .samples import CalibSample, forward_sample
-
-
-def recon_stages(sam, quant_encoder: bool) -> List[Tuple[nn.Module, List[nn.Module]]]:
-    """[(stage, [stage])]: PAR reconstructs whole stages (encoder stages, decoder blocks, the final attention)."""
-    from .quant_sam import recon_stages as stages_of  # noqa: PLC0415
-
-    return stages_of(sam, quant_encoder, "stage")
 
 
 class _StopAtTransformer(Exception):

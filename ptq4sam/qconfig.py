@@ -74,6 +74,8 @@ class ReconSection:
     scale_space: str = "linear"  # learned activation scales: Adam on s ('linear', the paper) or on log(s) ('log')
 
 
+RECON_GRANULARITIES = ("module", "block", "stage")  # recon.units (ptq4sam.quant_sam.recon_stages)
+
 _CORE_FIELDS = [
     ("a_qconfig", QuantizerSection, field(default_factory=QuantizerSection)),
     ("w_qconfig", QuantizerSection, field(default_factory=lambda: QuantizerSection(
@@ -287,7 +289,7 @@ def validate(q: QConfig, src: str) -> QConfig:
         bad("recon.round_mode", f"must be 'learned_hard_sigmoid' or 'nearest', got {r.round_mode!r}")
     if r.scale_lr < 0 or r.round_lr < 0 or r.weight < 0:
         bad("recon", "learning rates and weight must be >= 0")
-    for key, val, allowed in (("recon.units", r.units, ("module", "block", "stage")), ("recon.loss", r.loss, ("paper", "mean")),
+    for key, val, allowed in (("recon.units", r.units, RECON_GRANULARITIES), ("recon.loss", r.loss, ("paper", "mean")),
                               ("recon.b_decay", r.b_decay, ("linear", "cosine")),
                               ("recon.scale_space", r.scale_space, ("linear", "log")),
                               ("a_qconfig.mse_search", q.a_qconfig.mse_search, ("paper", "shrink")),

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import InputError
 from .models.sam_builder import fuse_conv_bn
+from .qconfig import RECON_GRANULARITIES
 from .quantization import (
     AGQFakeQuantize,
     FakeQuantizeBase,
@@ -331,10 +332,16 @@ def _module_units(stage: nn.Module) -> List[nn.Module]:
     return [stage]  # attention (final token->image), neck
 
 
+def _check_granularity(granularity: str) -> None:
+    if granularity not in RECON_GRANULARITIES:
+        raise ValueError(f"recon.units: expected one of {RECON_GRANULARITIES}, got {granularity!r}")
+
+
 def encoder_stages(enc, granularity: str = "module") -> List[nn.Module]:
     """The image encoder's stages in forward order: its blocks (and TinyViT's downsamplings), then the neck; with
     ``granularity='stage'`` SAQ-SAM's coarser stages: runs of blocks ending at each global-attention block (SAM ViT) or
     each layer (TinyViT), then the neck."""
+    _check_granularity(granularity)
     if isinstance(enc, vit.ImageEncoderViT):
         if granularity != "stage":
             return list(enc.blocks) + [enc.neck]
@@ -361,13 +368,9 @@ def decoder_stages(transformer) -> List[nn.Module]:
     return list(transformer.layers) + [transformer.final_attn_token_to_image]
 
 
-RECON_GRANULARITIES = ("module", "block", "stage")
-
-
 def recon_stages(sam, quant_encoder: bool, granularity: str = "module") -> List[Tuple[nn.Module, List[nn.Module]]]:
     """[(stage, its reconstruction units)] in forward order."""
-    if granularity not in RECON_GRANULARITIES:
-        raise ValueError(f"recon.units: expected one of {RECON_GRANULARITIES}, got {granularity!r}")
+    _check_granularity(granularity)
     stages = encoder_stages(sam.image_encoder, granularity) if quant_encoder else []
     stages += decoder_stages(sam.mask_decoder.transformer)
     return [(s, _module_units(s) if granularity == "module" else [s]) for s in stages]

@@ -22,22 +22,32 @@ def test_nncf_placement_refuses_a_softmax_quantizer():
         load_qconfig("exp/demo/config88.yaml", ["attention.placement=nncf"])
     with pytest.raises(QConfigError, match=r"attention.placement.*ahcqsam.LNQ"):
         load_qconfig("exp/demo/config88.yaml", ["attention.placement=nncf", "ptq4sam.AGQ=false", "ahcqsam.LNQ=true"])
+    with pytest.raises(QConfigError, match=r"attention.placement.*'nncf'.*turn ptq4sam.BIG off"):
+        load_qconfig("exp/demo/config88.yaml", ["attention.placement=nncf", "ptq4sam.AGQ=false"])
     with pytest.raises(QConfigError, match=r"attention.placement.*'float'.*ptq4sam.AGQ"):
         load_qconfig("exp/demo/config88.yaml", ["attention.placement=float"])
     with pytest.raises(QConfigError, match=r"attention.placement.*'paper', 'nncf', 'float'"):
         load_qconfig("exp/demo/config88.yaml", ["attention.placement=fused"])
 
 
-def _vit_b_w8a8(placement):
+def _vit_b():
     torch.manual_seed(0)
     sam = build_sam("vit_b", random_init=True, image_size=64)
     sam.image_encoder.blocks = sam.image_encoder.blocks[:3]
+    return sam
+
+
+def _options(placement, extra=()):
+    return ["recon.iters=0", "w_qconfig.observer=MinMaxObserver", "a_qconfig.observer=MinMaxObserver",
+            "ptq4sam.AGQ=false", "ptq4sam.BIG=false", f"attention.placement={placement}", *extra]
+
+
+def _vit_b_w8a8(placement, extra=()):
+    sam = _vit_b()
     seg = BoxPromptSegmenter(sam)
     img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
     sample = CalibSample(img, np.array([[5, 5, 40, 30], [10, 0, 60, 47]], np.float32))
-    q = load_qconfig("exp/demo/config88.yaml", ["recon.iters=0", "w_qconfig.observer=MinMaxObserver",
-                                                "a_qconfig.observer=MinMaxObserver", "ptq4sam.AGQ=false",
-                                                "ptq4sam.BIG=false", f"attention.placement={placement}"])
+    q = load_qconfig("exp/demo/config88.yaml", _options(placement, extra))
     quantize_segmenter(seg, [sample], q, quant_encoder=True, device=CPU, log=lambda *a: None)
     return seg, sample, q
 
@@ -121,3 +131,31 @@ def test_float_placement_leaves_the_attention_matmuls_float():
                                                              heads(att.v_proj(x_v)))
         want = att.out_proj(o.transpose(1, 2).reshape(2, 5, -1))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_nncf_placement_reconstructs_saves_and_loads(tmp_path):
+    """With reconstruction (2 steps per unit) and LSQ+ activation quantizers, the symmetric q / k keep zero point 0
+    (LSQ+ learns no offset on a symmetric grid); the saved model loads into a fresh conversion with identical outputs,
+    and a q_config with another placement is refused naming the key."""
+    import copy
+
+    from ptq4sam.checkpoint import load_quantized, save_quantized
+    from ptq4sam.models.sam_builder import CheckpointError
+    from ptq4sam.quant_sam import build_context, quantize_sam
+
+    extra = ["recon.iters=2", "recon.drop_prob=1.0", "recon.scale_lr=0.01", "a_qconfig.quantizer=LSQPlusFakeQuantize"]
+    seg, sample, q = _vit_b_w8a8("nncf", extra)
+    for a in quant_attentions(seg.sam):
+        for p in (a.q_quant.quantizer, a.k_quant.quantizer):
+            assert p.symmetric and float(p.zero_point.detach().abs().max()) == 0
+    ref = seg(sample.image, sample.boxes).low_res_logits
+    save_quantized(seg.sam, tmp_path / "q.pth", q.to_dict(), True)
+    fresh = _vit_b()
+    for t in fresh.parameters():
+        t.requires_grad_(False)
+    quantize_sam(fresh, build_context(q), True, float_modules=tuple(q.float_modules))
+    other = load_qconfig("exp/demo/config88.yaml", _options("float", extra))
+    with pytest.raises(CheckpointError, match=r"another quantization setting \(attention.placement: 'nncf' -> 'float'; "):
+        load_quantized(copy.deepcopy(fresh), tmp_path / "q.pth", CPU, other, True)
+    load_quantized(fresh, tmp_path / "q.pth", CPU, q, True)
+    assert torch.equal(BoxPromptSegmenter(fresh)(sample.image, sample.boxes).low_res_logits, ref)

@@ -32,12 +32,15 @@ def _quantized_lite(opts):
 
 @pytest.fixture(scope="module")
 def lite_w8a8(tmp_path_factory):
-    """LiteMedSAM W8A8 (symmetric weights: the deploy setting), AGQ softmax, encoder + decoder, exported once."""
+    """LiteMedSAM W8A8 (symmetric weights: the deploy setting), AGQ softmax, encoder + decoder, exported once; Linear
+    weights as uint8 on a CPU without int8 dot products (as the deploy benchmark does: export_sam's u8_linear_weights)."""
     # MinMax weight ranges: the export is what is tested (MSE's 8-bit range search would take most of the time)
     seg, sample, q = _quantized_lite(["w_qconfig.bit=8", "a_qconfig.bit=8", "w_qconfig.symmetric=true",
                                       "w_qconfig.observer=MinMaxObserver"])
     out = tmp_path_factory.mktemp("onnx_w8a8")
-    res = export_sam(seg.sam, out, 256, q.to_dict(), True)
+    from ptq4sam.cpuinfo import cpu_info
+
+    res = export_sam(seg.sam, out, 256, q.to_dict(), True, u8_linear_weights=cpu_info()["int8_dot"] == "none")
     return seg, sample, out, res.manifest
 
 
@@ -209,6 +212,10 @@ def test_integer_weight_and_agq_forms_are_exact():
         q, s, z, axis = integer_weight(lin)
         assert axis == 0 and q.dtype == (torch.uint8 if (bit, sym) == (8, False) else torch.int8)
         assert torch.equal((q.float() - z.float()[:, None]) * s[:, None], lin.qweight())
+        # unsigned storage (u8_linear_weights): uint8 with zero point 128 where int8 would be used, the same values
+        qu, su, zu, _ = integer_weight(lin, unsigned=True)
+        assert qu.dtype == torch.uint8 and (q.dtype == torch.uint8 or bool((zu == 128).all()))
+        assert torch.equal((qu.float() - zu.float()[:, None]) * su[:, None], lin.qweight())
     x = torch.rand(1000) ** 4
     s = torch.tensor(0.9)
     # the export's AGQ and the quantizer's (training and evaluation) are one formula: the same bits
@@ -333,10 +340,14 @@ def test_int4_packing_by_hand(tmp_path):
 
 
 def test_openvino_fuses_a_log_free_softmax_quantizer_but_not_agq():
-    """OpenVINO fuses an attention (one Subgraph, no MatMul / Softmax left) with a float, uniform-QDQ or power-law
-    (Pow, QDQ, Pow) softmax, and not with AGQ's exported form or AGQ's Log in a single chain."""
+    """(x86-64 with AVX2: the CPU plugin's attention fusion; f32) OpenVINO fuses an attention (one Subgraph, no
+    MatMul / Softmax left) with a float, uniform-QDQ or power-law (Pow, QDQ, Pow) softmax, and not with AGQ's exported
+    form or AGQ's Log in a single chain."""
+    from ptq4sam.cpuinfo import cpu_info
     from ptq4sam.deploy.fusion import probe
 
+    if "AVX2" not in cpu_info()["isa"]:
+        pytest.skip("OpenVINO's CPU attention fusion is checked on x86-64 with AVX2")
     rows = {r["form"]: r for r in probe(["float (attention.placement: float)", "softmax uniform QDQ",
                                          "softmax power-law (Pow, QDQ, Pow)",
                                          "softmax AGQ (exported form)", "softmax AGQ, one chain (Log, no zero branch)"])}

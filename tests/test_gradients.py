@@ -127,6 +127,10 @@ def test_lsq_plus_zero_point_is_learned_in_reconstruction():
     assert info["act_offsets"] == 1 and info["act_scales"] == 1
     assert not torch.equal(q.zero_point.detach(), z0) and not torch.equal(q.scale.detach(), s0)
     assert not q.zero_point.requires_grad  # switched off again after the unit
+    # a symmetric grid keeps its zero point at 0: nothing to learn
+    layer, q = _linear_unit(QuantizerConfig("LSQPlusFakeQuantize", "MinMaxObserver", 3, True), x)
+    info = _reconstruct(layer, x, ReconSection(iters=3, scale_lr=0.05, drop_prob=1.0))
+    assert info["act_offsets"] == 0 and float(q.zero_point) == 0.0
     # plain LSQ has no offset to learn
     layer, q = _linear_unit(QuantizerConfig("LSQFakeQuantize", "MinMaxObserver", 3), x)
     assert isinstance(q, LSQFakeQuantize) and q.learnable_offsets() == []

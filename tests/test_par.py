@@ -11,7 +11,7 @@ from ptq4sam import par
 from ptq4sam.models import BoxPromptSegmenter, build_sam
 from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import QConfigError, load_qconfig
-from ptq4sam.quant_sam import encoder_stages
+from ptq4sam.quant_sam import encoder_stages, recon_stages
 from ptq4sam.reconstruction import StageGroup
 from ptq4sam.samples import CalibSample
 
@@ -47,7 +47,7 @@ def test_stages_end_at_global_attention():
     assert [type(s) for s in stages] == [StageGroup, StageGroup, type(enc.neck)]
     assert [list(s.blocks) for s in stages[:2]] == [list(enc.blocks[:3]), list(enc.blocks[3:6])]
     assert [b.window_size == 0 for b in enc.blocks] == [False, False, True, False, False, True]
-    units = par.recon_stages(sam, True)
+    units = recon_stages(sam, True, "stage")
     assert [u for _, u in units] == [[s] for s, _ in units] and len(units) == 3 + 3  # + 2 two-way blocks, final
 
 

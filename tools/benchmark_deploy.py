@@ -77,6 +77,9 @@ def main(argv=None):
     p.add_argument("--ours", nargs="*", default=[], metavar="NAME=CKPT", help="compact checkpoints to export and run")
     p.add_argument("--peers", nargs="*", default=["ort_static", "nncf"], choices=["ort_static", "nncf"])
     p.add_argument("--ort-methods", nargs="+", default=["MinMax"], choices=["MinMax", "Entropy", "Percentile"])
+    p.add_argument("--u8-linear-weights", choices=["auto", "on", "off"], default="auto",
+                   help="export our Linear weights as uint8 (zero point 128): 'auto' = where this CPU has no int8 "
+                        "dot product (AVX2 without VNNI: uint8 x int8 pair sums saturate there)")
     p.add_argument("--calibrate", type=int, default=16)
     p.add_argument("--calib-boxes", type=int, default=16, help="boxes per calibration image for the decoders")
     p.add_argument("--threads", type=int, default=2)
@@ -133,7 +136,8 @@ def main(argv=None):
         else:
             qsam = build_sam("lite_medsam")
             qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
-            export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt})
+            u8 = a.u8_linear_weights == "on" or (a.u8_linear_weights == "auto" and cpu_info()["int8_dot"] == "none")
+            export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt}, u8_linear_weights=u8)
         models.append((f"ours {name}", d, ("ort", "openvino")))
     if a.peers:
         from ptq4sam.deploy import peers  # noqa: PLC0415

@@ -90,9 +90,10 @@ def _precisions(compiled) -> Dict[str, int]:
 
 def probe(forms: Optional[List[str]] = None, threads: int = 2, repeats: int = 0,
           shape: Tuple[int, ...] = SHAPE) -> List[Dict]:
-    """[{form, fused, ops[, ms]}] for each form (all by default): ``fused`` = no MatMul or Softmax left outside a
-    Subgraph; ``ms`` (with ``repeats`` > 0): the median time of one inference, the forms timed in turn (round robin,
-    so that a machine's load changes them alike), after 3 warm-up rounds."""
+    """[{form, fused, ops[, ms]}] for each form (all by default), compiled in f32 (no bf16 on CPUs that have it):
+    ``fused`` = no MatMul or Softmax left outside a Subgraph; ``ms`` (with ``repeats`` > 0): the median time of one
+    inference, the forms timed in turn (round robin, so that a machine's load changes them alike), after 3 warm-up
+    rounds."""
     import openvino as ov  # noqa: PLC0415
 
     core, compiled = ov.Core(), {}
@@ -104,7 +105,8 @@ def probe(forms: Optional[List[str]] = None, threads: int = 2, repeats: int = 0,
             path = Path(tmp) / f"form{i}.onnx"
             torch.onnx.export(_Attention(post, qk, v), x, str(path), opset_version=17, dynamo=False,
                               input_names=["q", "k", "v"])
-            compiled[name] = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
+            compiled[name] = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                    "INFERENCE_PRECISION_HINT": "f32"})
     rows = []
     for name, cm in compiled.items():
         ops = _precisions(cm)

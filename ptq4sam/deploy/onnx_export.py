@@ -186,10 +186,12 @@ def _act_forward(q: FakeQuantizeBase, name: str, records: List[QuantizerExport])
 
 
 @torch.no_grad()
-def integer_weight(layer: _QuantWeightMixin):
+def integer_weight(layer: _QuantWeightMixin, unsigned: bool = False):
     """(integers, scale, zero point, axis) with ``(q - zp) * scale`` == the weight our fake quantizer produces.
 
-    ``q - zp`` is stored as int8 with zero point 0 when it fits (symmetric form), else ``q`` as uint8 / int8."""
+    ``q - zp`` is stored as int8 with zero point 0 when it fits (symmetric form), else ``q`` as uint8 / int8.
+    ``unsigned``: ``q - zp`` that fits int8 is stored as uint8 ``q - zp + 128`` with zero point 128 instead (the same
+    values; runtimes then multiply uint8 by uint8, see :func:`export_sam`)."""
     wq = layer.weight_quantizer
     got = integer_grid(layer)
     if got is None:
@@ -199,14 +201,16 @@ def integer_weight(layer: _QuantWeightMixin):
     d = q - zp.reshape(_bshape(q, axis) if axis != -1 else [1] * q.dim()).to(q)
     scale = scale.float().reshape(-1)
     if d.min() >= -128 and d.max() <= 127:
+        if unsigned:
+            return (d + 128).to(torch.uint8), scale, torch.full_like(zp.reshape(-1), 128, dtype=torch.uint8), axis
         return d.to(torch.int8), scale, torch.zeros_like(zp.reshape(-1), dtype=torch.int8), axis
     dt = _int_dtype(wq.quant_min, wq.quant_max, getattr(wq, "qname", "?"))
     return q.to(dt), scale, zp.reshape(-1).to(dt), axis
 
 
-def _integer_weight_recorded(layer, name: str, records: List[QuantizerExport]):
+def _integer_weight_recorded(layer, name: str, records: List[QuantizerExport], unsigned: bool = False):
     """:func:`integer_weight`, listed in ``records``."""
-    q, scale, zp, axis = integer_weight(layer)
+    q, scale, zp, axis = integer_weight(layer, unsigned)
     records.append(QuantizerExport(name, "weight-dq", layer.weight_quantizer.bit, str(q.dtype).replace("torch.", ""),
                                    axis != -1))
     return q, scale, zp, axis
@@ -217,10 +221,10 @@ def _weight_forward(layer, name: str, records: List[QuantizerExport]):
     return lambda w: _WeightDQ.apply(q, scale, zp, axis)
 
 
-def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport]):
+def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport], unsigned: bool = False):
     """Linear as ``MatMul(DQ(x), DQ(w^T)) + b`` with the integer weight stored transposed (the exporter's
     ``MatMul(x, Transpose(DQ(w)))`` hides the weight's DQ from the runtimes' QDQ fusions)."""
-    q, scale, zp, axis = _integer_weight_recorded(layer, name, records)
+    q, scale, zp, axis = _integer_weight_recorded(layer, name, records, unsigned)
     q_t, axis_t = q.t().contiguous(), (-1 if axis == -1 else 1 - axis)
     bias = layer.bias
 
@@ -231,9 +235,10 @@ def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport
 
 
 @contextmanager
-def export_mode(sam: nn.Module):
+def export_mode(sam: nn.Module, u8_linear_weights: bool = False):
     """Quantizers of ``sam`` (in its evaluation state) emit QDQ nodes while tracing; yields the list of
-    :class:`QuantizerExport` records, one per quantizer."""
+    :class:`QuantizerExport` records, one per quantizer. ``u8_linear_weights``: Linear weights as uint8 (zero point
+    128) where they would be int8."""
     records: List[QuantizerExport] = []
     patched = []
     weight_q = {}  # id(weight quantizer) -> its layer
@@ -256,7 +261,7 @@ def export_mode(sam: nn.Module):
             if id(q) in weight_q:
                 layer = weight_q[id(q)]
                 if isinstance(layer, QuantLinear):
-                    layer.forward = _linear_forward(layer, name, records)
+                    layer.forward = _linear_forward(layer, name, records, u8_linear_weights)
                     patched.append(layer)
                     continue
                 fwd = _weight_forward(layer, name, records)
@@ -347,9 +352,14 @@ def _export_one(module: nn.Module, args, path: Path, input_names, output_names, 
 @torch.no_grad()
 def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] = None,
                quant_encoder: Optional[bool] = None, info: Optional[Dict] = None, parts=("encoder", "decoder"),
-               example_boxes: int = 2, int4_weights: bool = False) -> ExportResult:
+               example_boxes: int = 2, int4_weights: bool = False, u8_linear_weights: bool = False) -> ExportResult:
     """Export ``sam`` (float, or quantized in its evaluation state) as ONNX graphs into ``out_dir``.
-    ``int4_weights``: integer weights that fit 4 bits stored as packed INT4 (opset 21; :mod:`.int4`)."""
+    ``int4_weights``: integer weights that fit 4 bits stored as packed INT4 (opset 21; :mod:`.int4`).
+    ``u8_linear_weights``: the Linear layers' weights stored as uint8 with zero point 128 (the same values): on a CPU
+    without int8 dot products (AVX2 without VNNI) ONNX Runtime and OpenVINO multiply uint8 activations by int8 weights
+    with an instruction whose pairwise sums saturate at 16 bits (masks off by ~0.5 % of pixels in LiteMedSAM's
+    decoder), uint8 by uint8 without saturation; the convolutions keep int8 weights (OpenVINO runs them in int8 only
+    with symmetric weights)."""
     from .int4 import EXPORT_OPSET, INT4_OPSET  # noqa: PLC0415
 
     out_dir = Path(out_dir)
@@ -359,7 +369,9 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
     t0 = time.time()
     opset = EXPORT_OPSET if int4_weights else OPSET
     packed: Dict[str, Dict] = {}
-    with export_mode(sam) as records:
+    if int4_weights and u8_linear_weights:
+        raise InputError("ONNX export: int4_weights and u8_linear_weights are exclusive (4-bit weights pack as INT4)")
+    with export_mode(sam, u8_linear_weights) as records:
         files = {}
         if "encoder" in parts:
             _export_one(EncoderGraph(sam), (image,), out_dir / ENCODER_FILE, ["image"], ["image_embeddings"], None,
@@ -383,7 +395,8 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
                         "(the runtime fuses them into integer kernels)",
         emulated=sorted(r.name for r in records if r.kind.startswith("emulated")),
         quantizer_list=[r.__dict__ for r in records], info=info or {}, torch=torch.__version__,
-        export_s=round(time.time() - t0, 2), opset=INT4_OPSET if int4_weights else OPSET, int4_weights=packed)
+        export_s=round(time.time() - t0, 2), opset=INT4_OPSET if int4_weights else OPSET, int4_weights=packed,
+        u8_linear_weights=u8_linear_weights)
     return ExportResult(out_dir, manifest)
 
 

@@ -5,7 +5,7 @@ float (neither the softmax output nor v quantized), so that a runtime can fuse t
 attn.v) into one kernel. ``placement: float``: no quantizer inside the attention at all (q, k, v and the softmax output
 float; its Linear layers stay quantized), the form OpenVINO fuses and runs fastest on a CPU without int8 dot products
 (``docs/deploy.md``). With ``nncf`` or ``float`` the softmax quantizers (``ptq4sam.AGQ``, ``ahcqsam.LNQ``) have
-nothing to quantize and must be off."""
+nothing to quantize and BIG's sign-aware key quantizer is not used (symmetric or float keys): all three must be off."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,10 +22,11 @@ class AttentionSection:
     def check(self, bad, q) -> None:
         check_choice(bad, "attention.placement", self.placement, PLACEMENTS)
         if self.placement != "paper":
-            on = [k for k, v in (("ptq4sam.AGQ", q.ptq4sam.AGQ), ("ahcqsam.LNQ", q.ahcqsam.LNQ)) if v]
+            on = [k for k, v in (("ptq4sam.AGQ", q.ptq4sam.AGQ), ("ahcqsam.LNQ", q.ahcqsam.LNQ),
+                                 ("ptq4sam.BIG", q.ptq4sam.BIG)) if v]
             if on:
-                bad("attention.placement", f"{self.placement!r} leaves the softmax output float: turn "
-                    f"{' and '.join(on)} off (set {on[0]}=false)")
+                bad("attention.placement", f"{self.placement!r} places the attention's quantizers itself (softmax "
+                    f"output float, keys symmetric or float): turn {' and '.join(on)} off (set {on[0]}=false)")
 
 
 class AttentionPlacement(Method):

@@ -135,7 +135,10 @@ class PAR(Method):
         return sec.PAR
 
     def recon_stages(self, sec, sam, quant_encoder, stages):
-        return par_mod.recon_stages(sam, quant_encoder)
+        """SAQ-SAM's units: whole stages (``recon.units: stage``), whatever ``recon.units`` says."""
+        from ..quant_sam import recon_stages  # noqa: PLC0415
+
+        return recon_stages(sam, quant_encoder, "stage")
 
     def recon_objective(self, sec, seg, samples, seed):
         return par_mod.PARObjective(seg, samples, sec.par_alpha, sec.par_beta, sec.par_query_weight, sec.par_prompts,

@@ -248,7 +248,7 @@ class LSQPlusFakeQuantize(LSQFakeQuantize):
         self.zero_point = nn.Parameter(zero_point.detach().clone().reshape(-1).float())
 
     def learnable_offsets(self):
-        return [self.zero_point]
+        return [] if self.symmetric else [self.zero_point]  # a symmetric grid's zero point stays 0
 
     def _params(self, x):
         scale, _ = super()._params(x)
