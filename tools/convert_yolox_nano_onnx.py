@@ -25,6 +25,10 @@ DEFAULT_OUT = ROOT / "ckpt" / "yolox_nano_coco_from_onnx.pth"
 CONFIG = ROOT / "mmdetection" / "configs" / "yolox" / "yolox_nano_8x8_300e_coco.py"
 
 
+# max |mmdet - onnx| / max |onnx| allowed: float32 rounding of two implementations, whose kernels differ per CPU
+# (4.3e-5 and 1.1e-4 on the two check images on an AVX2 AMD EPYC); a wrong weight mapping is orders of magnitude off
+MATCH_TOL = 3e-4
+
 def build_model():
     from mmcv import Config  # noqa: PLC0415
     from mmdet.models import build_detector  # noqa: PLC0415
@@ -145,7 +149,7 @@ def main(argv=None):
     model = convert(Path(a.onnx))
     err = check_against_onnx(model, Path(a.onnx), Path(a.check_image))
     print(f"max |mmdet - onnx| / max|onnx| on {Path(a.check_image).name}: {err:.2e}")
-    if err > 1e-4:
+    if err > MATCH_TOL:
         raise SystemExit(f"converted model disagrees with the ONNX model (relative error {err:.2e})")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
