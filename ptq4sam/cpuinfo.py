@@ -37,6 +37,13 @@ def cpu_info(path: Optional[str] = "/proc/cpuinfo") -> Dict[str, object]:
         return {"model": platform.processor() or platform.machine(), "isa": [], "int8_dot": "unknown"}
 
 
+def int8_pairs_saturate(info: Optional[Dict[str, object]] = None) -> bool:
+    """Whether the int8 runtimes multiply uint8 by int8 here with an instruction whose 16-bit pair sums saturate on
+    full-range 8-bit weights (no VNNI / AMX int8 dot product): where exports store Linear weights as uint8
+    (``export_sam(u8_linear_weights=...)``) and ONNX Runtime's quantizer is given ``reduce_range``."""
+    return (info or cpu_info())["int8_dot"] == "none"
+
+
 def describe(info: Dict[str, object]) -> str:
     """One line for a table's header: ``Intel Xeon (AVX2, AVX-512, AVX512-VNNI; int8 dot products: VNNI)``."""
     isa = ", ".join(info["isa"]) or "no AVX2"

@@ -106,10 +106,11 @@ def test_compact_sam_vit_b_meets_the_size_targets(tmp_path, wbits, max_ratio):
     ("sse2", [], "none"),
 ])
 def test_cpu_isa_recorded_by_the_deploy_tables_is_read_from_the_flags(flags, isa, dot):
-    from ptq4sam.cpuinfo import describe, parse_cpuinfo
+    from ptq4sam.cpuinfo import describe, int8_pairs_saturate, parse_cpuinfo
 
     text = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nmodel name\t: Other\n" \
            "flags\t\t: avx2 amx_int8\n"
     info = parse_cpuinfo(text)
     assert info == {"model": "Some CPU", "isa": isa, "int8_dot": dot}  # the first processor's
     assert describe(info) == f"Some CPU ({', '.join(isa) or 'no AVX2'}; int8 dot products: {dot})"
+    assert int8_pairs_saturate(info) == (dot == "none")  # uint8 Linear weights / reduce_range there

@@ -38,9 +38,9 @@ def lite_w8a8(tmp_path_factory):
     seg, sample, q = _quantized_lite(["w_qconfig.bit=8", "a_qconfig.bit=8", "w_qconfig.symmetric=true",
                                       "w_qconfig.observer=MinMaxObserver"])
     out = tmp_path_factory.mktemp("onnx_w8a8")
-    from ptq4sam.cpuinfo import cpu_info
+    from ptq4sam.cpuinfo import int8_pairs_saturate
 
-    res = export_sam(seg.sam, out, 256, q.to_dict(), True, u8_linear_weights=cpu_info()["int8_dot"] == "none")
+    res = export_sam(seg.sam, out, 256, q.to_dict(), True, u8_linear_weights=int8_pairs_saturate())
     return seg, sample, out, res.manifest
 
 
@@ -276,6 +276,10 @@ def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
     with pytest.raises(InputError, match="exported from 'a.pth', not from 'b.pth'"):
         bd.main(["--ours", "X=b.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
                  "--out-dir", str(tmp_path / "o")])
+    # ... and with the Linear-weight storage asked for now (that graph was made with int8 weights)
+    with pytest.raises(InputError, match="exported with u8_linear_weights=False, this run asks for True"):
+        bd.main(["--ours", "X=a.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
+                 "--u8-linear-weights", "on", "--out-dir", str(tmp_path / "o")])
 
 
 def test_backend_threads_follow_omp_num_threads_unless_given(monkeypatch):

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
-from ptq4sam.cpuinfo import cpu_info, describe  # noqa: E402
+from ptq4sam.cpuinfo import cpu_info, describe, int8_pairs_saturate  # noqa: E402
 from ptq4sam.deploy.onnx_export import MANIFEST_FILE, export_sam, read_manifest  # noqa: E402
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph  # noqa: E402
 from ptq4sam.errors import InputError, InputNotFound  # noqa: E402
@@ -125,18 +125,23 @@ def main(argv=None):
     models.append(("FP32", fp_dir, ("ort", "openvino")))
     from ptq4sam.checkpoint import load_quantized_file  # noqa: PLC0415
 
+    u8 = a.u8_linear_weights == "on" or (a.u8_linear_weights == "auto" and int8_pairs_saturate())
     for spec in a.ours:
         name, _, ckpt = spec.partition("=")
         d = mdir / ("ours_" + slug(name))
         if have(d):
-            was = read_manifest(d).get("info", {}).get("checkpoint")
+            man = read_manifest(d)
+            was = man.get("info", {}).get("checkpoint")
             if was != ckpt:
                 raise InputError(f"--reuse-models: {d} was exported from {was!r}, not from {ckpt!r} "
                                  "(another --models-dir, or drop --reuse-models)")
+            if bool(man.get("u8_linear_weights")) != u8:
+                raise InputError(f"--reuse-models: {d} was exported with u8_linear_weights="
+                                 f"{bool(man.get('u8_linear_weights'))}, this run asks for {u8} (--u8-linear-weights "
+                                 f"{a.u8_linear_weights}; drop --reuse-models or pass the setting it was made with)")
         else:
             qsam = build_sam("lite_medsam")
             qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
-            u8 = a.u8_linear_weights == "on" or (a.u8_linear_weights == "auto" and cpu_info()["int8_dot"] == "none")
             export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt}, u8_linear_weights=u8)
         models.append((f"ours {name}", d, ("ort", "openvino")))
     if a.peers:

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..cpuinfo import cpu_info
+from ..cpuinfo import int8_pairs_saturate
 from .onnx_export import DECODER_FILE, ENCODER_FILE, read_manifest, write_manifest
 
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -42,7 +42,7 @@ def ort_quantize_static(fp_dir, out_dir, calib: Dict[str, List[Dict[str, np.ndar
     out.mkdir(parents=True, exist_ok=True)
     fp_man = read_manifest(fp_dir)
     if reduce_range is None:
-        reduce_range = cpu_info()["int8_dot"] == "none"
+        reduce_range = int8_pairs_saturate()
     t = time.time()
 
     class Reader(CalibrationDataReader):
