@@ -86,8 +86,14 @@ def test_integer_kernels_in_onnx_runtime_and_openvino(lite_w8a8, tmp_path):
 
     _, _, out, _ = lite_w8a8
     opt = tmp_path / "opt.onnx"
-    _OrtGraph(out / "encoder.onnx", 2, optimized_path=opt)
-    ops = [n.op_type for n in onnx.load(opt).graph.node]
+    # the 15 depthwise convolutions' per-channel inputs (2 MBConv, 3 patch merging, 10 TinyViT local convs) run as a
+    # per-channel Mul around a per-tensor QDQ (conv_forms.with_per_tensor_depthwise_inputs): no per-channel
+    # QuantizeLinear left in what ONNX Runtime runs
+    assert _OrtGraph(out / "encoder.onnx", 2, optimized_path=opt).rewritten_depthwise_inputs == 15
+    graph = onnx.load(opt).graph
+    sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "QuantizeLinear" and sizes.get(n.input[1], 1) > 1]
+    ops = [n.op_type for n in graph.node]
     integer = sum(ops.count(k) for k in ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv",
                                          "ConvInteger"))
     # 40 quantized Linear layers + q @ k^T of the 10 attentions (attn @ v takes AGQ's float-emulated softmax)

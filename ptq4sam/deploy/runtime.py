@@ -32,7 +32,7 @@ def runtime_threads(threads: int) -> int:
 
 
 class _OrtGraph:
-    def __init__(self, path: Path, threads: int, optimized_path: Optional[Path] = None):
+    def __init__(self, path: Path, threads: int, optimized_path: Optional[Path] = None, rewrite_depthwise: bool = True):
         import onnxruntime as ort  # noqa: PLC0415
 
         so = ort.SessionOptions()
@@ -43,7 +43,19 @@ class _OrtGraph:
         if optimized_path is not None:
             so.optimized_model_filepath = str(optimized_path)
         so.log_severity_level = 3
-        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+        import onnx  # noqa: PLC0415
+
+        from .conv_forms import with_per_tensor_depthwise_inputs  # noqa: PLC0415
+
+        # per-channel activation QDQ of depthwise convolutions: a scalar loop in ONNX Runtime; the same values as a
+        # per-channel Mul around a per-tensor QDQ (conv_forms' docstring)
+        # (not for a graph with external data: a large float one, which has no QDQ to rewrite)
+        model = onnx.load(str(path), load_external_data=False)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        model, self.rewritten_depthwise_inputs = ((model, 0) if external or not rewrite_depthwise
+                                                  else with_per_tensor_depthwise_inputs(model))
+        src = model.SerializeToString() if self.rewritten_depthwise_inputs else str(path)
+        self.sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"],
                                          disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
 
     def __call__(self, feeds: Dict[str, np.ndarray]):

@@ -1,0 +1,269 @@
+"""Forms of our quantized convolutions for ONNX Runtime, as rewrites of an exported graph, to measure which one its
+CPU kernels run fastest.
+
+Our export (:mod:`ptq4sam.deploy.onnx_export`) writes a quantized convolution as the paper quantizes it: a QDQ pair
+on the layer's input and a DequantizeLinear on its integer weight, then a float ``Conv``. ONNX Runtime fuses
+``DQ -> Conv -> Q`` into ``QLinearConv`` only with a QuantizeLinear on the output, so these convolutions run in float
+on dequantized values. The forms below are the alternatives, each applied to every convolution whose input is a
+per-tensor QDQ and whose weight a DequantizeLinear of a constant:
+
+- ``exported``: the graph as it is;
+- ``float weights``: the weight's DequantizeLinear folded into a float constant (the same values; the runtime no
+  longer dequantizes the weight at every run and may pick its blocked-layout float kernels);
+- ``ConvInteger``: ``ConvInteger(x_q, w_q) -> Cast -> Mul(s_x * s_w) -> Add(bias)``, the same arithmetic with an
+  integer accumulation (exact, up to the float rounding of the final scaling);
+- ``output QDQ``: a QuantizeLinear / DequantizeLinear on each convolution's output (uint8, range from running the
+  graph on the given inputs) and the bias as int32 on the grid ``s_x * s_w``: the pattern ONNX Runtime fuses into
+  ``QLinearConv``. This changes the model (one more rounding per convolution); it is a speed probe, not a model our
+  torch pipeline simulates.
+
+``tools/ort_conv_forms.py`` times them against the FP32 graph on this machine.
+
+:func:`with_per_tensor_depthwise_inputs` is not a form but what our ONNX Runtime runner does to every graph it loads
+(:class:`ptq4sam.deploy.runtime._OrtGraph`): ONNX Runtime quantizes a per-channel activation (our depthwise
+convolutions' inputs, ``depthwise_act_per_channel``) in a scalar loop, 36 % of a W8A8 LiteMedSAM encoder's time. The
+same quantization as per-channel arithmetic around a per-tensor QDQ of scale 1 --
+``Mul(1 / s_c) -> Add(z_c) -> QuantizeLinear(1, 0) -> DequantizeLinear(1, 0) -> Sub(z_c)`` -- gives the grid indices
+``q - z_c``, and ``s_c`` moves into the depthwise weight's per-channel scale (a depthwise convolution's output channel
+c reads input channel c only). The values are the graph's, up to rounding ties (``round(a + z)`` against
+``round(a) + z`` at an exact half, and x * (1 / s) against x / s)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def constants(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
+    """Every constant value of ``graph``: its initializers and the outputs of its ``Constant`` nodes."""
+    out = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
+@dataclass
+class QuantConv:
+    node: onnx.NodeProto
+    x_q: str  # the QuantizeLinear output the input DequantizeLinear reads
+    x_scale: np.ndarray
+    x_zero: np.ndarray
+    w_q: np.ndarray
+    w_scale: np.ndarray
+    w_zero: np.ndarray
+    w_axis: int
+    bias: Optional[np.ndarray]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def quantized_convs(graph: onnx.GraphProto) -> List[QuantConv]:
+    """The convolutions with a per-tensor QDQ input and a DequantizeLinear of a constant integer weight."""
+    const = constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    out = []
+    for n in graph.node:
+        if n.op_type != "Conv":
+            continue
+        dqx, dqw = producer.get(n.input[0]), producer.get(n.input[1])
+        if dqx is None or dqw is None or dqx.op_type != "DequantizeLinear" or dqw.op_type != "DequantizeLinear":
+            continue
+        sx = const.get(dqx.input[1])
+        zx = const.get(dqx.input[2]) if len(dqx.input) > 2 else np.array(0, np.uint8)
+        if sx is None or sx.ndim != 0 or zx is None or dqw.input[0] not in const:
+            continue
+        wq = const[dqw.input[0]]
+        zw = const.get(dqw.input[2]) if len(dqw.input) > 2 else np.zeros((), wq.dtype)
+        bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        out.append(QuantConv(n, dqx.input[0], sx, zx, wq, const[dqw.input[1]], zw, _attr(dqw, "axis", 1), bias))
+    return out
+
+
+def _per_channel(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    if v.ndim:
+        shape[axis] = -1
+    return v.reshape(shape)
+
+
+def dequantized_weight(c: QuantConv) -> np.ndarray:
+    """``(w_q - z) * s`` as DequantizeLinear computes it (int32 difference, float32 product)."""
+    d = c.w_q.astype(np.int32) - _per_channel(c.w_zero.astype(np.int32), c.w_q.ndim, c.w_axis)
+    return d.astype(np.float32) * _per_channel(c.w_scale.astype(np.float32), c.w_q.ndim, c.w_axis)
+
+
+def _rewrite(model: onnx.ModelProto, each: Callable[[QuantConv, str, onnx.GraphProto], List[onnx.NodeProto]]):
+    """A copy of ``model`` in which ``each(conv, prefix, graph)`` gives the nodes that replace every quantized conv
+    (and may add initializers to ``graph``)."""
+    m = copy.deepcopy(model)
+    g = m.graph
+    convs = {c.node.output[0]: c for c in quantized_convs(g)}  # (protobuf hands out a new wrapper per access)
+    nodes: List[onnx.NodeProto] = []
+    for i, n in enumerate(g.node):
+        c = convs.get(n.output[0]) if n.op_type == "Conv" else None
+        nodes.extend(each(c, f"conv_form{i}_", g) if c is not None else [n])
+    used = {o.name for o in g.output}
+    kept: List[onnx.NodeProto] = []
+    for n in reversed(nodes):  # drop what the replaced convolutions alone read (their weights' DequantizeLinear)
+        if any(o in used for o in n.output):
+            kept.append(n)
+            used.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    return m
+
+
+def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def with_float_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    def each(c, p, g):
+        n = copy.deepcopy(c.node)
+        n.input[1] = _init(g, p + "w", dequantized_weight(c))
+        return [n]
+    return _rewrite(model, each)
+
+
+def with_conv_integer(model: onnx.ModelProto) -> onnx.ModelProto:
+    def each(c, p, g):
+        if np.any(c.w_zero):
+            raise ValueError(f"{c.node.name}: ConvInteger takes one weight zero point; this weight has per-channel "
+                             "non-zero ones (export symmetric weights)")
+        ci = helper.make_node("ConvInteger", [c.x_q, _init(g, p + "wq", c.w_q), _init(g, p + "xz", c.x_zero),
+                                              _init(g, p + "wz", np.zeros((), c.w_q.dtype))], [p + "acc"])
+        ci.attribute.extend(a for a in c.node.attribute)
+        scale = (c.w_scale.astype(np.float32) * np.float32(c.x_scale)).reshape(1, -1, 1, 1)
+        has_bias = c.bias is not None
+        out = [ci, helper.make_node("Cast", [p + "acc"], [p + "f"], to=TensorProto.FLOAT),
+               helper.make_node("Mul", [p + "f", _init(g, p + "s", scale)], [p + "m" if has_bias else c.node.output[0]])]
+        if has_bias:
+            b = _init(g, p + "b", c.bias.astype(np.float32).reshape(1, -1, 1, 1))
+            out.append(helper.make_node("Add", [p + "m", b], [c.node.output[0]]))
+        return out
+    return _rewrite(model, each)
+
+
+def conv_output_ranges(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray]]) -> Dict[str, Tuple[float, float]]:
+    """(min, max) of every quantized convolution's output over ``feeds``, from ONNX Runtime."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    m = copy.deepcopy(model)
+    names = [c.node.output[0] for c in quantized_convs(m.graph)]
+    for name in names:
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    lo = {k: np.inf for k in names}
+    hi = {k: -np.inf for k in names}
+    for f in feeds:
+        for k, v in zip(names, sess.run(names, f)):
+            lo[k], hi[k] = min(lo[k], float(v.min())), max(hi[k], float(v.max()))
+    return {k: (lo[k], hi[k]) for k in names}
+
+
+def uint8_grid(lo: float, hi: float) -> Tuple[np.float32, np.uint8]:
+    """Scale and zero point of an asymmetric uint8 grid that holds [min(lo, 0), max(hi, 0)]."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    s = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
+    return s, np.uint8(np.clip(np.round(-lo / s), 0, 255))
+
+
+def with_output_qdq(model: onnx.ModelProto, ranges: Dict[str, Tuple[float, float]]) -> onnx.ModelProto:
+    def each(c, p, g):
+        n = copy.deepcopy(c.node)
+        out = []
+        if c.bias is not None:
+            bs = (c.w_scale.astype(np.float32) * np.float32(c.x_scale)).astype(np.float32).reshape(-1)
+            bs = np.broadcast_to(bs, c.bias.shape).copy()
+            bq = np.round(c.bias.astype(np.float64) / bs).astype(np.int32)
+            out.append(helper.make_node("DequantizeLinear", [_init(g, p + "bq", bq), _init(g, p + "bs", bs),
+                                                             _init(g, p + "bz", np.zeros_like(bq))], [p + "b"], axis=0))
+            n.input[2] = p + "b"
+        y = n.output[0]
+        s, z = uint8_grid(*ranges[y])
+        n.output[0] = p + "y"
+        s_name, z_name = _init(g, p + "ys", s), _init(g, p + "yz", z)
+        return out + [n, helper.make_node("QuantizeLinear", [p + "y", s_name, z_name], [p + "yq"]),
+                      helper.make_node("DequantizeLinear", [p + "yq", s_name, z_name], [y])]
+    return _rewrite(model, each)
+
+
+def forms(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray]]) -> Dict[str, onnx.ModelProto]:
+    """Every form of the module docstring (``feeds``: the inputs that set the output-QDQ ranges)."""
+    return {"exported": model, "float weights": with_float_weights(model), "ConvInteger": with_conv_integer(model),
+            "output QDQ": with_output_qdq(model, conv_output_ranges(model, feeds))}
+
+
+def _depthwise(conv: onnx.NodeProto, w: np.ndarray) -> bool:
+    return w.ndim == 4 and w.shape[1] == 1 and _attr(conv, "group", 1) == w.shape[0] > 1
+
+
+def with_per_tensor_depthwise_inputs(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, int]:
+    """``model`` with each per-channel uint8 activation QDQ that feeds a depthwise convolution alone rewritten as in
+    the module docstring, and how many were rewritten (0: ``model`` itself is returned)."""
+    g = model.graph
+    const = constants(g)
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    plans = {}  # conv output -> (quantize node, dequantize node, weight dequantize node)
+    for c in g.node:
+        if c.op_type != "Conv":
+            continue
+        dq, dqw = producer.get(c.input[0]), producer.get(c.input[1])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or dqw is None or dqw.op_type != "DequantizeLinear":
+            continue
+        s, z = const.get(q.input[1]), const.get(q.input[2]) if len(q.input) > 2 else None
+        w = const.get(dqw.input[0])
+        if (s is None or z is None or s.ndim != 1 or z.dtype != np.uint8 or _attr(q, "axis", 1) != 1 or w is None
+                or not _depthwise(c, w) or s.shape[0] != w.shape[0] or _attr(dqw, "axis", 1) != 0
+                or [n.output[0] for n in consumers[q.output[0]]] != [dq.output[0]]
+                or [n.output[0] for n in consumers[dq.output[0]]] != [c.output[0]]
+                or not np.array_equal(const.get(dq.input[1]), s) or not np.array_equal(const.get(dq.input[2]), z)):
+            continue
+        plans[c.output[0]] = (q, dq, dqw)
+    if not plans:
+        return model, 0
+    m = copy.deepcopy(model)
+    g = m.graph
+    skip = {n.output[0] for q, dq, dqw in plans.values() for n in (q, dq)}
+    skip |= {dqw.output[0] for out, (_, _, dqw) in plans.items()  # a weight read by this convolution alone
+             if [n.output[0] for n in consumers[dqw.output[0]]] == [out]}
+    nodes: List[onnx.NodeProto] = []
+    for i, n in enumerate(g.node):
+        if n.output[0] in skip:
+            continue
+        if n.op_type != "Conv" or n.output[0] not in plans:
+            nodes.append(n)
+            continue
+        q, dq, dqw = plans[n.output[0]]
+        p = f"dw_input{i}_"
+        s = const[q.input[1]].astype(np.float32)
+        z = const[q.input[2]].astype(np.float32).reshape(1, -1, 1, 1)
+        one, zero = _init(g, p + "one", np.float32(1.0)), _init(g, p + "zero", np.uint8(0))
+        w_scale = const[dqw.input[1]].astype(np.float32) * s
+        w_zero = const[dqw.input[2]] if len(dqw.input) > 2 else np.zeros(w_scale.shape, const[dqw.input[0]].dtype)
+        conv = copy.deepcopy(n)
+        conv.input[0], conv.input[1] = p + "r", p + "w"
+        nodes += [helper.make_node("Mul", [q.input[0], _init(g, p + "inv_s", (1.0 / s).reshape(1, -1, 1, 1))], [p + "u"]),
+                  helper.make_node("Add", [p + "u", _init(g, p + "z", z)], [p + "v"]),
+                  helper.make_node("QuantizeLinear", [p + "v", one, zero], [p + "q"]),
+                  helper.make_node("DequantizeLinear", [p + "q", one, zero], [p + "d"]),
+                  helper.make_node("Sub", [p + "d", p + "z"], [p + "r"]),
+                  helper.make_node("DequantizeLinear", [dqw.input[0], _init(g, p + "ws", w_scale),
+                                                        _init(g, p + "wz", w_zero)], [p + "w"], axis=0),
+                  conv]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m, len(plans)
