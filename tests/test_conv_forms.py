@@ -145,22 +145,42 @@ Z_PC = np.arange(3, 11, dtype=np.uint8) * 9
 B_PC = RNG.standard_normal(8).astype(np.float32)
 
 
-def test_per_channel_depthwise_inputs_become_a_per_tensor_qdq_with_the_same_values(tmp_path):
-    from ptq4sam.deploy.conv_forms import with_per_tensor_depthwise_inputs
+def _with_outputs(m: onnx.ModelProto, names) -> onnx.ModelProto:
+    m = onnx.ModelProto.FromString(m.SerializeToString())
+    m.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    return m
+
+
+def test_per_channel_depthwise_inputs_become_integer_arithmetic_with_the_same_grid_indices():
+    """The rewritten depthwise input holds exactly the grid indices q - z_c of ONNX Runtime's per-channel
+    QuantizeLinear (random values and values on rounding ties, out of range on both sides), its convolution the
+    float64 reference; the dense conv's per-channel QDQ is left alone."""
+    from ptq4sam.deploy.conv_forms import fold_depthwise_input_qdq
 
     m = _per_channel_graph()
-    r, n = with_per_tensor_depthwise_inputs(m)
-    assert n == 1
-    q_scales = {t.name: numpy_helper.to_array(t) for t in r.graph.initializer}
-    per_channel_q = [nd for nd in r.graph.node if nd.op_type == "QuantizeLinear" and q_scales[nd.input[1]].ndim]
-    assert [nd.output[0] for nd in per_channel_q] == ["xq2"]  # only the dense conv's input stays per channel
-    # float64 reference: x on its per-channel grid, the depthwise conv of it
-    xd = (np.clip(np.round(X / S_PC[:, None, None]) + Z_PC[:, None, None], 0, 255) - Z_PC[:, None, None]) \
-        * S_PC.astype(np.float64)[:, None, None]
-    ref = torch.nn.functional.conv2d(torch.from_numpy(xd), torch.from_numpy(W_DW * S_DW.astype(np.float64)[:, None, None, None]),
-                                     torch.from_numpy(B_PC.astype(np.float64)), padding=1, groups=8).numpy()
-    before, after = _run(m, X), _run(r, X)
-    np.testing.assert_allclose(before[0], ref, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(after[0], ref, rtol=1e-5, atol=1e-4)
-    assert np.array_equal(after[1], before[1])
-    assert with_per_tensor_depthwise_inputs(r) == (r, 0)  # nothing left to rewrite
+    r, n = fold_depthwise_input_qdq(m)
+    assert n == 1 and fold_depthwise_input_qdq(r) == (r, 0)  # nothing left to rewrite
+    assert [nd.output[0] for nd in r.graph.node if nd.op_type == "QuantizeLinear"] == ["xq2"]
+    assert [nd.op_type for nd in r.graph.node][:4] == ["Div", "Round", "Max", "Min"]
+    k = RNG.integers(-140, 140, X.shape).astype(np.float32)
+    ties = ((k + 0.5) * S_PC[None, :, None, None]).astype(np.float32)  # x / s_c on (or next to) a half
+    for x in (X * 3, ties):
+        before = _run(_with_outputs(m, ["xd"]), x)
+        after = _run(_with_outputs(r, ["dw_input3_r"]), x)
+        idx = np.round(before[2] / S_PC[None, :, None, None]).astype(np.float32)  # (q - z_c) of the original graph
+        assert np.array_equal(after[2], idx)
+        xd = idx.astype(np.float64) * S_PC.astype(np.float64)[None, :, None, None]
+        ref = torch.nn.functional.conv2d(torch.from_numpy(xd),
+                                         torch.from_numpy(W_DW * S_DW.astype(np.float64)[:, None, None, None]),
+                                         torch.from_numpy(B_PC.astype(np.float64)), padding=1, groups=8).numpy()
+        np.testing.assert_allclose(before[0], ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(after[0], ref, rtol=1e-5, atol=1e-4)
+        assert np.array_equal(after[1], before[1])
+
+
+def test_a_depthwise_qdq_read_elsewhere_is_left_alone():
+    from ptq4sam.deploy.conv_forms import fold_depthwise_input_qdq
+
+    m = _per_channel_graph()
+    m.graph.output.append(helper.make_tensor_value_info("xq", TensorProto.UINT8, None))  # q also a graph output
+    assert fold_depthwise_input_qdq(m) == (m, 0)

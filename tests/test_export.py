@@ -86,9 +86,9 @@ def test_integer_kernels_in_onnx_runtime_and_openvino(lite_w8a8, tmp_path):
 
     _, _, out, _ = lite_w8a8
     opt = tmp_path / "opt.onnx"
-    # the 15 depthwise convolutions' per-channel inputs (2 MBConv, 3 patch merging, 10 TinyViT local convs) run as a
-    # per-channel Mul around a per-tensor QDQ (conv_forms.with_per_tensor_depthwise_inputs): no per-channel
-    # QuantizeLinear left in what ONNX Runtime runs
+    # the 15 depthwise convolutions' per-channel inputs (2 MBConv, 3 patch merging, 10 TinyViT local convs) run as
+    # per-channel elementwise operators (conv_forms.fold_depthwise_input_qdq): no per-channel QuantizeLinear left in
+    # what ONNX Runtime runs
     assert _OrtGraph(out / "encoder.onnx", 2, optimized_path=opt).rewritten_depthwise_inputs == 15
     graph = onnx.load(opt).graph
     sizes = {t.name: int(np.prod(t.dims)) for t in graph.initializer}

@@ -1,6 +1,6 @@
 """Which form of our quantized convolutions ONNX Runtime runs fastest on this machine (ptq4sam.deploy.conv_forms):
 each form of an exported encoder beside the FP32 encoder (and the exported graph without the runner's rewrite of
-per-channel depthwise inputs, conv_forms.with_per_tensor_depthwise_inputs), timed in turn, with the kernels ONNX
+per-channel depthwise inputs, conv_forms.fold_depthwise_input_qdq), timed in turn, with the kernels ONNX
 Runtime's optimised graph runs and the output difference to the exported graph; a markdown table with the CPU's ISA,
 optionally JSON.
 

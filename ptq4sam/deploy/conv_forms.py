@@ -19,14 +19,15 @@ per-tensor QDQ and whose weight a DequantizeLinear of a constant:
 
 ``tools/ort_conv_forms.py`` times them against the FP32 graph on this machine.
 
-:func:`with_per_tensor_depthwise_inputs` is not a form but what our ONNX Runtime runner does to every graph it loads
+:func:`fold_depthwise_input_qdq` is not a form but what our ONNX Runtime runner does to every graph it loads
 (:class:`ptq4sam.deploy.runtime._OrtGraph`): ONNX Runtime quantizes a per-channel activation (our depthwise
 convolutions' inputs, ``depthwise_act_per_channel``) in a scalar loop, 36 % of a W8A8 LiteMedSAM encoder's time. The
-same quantization as per-channel arithmetic around a per-tensor QDQ of scale 1 --
-``Mul(1 / s_c) -> Add(z_c) -> QuantizeLinear(1, 0) -> DequantizeLinear(1, 0) -> Sub(z_c)`` -- gives the grid indices
-``q - z_c``, and ``s_c`` moves into the depthwise weight's per-channel scale (a depthwise convolution's output channel
-c reads input channel c only). The values are the graph's, up to rounding ties (``round(a + z)`` against
-``round(a) + z`` at an exact half, and x * (1 / s) against x / s)."""
+same quantization in per-channel elementwise operators -- ``Div(s_c) -> Round -> Max(-z_c) -> Min(255 - z_c)`` --
+gives the grid indices ``q - z_c`` (QuantizeLinear's ``x / s``, its round half to even and its saturation, with every
+value after the ``Round`` an integer), and ``s_c`` moves into the depthwise weight's per-channel scale (a depthwise
+convolution's output channel c reads input channel c only; its zero padding is ``q - z_c = 0``). The convolution's
+input is the graph's exactly; the only difference is the float rounding of ``s_w * s_c`` against ``(q_w * s_w) * s_c``
+inside the convolution."""
 from __future__ import annotations
 
 import copy
@@ -206,16 +207,22 @@ def _depthwise(conv: onnx.NodeProto, w: np.ndarray) -> bool:
     return w.ndim == 4 and w.shape[1] == 1 and _attr(conv, "group", 1) == w.shape[0] > 1
 
 
-def with_per_tensor_depthwise_inputs(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, int]:
+def fold_depthwise_input_qdq(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, int]:
     """``model`` with each per-channel uint8 activation QDQ that feeds a depthwise convolution alone rewritten as in
-    the module docstring, and how many were rewritten (0: ``model`` itself is returned)."""
+    the module docstring, and how many were rewritten (0: ``model`` itself is returned). A QDQ whose parameters are
+    not constants, whose outputs something else also reads, or whose weight is not a per-channel DequantizeLinear of
+    constants is left as it is."""
     g = model.graph
     const = constants(g)
     producer = {o: n for n in g.node for o in n.output}
-    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    readers: Dict[str, List[str]] = {o.name: ["<graph output>"] for o in g.output}
     for n in g.node:
         for i in n.input:
-            consumers.setdefault(i, []).append(n)
+            readers.setdefault(i, []).append(n.output[0])
+
+    def param(node, k):
+        return const.get(node.input[k]) if len(node.input) > k and node.input[k] else None
+
     plans = {}  # conv output -> (quantize node, dequantize node, weight dequantize node)
     for c in g.node:
         if c.op_type != "Conv":
@@ -224,13 +231,13 @@ def with_per_tensor_depthwise_inputs(model: onnx.ModelProto) -> Tuple[onnx.Model
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if q is None or q.op_type != "QuantizeLinear" or dqw is None or dqw.op_type != "DequantizeLinear":
             continue
-        s, z = const.get(q.input[1]), const.get(q.input[2]) if len(q.input) > 2 else None
-        w = const.get(dqw.input[0])
-        if (s is None or z is None or s.ndim != 1 or z.dtype != np.uint8 or _attr(q, "axis", 1) != 1 or w is None
-                or not _depthwise(c, w) or s.shape[0] != w.shape[0] or _attr(dqw, "axis", 1) != 0
-                or [n.output[0] for n in consumers[q.output[0]]] != [dq.output[0]]
-                or [n.output[0] for n in consumers[dq.output[0]]] != [c.output[0]]
-                or not np.array_equal(const.get(dq.input[1]), s) or not np.array_equal(const.get(dq.input[2]), z)):
+        s, z, w, ws = param(q, 1), param(q, 2), param(dqw, 0), param(dqw, 1)
+        if (s is None or z is None or s.ndim != 1 or z.dtype != np.uint8 or w is None or ws is None
+                or _attr(q, "axis", 1) != 1 or _attr(dq, "axis", 1) != 1 or _attr(dqw, "axis", 1) != 0
+                or not _depthwise(c, w) or s.shape[0] != w.shape[0] or ws.shape not in ((), (w.shape[0],))
+                or len(dqw.input) > 2 and param(dqw, 2) is None
+                or readers.get(q.output[0]) != [dq.output[0]] or readers.get(dq.output[0]) != [c.output[0]]
+                or not np.array_equal(param(dq, 1), s) or not np.array_equal(param(dq, 2), z)):
             continue
         plans[c.output[0]] = (q, dq, dqw)
     if not plans:
@@ -238,8 +245,7 @@ def with_per_tensor_depthwise_inputs(model: onnx.ModelProto) -> Tuple[onnx.Model
     m = copy.deepcopy(model)
     g = m.graph
     skip = {n.output[0] for q, dq, dqw in plans.values() for n in (q, dq)}
-    skip |= {dqw.output[0] for out, (_, _, dqw) in plans.items()  # a weight read by this convolution alone
-             if [n.output[0] for n in consumers[dqw.output[0]]] == [out]}
+    skip |= {dqw.output[0] for out, (_, _, dqw) in plans.items() if readers.get(dqw.output[0]) == [out]}
     nodes: List[onnx.NodeProto] = []
     for i, n in enumerate(g.node):
         if n.output[0] in skip:
@@ -249,20 +255,19 @@ def with_per_tensor_depthwise_inputs(model: onnx.ModelProto) -> Tuple[onnx.Model
             continue
         q, dq, dqw = plans[n.output[0]]
         p = f"dw_input{i}_"
-        s = const[q.input[1]].astype(np.float32)
-        z = const[q.input[2]].astype(np.float32).reshape(1, -1, 1, 1)
-        one, zero = _init(g, p + "one", np.float32(1.0)), _init(g, p + "zero", np.uint8(0))
-        w_scale = const[dqw.input[1]].astype(np.float32) * s
-        w_zero = const[dqw.input[2]] if len(dqw.input) > 2 else np.zeros(w_scale.shape, const[dqw.input[0]].dtype)
+        s = param(q, 1).astype(np.float32)
+        z = param(q, 2).astype(np.float32).reshape(1, -1, 1, 1)
+        ws = param(dqw, 1).astype(np.float32) * s  # s_c moves into the weight's per-channel scale
+        wz = param(dqw, 2)
+        wz = np.zeros(ws.shape, param(dqw, 0).dtype) if wz is None else np.broadcast_to(wz, ws.shape).copy()
         conv = copy.deepcopy(n)
         conv.input[0], conv.input[1] = p + "r", p + "w"
-        nodes += [helper.make_node("Mul", [q.input[0], _init(g, p + "inv_s", (1.0 / s).reshape(1, -1, 1, 1))], [p + "u"]),
-                  helper.make_node("Add", [p + "u", _init(g, p + "z", z)], [p + "v"]),
-                  helper.make_node("QuantizeLinear", [p + "v", one, zero], [p + "q"]),
-                  helper.make_node("DequantizeLinear", [p + "q", one, zero], [p + "d"]),
-                  helper.make_node("Sub", [p + "d", p + "z"], [p + "r"]),
-                  helper.make_node("DequantizeLinear", [dqw.input[0], _init(g, p + "ws", w_scale),
-                                                        _init(g, p + "wz", w_zero)], [p + "w"], axis=0),
+        nodes += [helper.make_node("Div", [q.input[0], _init(g, p + "s", s.reshape(1, -1, 1, 1))], [p + "u"]),
+                  helper.make_node("Round", [p + "u"], [p + "k"]),
+                  helper.make_node("Max", [p + "k", _init(g, p + "lo", -z)], [p + "kl"]),
+                  helper.make_node("Min", [p + "kl", _init(g, p + "hi", 255.0 - z)], [p + "r"]),
+                  helper.make_node("DequantizeLinear", [dqw.input[0], _init(g, p + "ws", ws), _init(g, p + "wz", wz)],
+                                   [p + "w"], axis=0),
                   conv]
     del g.node[:]
     g.node.extend(nodes)

@@ -43,18 +43,20 @@ class _OrtGraph:
         if optimized_path is not None:
             so.optimized_model_filepath = str(optimized_path)
         so.log_severity_level = 3
-        import onnx  # noqa: PLC0415
+        self.rewritten_depthwise_inputs, src = 0, str(path)
+        # per-channel activation QDQ of depthwise convolutions: a scalar loop in ONNX Runtime; the same values in
+        # per-channel elementwise operators (conv_forms' docstring)
+        if rewrite_depthwise:
+            import onnx  # noqa: PLC0415
 
-        from .conv_forms import with_per_tensor_depthwise_inputs  # noqa: PLC0415
+            from .conv_forms import fold_depthwise_input_qdq  # noqa: PLC0415
 
-        # per-channel activation QDQ of depthwise convolutions: a scalar loop in ONNX Runtime; the same values as a
-        # per-channel Mul around a per-tensor QDQ (conv_forms' docstring)
-        # (not for a graph with external data: a large float one, which has no QDQ to rewrite)
-        model = onnx.load(str(path), load_external_data=False)
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        model, self.rewritten_depthwise_inputs = ((model, 0) if external or not rewrite_depthwise
-                                                  else with_per_tensor_depthwise_inputs(model))
-        src = model.SerializeToString() if self.rewritten_depthwise_inputs else str(path)
+            model = onnx.load(str(path), load_external_data=False)
+            # (not for a graph with external data: a large float one, which has no QDQ to rewrite)
+            if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+                model, self.rewritten_depthwise_inputs = fold_depthwise_input_qdq(model)
+                if self.rewritten_depthwise_inputs:
+                    src = model.SerializeToString()
         self.sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"],
                                          disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
 
