@@ -80,10 +80,12 @@ def quantized_convs(graph: onnx.GraphProto) -> List[QuantConv]:
         zx = const.get(dqx.input[2]) if len(dqx.input) > 2 else np.array(0, np.uint8)
         if sx is None or sx.ndim != 0 or zx is None or dqw.input[0] not in const:
             continue
-        wq = const[dqw.input[0]]
+        wq, sw = const[dqw.input[0]], const.get(dqw.input[1])
         zw = const.get(dqw.input[2]) if len(dqw.input) > 2 else np.zeros((), wq.dtype)
         bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        out.append(QuantConv(n, dqx.input[0], sx, zx, wq, const[dqw.input[1]], zw, _attr(dqw, "axis", 1), bias))
+        if sw is None or zw is None or (sw.ndim and _attr(dqw, "axis", 1) != 0):  # per output channel or per tensor
+            continue
+        out.append(QuantConv(n, dqx.input[0], sx, zx, wq, sw, zw, _attr(dqw, "axis", 1), bias))
     return out
 
 
