@@ -23,11 +23,11 @@ per-tensor QDQ and whose weight a DequantizeLinear of a constant:
 (:class:`ptq4sam.deploy.runtime._OrtGraph`): ONNX Runtime quantizes a per-channel activation (our depthwise
 convolutions' inputs, ``depthwise_act_per_channel``) in a scalar loop (30 % of a W8A8 LiteMedSAM encoder's time:
 docs/deploy.md). The same quantization in per-channel elementwise operators --
-``Div(s_c) -> Round -> Max(-z_c) -> Min(255 - z_c)`` -- gives the grid indices ``q - z_c`` (QuantizeLinear's ``x / s``, its round half to even and its saturation, with every
-value after the ``Round`` an integer), and ``s_c`` moves into the depthwise weight's per-channel scale (a depthwise
-convolution's output channel c reads input channel c only; its zero padding is ``q - z_c = 0``). The convolution's
-input is the graph's exactly; the only difference is the float rounding of ``s_w * s_c`` against ``(q_w * s_w) * s_c``
-inside the convolution."""
+``Div(s_c) -> Round -> Max(-z_c) -> Min(255 - z_c)`` -- gives the grid indices ``q - z_c`` (QuantizeLinear's
+``x / s``, its round half to even and its saturation, with every value after the ``Round`` an integer), and ``s_c``
+moves into the depthwise weight's per-channel scale (a depthwise convolution's output channel c reads input channel
+c only; its zero padding is ``q - z_c = 0``). The convolution's input is the graph's exactly; the only difference is
+the float rounding of ``s_w * s_c`` against ``(q_w * s_w) * s_c`` inside the convolution."""
 from __future__ import annotations
 
 import copy
