@@ -288,6 +288,65 @@ def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
                  "--u8-linear-weights", "on", "--out-dir", str(tmp_path / "o")])
 
 
+def test_benchmark_deploy_times_every_model_once_per_round(monkeypatch):
+    """A slow spell of the machine must touch every model alike: the timings run in rounds (model a, b, c, a, b, c,
+    ...) after each model's warm-up, and each median is of that model's own times."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("benchmark_deploy", ROOT / "tools" / "benchmark_deploy.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    calls, clock = [], [0.0]
+    cost = {"a": [1, 9, 2], "b": [5, 5, 5], "c": [3, 1, 2]}  # seconds per timed call, per round
+
+    def fn(name):
+        def call():
+            calls.append(name)
+            i = sum(1 for c in calls if c == name) - 3  # this call's index among the timed ones (2 warm-up calls)
+            clock[0] += cost[name][i] if i >= 0 else 100.0
+        return call
+
+    monkeypatch.setattr(bd.time, "perf_counter", lambda: clock[0])
+    ms = bd.interleaved_medians([fn("a"), fn("b"), fn("c")], warmup=2, repeats=3)
+    assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 3
+    assert ms == [2000.0, 5000.0, 2000.0]
+
+
+def test_ov_profile_names_the_kernels_that_ran(tmp_path):
+    """ptq4sam.deploy.ov_profile: rows by (layer type, kernel), integer kernels told from their names, and on a real
+    compiled Linear layer the counters' rows."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptq4sam.deploy.ov_profile import integer_kernel, integer_share, profile, summarize
+
+    assert integer_kernel("FullyConnected", "jit_gemm_I8") and integer_kernel("GroupConvolution", "jit_avx2_I8")
+    assert integer_kernel("Convolution", "brgconv_avx512_1x1_u8")
+    assert not integer_kernel("FullyConnectedCompressed", "brgemm_avx2_f32")  # u8 weights, float arithmetic
+    assert not integer_kernel("Convert", "ref_I8") and not integer_kernel("Transpose", "unknown_i8")  # moves only
+    rows = summarize([{"layer_type": "FullyConnected", "exec_type": "jit_gemm_I8", "ms": 2.0},
+                      {"layer_type": "FullyConnected", "exec_type": "jit_gemm_I8", "ms": 1.5},
+                      {"layer_type": "FullyConnected", "exec_type": "gemm_mlas_f32", "ms": 4.0},
+                      {"layer_type": "Constant", "exec_type": "undef", "ms": 0.0}])
+    assert rows == [{"layer_type": "FullyConnected", "exec_type": "gemm_mlas_f32", "nodes": 1, "ms": 4.0,
+                     "integer": False},
+                    {"layer_type": "FullyConnected", "exec_type": "jit_gemm_I8", "nodes": 2, "ms": 3.5,
+                     "integer": True}]
+    assert integer_share(rows) == {"integer": 2, "float": 1}
+    assert integer_share(rows, ("Convolution",)) == {"integer": 0, "float": 0}
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    res = profile(path, {"x": np.ones((8, 64), np.float32)}, threads=1, runs=2, warmup=1)
+    assert any(r["layer_type"] == "FullyConnected" and not r["integer"] for r in res["rows"])
+    assert res["total_ms"] == pytest.approx(sum(r["ms"] for r in res["rows"]), abs=0.1) and res["wall_ms"] > 0
+
+
 def test_backend_threads_follow_omp_num_threads_unless_given(monkeypatch):
     from ptq4sam.deploy.runtime import runtime_threads
 

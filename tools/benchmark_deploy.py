@@ -1,7 +1,8 @@
 """Deploy benchmark: FP32 and W8A8 SAM as ONNX graphs on ONNX Runtime and OpenVINO, ours beside the peers.
 
 One run, same machine, same threads, same inputs: for every (model, backend) the encoder ms (one image), the decoder ms
-with 1 and 50 boxes (medians of --repeats after --warmup), the size on disk, and (unless --no-accuracy) the mask mAP on
+with 1 and 50 boxes (medians of --repeats rounds after --warmup; each round times every model once, so a slow spell of
+the machine touches all of them alike), the size on disk, and (unless --no-accuracy) the mask mAP on
 the LiteMedSAM GT-box evaluation split through the same evaluation code as tools/benchmark_accuracy.py.
 
 Models: the float export, ours (compact checkpoints from ``test_quant.py --save_sam_path`` or
@@ -36,15 +37,22 @@ from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 DATA = ROOT / "data" / "coco128"
 
 
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return round(1000 * statistics.median(ts), 2)
+def interleaved_medians(fns, warmup: int, repeats: int) -> list:
+    """Median ms of each of ``fns``, timed in rounds (every function once per round, ``repeats`` rounds, after
+    ``warmup`` calls each): a slow spell of the machine (another process, a throttled core) then touches every model
+    alike instead of the one timed during it, which back-to-back medians let one model's number absorb."""
+    from ptq4sam.progress import progress  # noqa: PLC0415
+
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    ts = [[] for _ in fns]
+    for _ in progress(range(repeats), desc="timing rounds"):
+        for t_fn, fn in zip(ts, fns):
+            t = time.perf_counter()
+            fn()
+            t_fn.append(time.perf_counter() - t)
+    return [round(1000 * statistics.median(t_fn), 2) for t_fn in ts]
 
 
 def slug(name: str) -> str:
@@ -107,6 +115,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     env = {"command": "python tools/benchmark_deploy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "cpu": describe(cpu_info()), "cpu_isa": cpu_info(), "threads": a.threads, "torch": torch.__version__,
+           "timing": f"medians of {a.repeats} interleaved rounds (each model once per round) after {a.warmup} "
+                     "warm-up calls each",
            "split": "eval = data/coco128 instances_eval96.json, GT boxes; calibration = first "
                     f"{a.calibrate} images by id of instances_calib32.json"}
     import onnxruntime  # noqa: PLC0415
@@ -172,7 +182,8 @@ def main(argv=None):
     rows = []
     timing_done = out / "timing_done"  # (a marker: other work may share the CPU once the timings are taken)
     timing_done.unlink(missing_ok=True)
-    for name, d, backends in models:  # all timings first, back to back; the accuracy evaluations after
+    tasks = []  # (row, key, call): all timings first, in interleaved rounds; the accuracy evaluations after
+    for name, d, backends in models:
         man = read_manifest(d)
         for backend in backends:
             try:
@@ -184,16 +195,19 @@ def main(argv=None):
                 print(f"{name} on {backend}: cannot run: {msg}", file=sys.stderr)
                 continue
             feats = enc({"image": x})[0]
-            row = {"model": name, "backend": backend, "dir": str(d), "bytes": sum(man["file_bytes"].values()),
-                   "encoder_ms": median_ms(lambda: enc({"image": x}), a.warmup, a.repeats)}
+            row = {"model": name, "backend": backend, "dir": str(d), "bytes": sum(man["file_bytes"].values())}
+            tasks.append((row, "encoder_ms", lambda enc=enc: enc({"image": x})))
             for n, b in boxes.items():
-                row[f"decoder_ms_{n}"] = median_ms(lambda b=b: dec({"image_embeddings": feats, "boxes": b}),
-                                                   a.warmup, a.repeats)
+                tasks.append((row, f"decoder_ms_{n}",
+                              lambda dec=dec, feats=feats, b=b: dec({"image_embeddings": feats, "boxes": b})))
             if backend == "openvino":
                 row["ov_precisions"] = {k: v for k, v in enc.runtime_precisions().items()
                                         if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
             rows.append(row)
-            print(json.dumps(row))
+    for (row, key, _), ms in zip(tasks, interleaved_medians([t[2] for t in tasks], a.warmup, a.repeats)):
+        row[key] = ms
+    for row in rows:
+        print(json.dumps(row))
     if a.accuracy_from:
         env["accuracy_from"] = a.accuracy_from
         copy_accuracy(rows, a.accuracy_from)
@@ -243,6 +257,8 @@ def write(out: Path, env, rows):
     fp = {r["backend"]: r for r in rows if r["model"] == "FP32"}
     lines = [f"Command: `{env['command']}`  ", f"CPU: {env['cpu']}, {env['threads']} threads; onnxruntime "
              f"{env['onnxruntime']}, openvino {env['openvino']}  ", f"Split: {env['split']}  "]
+    if env.get("timing"):
+        lines.append(f"Timing: {env['timing']}  ")
     if env.get("accuracy_from"):
         lines.append(f"Mask mAP from: {env['accuracy_from']} (the same graphs, evaluated in an earlier run)  ")
     lines += ["",
