@@ -38,14 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-
-def constants(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
-    """Every constant value of ``graph``: its initializers and the outputs of its ``Constant`` nodes."""
-    out = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return out
+from .onnx_graph import attr, constants
 
 
 @dataclass
@@ -59,10 +52,6 @@ class QuantConv:
     w_zero: np.ndarray
     w_axis: int
     bias: Optional[np.ndarray]
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def quantized_convs(graph: onnx.GraphProto) -> List[QuantConv]:
@@ -83,9 +72,9 @@ def quantized_convs(graph: onnx.GraphProto) -> List[QuantConv]:
         wq, sw = const[dqw.input[0]], const.get(dqw.input[1])
         zw = const.get(dqw.input[2]) if len(dqw.input) > 2 else np.zeros((), wq.dtype)
         bias = const.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-        if sw is None or zw is None or (sw.ndim and _attr(dqw, "axis", 1) != 0):  # per output channel or per tensor
+        if sw is None or zw is None or (sw.ndim and attr(dqw, "axis", 1) != 0):  # per output channel or per tensor
             continue
-        out.append(QuantConv(n, dqx.input[0], sx, zx, wq, sw, zw, _attr(dqw, "axis", 1), bias))
+        out.append(QuantConv(n, dqx.input[0], sx, zx, wq, sw, zw, attr(dqw, "axis", 1), bias))
     return out
 
 
@@ -206,7 +195,7 @@ def forms(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray]]) -> Dic
 
 
 def _depthwise(conv: onnx.NodeProto, w: np.ndarray) -> bool:
-    return w.ndim == 4 and w.shape[1] == 1 and _attr(conv, "group", 1) == w.shape[0] > 1
+    return w.ndim == 4 and w.shape[1] == 1 and attr(conv, "group", 1) == w.shape[0] > 1
 
 
 def fold_depthwise_input_qdq(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, int]:
@@ -235,7 +224,7 @@ def fold_depthwise_input_qdq(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, i
             continue
         s, z, w, ws = param(q, 1), param(q, 2), param(dqw, 0), param(dqw, 1)
         if (s is None or z is None or s.ndim != 1 or z.dtype != np.uint8 or w is None or ws is None
-                or _attr(q, "axis", 1) != 1 or _attr(dq, "axis", 1) != 1 or _attr(dqw, "axis", 1) != 0
+                or attr(q, "axis", 1) != 1 or attr(dq, "axis", 1) != 1 or attr(dqw, "axis", 1) != 0
                 or not _depthwise(c, w) or s.shape[0] != w.shape[0] or ws.shape not in ((), (w.shape[0],))
                 or len(dqw.input) > 2 and param(dqw, 2) is None
                 or readers.get(q.output[0]) != [dq.output[0]] or readers.get(dq.output[0]) != [c.output[0]]

@@ -29,7 +29,9 @@ def pack_int4_weights(path: Path) -> Dict[str, int]:
     its zero point of the same type, this node's own). Returns counts: ``packed`` weights, ``kept`` (those wider than
     4 bits) and the weights' bytes before / after."""
     import onnx  # noqa: PLC0415
-    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    from .onnx_graph import attr, constants  # noqa: PLC0415
 
     model = onnx.load(str(path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -39,30 +41,23 @@ def pack_int4_weights(path: Path) -> Dict[str, int]:
         if o.domain in ("", "ai.onnx") and o.version < INT4_OPSET:
             o.version = INT4_OPSET
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    const = constants(g)
     uses: Dict[str, int] = {}
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
 
-    def value(name):  # an initializer's or a Constant node's tensor
-        if name in inits:
-            return inits[name]
-        node = consts.get(name)
-        return None if node is None else next((a.t for a in node.attribute if a.name == "value"), None)
-
     packed = kept = before = after = 0
     for n in g.node:
         if n.op_type != "DequantizeLinear":
             continue
-        w = value(n.input[0])
-        if w is None or w.data_type not in (TensorProto.INT8, TensorProto.UINT8) or uses.get(n.input[0], 0) != 1:
+        w = const.get(n.input[0])
+        if w is None or w.dtype not in (np.int8, np.uint8) or uses.get(n.input[0], 0) != 1:
             continue  # an activation's QDQ (its input is computed), or a weight another node reads too
-        q = numpy_helper.to_array(w).astype(np.int32)
-        zt = value(n.input[2]) if len(n.input) > 2 else None
-        zp = np.zeros((), np.int32) if zt is None else numpy_helper.to_array(zt).astype(np.int32)
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        q = w.astype(np.int32)
+        zt = const.get(n.input[2]) if len(n.input) > 2 else None
+        zp = np.zeros((), np.int32) if zt is None else zt.astype(np.int32)
+        axis = attr(n, "axis", 1)
         shape = [1] * q.ndim
         if zp.ndim:
             shape[axis] = -1
