@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Sequence, Union
 
 
 def is_int(v) -> bool:
@@ -105,6 +107,12 @@ def atomic_write_text(path: Union[str, Path], text: str) -> Path:
 
 
 KNOWN_USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
+    """The command a tool was run with, as a shell line that runs it again (arguments with spaces or shell characters
+    quoted): what result files record beside their numbers. ``argv``: the tool's arguments (default: ``sys.argv``'s)."""
+    return f"python {script} " + shlex.join(list(argv if argv is not None else sys.argv[1:]))
 
 
 def run_cli(fn, args) -> int:

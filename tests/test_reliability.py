@@ -13,7 +13,7 @@ import torch
 from conftest import CALIB_ANN, DATA, EVAL_ANN, calib_samples, needs_mmdet
 
 from ptq4sam.deploy import COMPACT_FORMAT
-from ptq4sam.errors import InputError, UserError, atomic_write, atomic_write_text
+from ptq4sam.errors import InputError, UserError, atomic_write, atomic_write_text, command_line
 from ptq4sam.models import BoxPromptSegmenter, build_sam
 from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import load_qconfig
@@ -434,3 +434,15 @@ def test_resume_of_a_paper_eval_bugs_run_is_refused():
 
     with pytest.raises(InputError, match="--paper-eval-bugs"):
         reconstruct(None, [], [], None, 0, torch.device("cpu"), paper_bugs=True, done=[{"unit": "x"}])
+
+
+def test_recorded_command_lines_run_again_as_written():
+    """A result file's command must be a shell line that gives the tool the same arguments (a model name with spaces,
+    a variant with braces and commas), not the arguments joined by spaces."""
+    import shlex
+
+    argv = ["--ours", "W8A8 for AVX2 (float attention)=work_dirs/a.pth", "--variant",
+            "mine=exp/demo/config{b}{b}.yaml,gptq.enabled=true", "--threads", "2"]
+    line = command_line("tools/benchmark_deploy.py", argv)
+    assert shlex.split(line) == ["python", "tools/benchmark_deploy.py", *argv]
+    assert command_line("tools/x.py", ["--bits", "4"]) == "python tools/x.py --bits 4"  # plain words stay plain

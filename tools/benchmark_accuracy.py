@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.errors import command_line  # noqa: E402
 from ptq4sam.mixed import bits_label, mac_weighted_bits  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
@@ -125,7 +126,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     env = {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
            "torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-           "command": "python tools/benchmark_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "command": command_line("tools/benchmark_accuracy.py", argv),
            "split": "eval = data/coco128 instances_eval96.json (96 images; first N if --eval-images), "
                     "calibration = first `calibrate` images by id of instances_calib32.json"}
 

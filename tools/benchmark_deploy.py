@@ -31,7 +31,7 @@ from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.cpuinfo import cpu_info, describe, int8_pairs_saturate  # noqa: E402
 from ptq4sam.deploy.onnx_export import MANIFEST_FILE, export_sam, read_manifest  # noqa: E402
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph  # noqa: E402
-from ptq4sam.errors import InputError, InputNotFound  # noqa: E402
+from ptq4sam.errors import InputError, InputNotFound, command_line  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
@@ -113,7 +113,7 @@ def main(argv=None):
     out, mdir = Path(a.out_dir), Path(a.models_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
-    env = {"command": "python tools/benchmark_deploy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    env = {"command": command_line("tools/benchmark_deploy.py", argv),
            "cpu": describe(cpu_info()), "cpu_isa": cpu_info(), "threads": a.threads, "torch": torch.__version__,
            "timing": f"medians of {a.repeats} interleaved rounds (each model once per round) after {a.warmup} "
                      "warm-up calls each",

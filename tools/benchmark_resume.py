@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptq4sam.errors import command_line  # noqa: E402
 
 
 def run(args, work: Path, extra, env=None):
@@ -70,7 +73,7 @@ def main(argv=None):
     k, units = args.crash_after, ma["recon"]
     pre = ma["pre_recon_phases_s"]
     res = {
-        "command": "python tools/benchmark_resume.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("tools/benchmark_resume.py", argv),
         "config": args.config, "q_config": args.q_config, "q_options": args.q_options,
         "quant_encoder": args.quant_encoder, "seed": ma["seed"], "calibration_images": len(ma["calibration_images"]),
         "units": len(units), "crash_after_unit": k,

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.errors import command_line  # noqa: E402
 
 
 def summarize(names, full, samples, ref: int, fp=None, level: float = 0.95):
@@ -86,7 +87,7 @@ def main(argv=None):
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python tools/compare_predictions.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command_line("tools/compare_predictions.py", argv)
         out.write_text(json.dumps({"command": cmd, "ann": a.ann, "files": files, "samples": a.samples, "seed": a.seed,
                                    "images": boot["images"], "rows": rows}, indent=1))
         out.with_suffix(".md").write_text(f"Command: `{cmd}`  \nPaired bootstrap over {boot['images']} images, "

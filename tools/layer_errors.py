@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from sensitivity import add_setup_args, calibrated_setup, logit_error  # noqa: E402
 
+from ptq4sam.errors import command_line  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.quantization import disable_all, enable_quantization, freeze  # noqa: E402
@@ -114,7 +115,7 @@ def main(argv=None):
     layers = local_errors(sam, lambda: [seg(s.image, s.boxes) for s in probe[: a.layer_images]])
     enc = [v for n, v in layers.items() if n.startswith("image_encoder")]
     dec = [v for n, v in layers.items() if not n.startswith("image_encoder")]
-    doc = {"command": "python tools/layer_errors.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    doc = {"command": command_line("tools/layer_errors.py", argv),
            "q_config": str(qpath), "q_options": ["recon.iters=0"] + list(a.q_options), "bits": a.bits,
            "seed": qcfg.seed, "calibrate": qcfg.calibrate, "logit_error": logits,
            "sum_input_error": {"encoder": sum(v["input"] for v in enc), "decoder": sum(v["input"] for v in dec)},

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from ptq4sam.cpuinfo import cpu_info, describe  # noqa: E402
-from ptq4sam.errors import InputError  # noqa: E402
+from ptq4sam.errors import InputError, command_line  # noqa: E402
 
 ARITHMETIC = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "FullyConnected",
               "FullyConnectedCompressed", "FullyConnectedQuantizedLegacy", "MatMul", "Subgraph")
@@ -78,8 +78,7 @@ def main(argv=None) -> int:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"cpu": cpu, "openvino": ov.__version__, "threads": a.threads,
                                             "boxes": a.boxes, "runs": a.runs,
-                                            "command": "python tools/ov_profile.py " + " ".join(
-                                                argv if argv is not None else sys.argv[1:]),
+                                            "command": command_line("tools/ov_profile.py", argv),
                                             "results": results}, indent=1))
     return 0
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.errors import command_line  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv=None):
     finally:
         observer.MSEObserver.search_2d = orig
     searches.sort(key=lambda r: -r["s"])
-    cmd = "python tools/profile_observers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("tools/profile_observers.py", argv)
     text = json.dumps({"command": cmd, "threads": a.threads, "images": a.images, "quantize_s": round(total, 2),
                        "searches": len(searches), "search_2d_s": round(sum(r["s"] for r in searches), 2),
                        "slowest": searches[:a.top]}, indent=1)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.errors import command_line  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
 from ptq4sam.qconfig import load_qconfig  # noqa: E402
@@ -101,7 +102,7 @@ def main(argv=None):
     base = build_sam("lite_medsam")
     res = {"env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                    "processor": platform.processor() or platform.machine(),
-                   "command": "python tools/profile_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])},
+                   "command": command_line("tools/profile_pipeline.py", argv)},
            "build_s": round(time.perf_counter() - t, 2)}
     seg = BoxPromptSegmenter(base)
     profile_eval(seg, eval_ann, ev_prompts, 1)  # warm-up

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval, recipes  # noqa: E402
-from ptq4sam.errors import InputError, atomic_write_text, run_cli  # noqa: E402
+from ptq4sam.errors import InputError, atomic_write_text, command_line, run_cli  # noqa: E402
 from ptq4sam.mixed import bits_label, mac_weighted_bits  # noqa: E402
 from ptq4sam.progress import progress  # noqa: E402
 from ptq4sam.splits import CALIB_MAX, IMAGES, split  # noqa: E402
@@ -414,7 +414,7 @@ def main(argv=None) -> int:
     extra = (QUICK_OPTIONS if a.quick else []) + list(a.q_options)
     st = Settings(a.split, tuple(a.seeds[:1] if a.quick else a.seeds),
                   a.eval_images or (QUICK_IMAGES if a.quick else None), tuple(extra), a.quick, a.device)
-    command = "python tools/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("tools/reproduce.py", argv)
     groups, with_fp = shard_of(grid_groups(methods, a.bits), a.shard)
     runner = Runner(out, st, command)
     t = time.time()

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.errors import command_line  # noqa: E402
 
 
 def markdown(rows) -> str:
@@ -58,7 +59,7 @@ def main(argv=None):
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python tools/score_split.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        cmd = command_line("tools/score_split.py", argv)
         out.write_text(json.dumps({"command": cmd, "fp": a.fp, "ann": a.ann, "runs": dict(rows)}, indent=1))
         out.with_suffix(".md").write_text(f"Command: `{cmd}`\n\n" + table)
 

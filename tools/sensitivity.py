@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
+from ptq4sam.errors import command_line  # noqa: E402
 from ptq4sam.mixed import layer_macs  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.progress import progress  # noqa: E402
@@ -106,7 +107,7 @@ def main(argv=None):
     disable_all(sam)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"command": "python tools/sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    doc = {"command": command_line("tools/sensitivity.py", argv),
            "q_config": str(qpath), "q_options": ["recon.iters=0"] + list(a.q_options), "bits": a.bits,
            "seed": qcfg.seed, "calibrate": qcfg.calibrate, "error_images": len(probe), "eval_images": a.eval_images,
            "fp_segm_mAP": fp_map, "macs": macs, "seconds": round(time.time() - t, 1), "units": rows}
