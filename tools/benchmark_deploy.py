@@ -1,8 +1,8 @@
 """Deploy benchmark: FP32 and W8A8 SAM as ONNX graphs on ONNX Runtime and OpenVINO, ours beside the peers.
 
 One run, same machine, same threads, same inputs: for every (model, backend) the encoder ms (one image), the decoder ms
-with 1 and 50 boxes (medians of --repeats rounds after --warmup; each round times every model once, so a slow spell of
-the machine touches all of them alike), the size on disk, and (unless --no-accuracy) the mask mAP on
+with 1 and 50 boxes (medians of --repeats rounds after --warmup; each round times every model of a backend once, so a
+slow spell of the machine touches all of them alike), the size on disk, and (unless --no-accuracy) the mask mAP on
 the LiteMedSAM GT-box evaluation split through the same evaluation code as tools/benchmark_accuracy.py.
 
 Models: the float export, ours (compact checkpoints from ``test_quant.py --save_sam_path`` or
@@ -53,6 +53,40 @@ def interleaved_medians(fns, warmup: int, repeats: int) -> list:
             fn()
             t_fn.append(time.perf_counter() - t)
     return [round(1000 * statistics.median(t_fn), 2) for t_fn in ts]
+
+
+def time_models(models, x: np.ndarray, boxes: dict, threads: int, warmup: int, repeats: int, open_fn=open_graph):
+    """One row per (model, backend) of ``models`` (``(name, dir, backends)``): its encoder ms on ``x`` and decoder ms
+    on each ``boxes[n]``, or the error that kept it from compiling. Each backend's models are timed together in
+    interleaved rounds (:func:`interleaved_medians`), one backend after the other: the speed-ups compare models on one
+    backend, and a runtime's threads still spinning after its call must not land on another runtime's timing."""
+    rows, tasks = [], {}  # tasks: backend -> [(row, key, call)]
+    for name, d, backends in models:
+        man = read_manifest(d)
+        for backend in backends:
+            try:
+                enc = open_fn(d / man["files"]["encoder"], backend, threads)
+                dec = open_fn(d / man["files"]["decoder"], backend, threads)
+            except RuntimeError as e:  # e.g. OpenVINO failing to compile another tool's QDQ graph: a row says so
+                msg = " ".join(str(e).split())[:300]
+                rows.append({"model": name, "backend": backend, "dir": str(d), "error": msg})
+                print(f"{name} on {backend}: cannot run: {msg}", file=sys.stderr)
+                continue
+            feats = enc({"image": x})[0]
+            row = {"model": name, "backend": backend, "dir": str(d), "bytes": sum(man["file_bytes"].values())}
+            t = tasks.setdefault(backend, [])
+            t.append((row, "encoder_ms", lambda enc=enc: enc({"image": x})))
+            for n, b in boxes.items():
+                t.append((row, f"decoder_ms_{n}",
+                          lambda dec=dec, feats=feats, b=b: dec({"image_embeddings": feats, "boxes": b})))
+            if backend == "openvino":
+                row["ov_precisions"] = {k: v for k, v in enc.runtime_precisions().items()
+                                        if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
+            rows.append(row)
+    for backend, t in tasks.items():
+        for (row, key, _), ms in zip(t, interleaved_medians([c for _, _, c in t], warmup, repeats)):
+            row[key] = ms
+    return rows
 
 
 def slug(name: str) -> str:
@@ -115,8 +149,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     env = {"command": command_line("tools/benchmark_deploy.py", argv),
            "cpu": describe(cpu_info()), "cpu_isa": cpu_info(), "threads": a.threads, "torch": torch.__version__,
-           "timing": f"medians of {a.repeats} interleaved rounds (each model once per round) after {a.warmup} "
-                     "warm-up calls each",
+           "timing": f"medians of {a.repeats} interleaved rounds (each model of a backend once per round; one backend "
+                     f"after the other) after {a.warmup} warm-up calls each",
            "split": "eval = data/coco128 instances_eval96.json, GT boxes; calibration = first "
                     f"{a.calibrate} images by id of instances_calib32.json"}
     import onnxruntime  # noqa: PLC0415
@@ -179,33 +213,9 @@ def main(argv=None):
              for n in (1, 50)}
     ev_file = DATA / "annotations/instances_eval96.json"
     prompts = coco_eval.gt_prompts(coco_eval.load_ann(ev_file))
-    rows = []
     timing_done = out / "timing_done"  # (a marker: other work may share the CPU once the timings are taken)
     timing_done.unlink(missing_ok=True)
-    tasks = []  # (row, key, call): all timings first, in interleaved rounds; the accuracy evaluations after
-    for name, d, backends in models:
-        man = read_manifest(d)
-        for backend in backends:
-            try:
-                enc = open_graph(d / man["files"]["encoder"], backend, a.threads)
-                dec = open_graph(d / man["files"]["decoder"], backend, a.threads)
-            except RuntimeError as e:  # e.g. OpenVINO failing to compile another tool's QDQ graph: a row says so
-                msg = " ".join(str(e).split())[:300]
-                rows.append({"model": name, "backend": backend, "dir": str(d), "error": msg})
-                print(f"{name} on {backend}: cannot run: {msg}", file=sys.stderr)
-                continue
-            feats = enc({"image": x})[0]
-            row = {"model": name, "backend": backend, "dir": str(d), "bytes": sum(man["file_bytes"].values())}
-            tasks.append((row, "encoder_ms", lambda enc=enc: enc({"image": x})))
-            for n, b in boxes.items():
-                tasks.append((row, f"decoder_ms_{n}",
-                              lambda dec=dec, feats=feats, b=b: dec({"image_embeddings": feats, "boxes": b})))
-            if backend == "openvino":
-                row["ov_precisions"] = {k: v for k, v in enc.runtime_precisions().items()
-                                        if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
-            rows.append(row)
-    for (row, key, _), ms in zip(tasks, interleaved_medians([t[2] for t in tasks], a.warmup, a.repeats)):
-        row[key] = ms
+    rows = time_models(models, x, boxes, a.threads, a.warmup, a.repeats)  # all timings first; the accuracy after
     for row in rows:
         print(json.dumps(row))
     if a.accuracy_from:

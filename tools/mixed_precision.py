@@ -20,6 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ptq4sam.errors import command_line  # noqa: E402
 from ptq4sam.mixed import choose_overrides  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main(argv=None):
         pass
     qopts = [o for o in doc.get("q_options", []) if o != "recon.iters=0"]
     out = {"root": root, "overrides": overrides}
-    text = (f"# written by: python tools/mixed_precision.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    text = (f"# written by: {command_line('tools/mixed_precision.py', argv)}\n"
             f"# {len(raised)} of {len(units)} units at W{a.high}A{a.high}, the rest W{low}A{low}: MAC-weighted average "
             f"{avg:.3f} bits (budget {a.budget})\n"
             + (f"# the sensitivity run also had --q-options {' '.join(qopts)}\n" if qopts else "")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from ptq4sam.cpuinfo import cpu_info, describe  # noqa: E402
-from ptq4sam.errors import InputError  # noqa: E402
+from ptq4sam.errors import InputError, command_line  # noqa: E402
 
 AS_WRITTEN = "exported, per-channel depthwise QDQ as written"
 
@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "cpu": cpu, "onnxruntime": ort.__version__, "threads": args.threads, "repeats": args.repeats,
-            "onnx": args.onnx, "fp": args.fp, "command": "python " + " ".join(sys.argv), "rows": rows}, indent=1))
+            "onnx": args.onnx, "fp": args.fp, "rows": rows,
+            "command": command_line("tools/ort_conv_forms.py", argv)}, indent=1))
     return 0
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptq4sam.cpuinfo import cpu_info, describe  # noqa: E402
 from ptq4sam.deploy.fusion import probe  # noqa: E402
+from ptq4sam.errors import command_line  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,8 +38,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"cpu": cpu, "openvino": ov.__version__, "threads": args.threads,
-                                               "shape": args.shape,
-                                               "command": "python " + " ".join(sys.argv), "rows": rows}, indent=1))
+                                               "shape": args.shape, "rows": rows,
+                                               "command": command_line("tools/ov_attention_fusion.py", argv)}, indent=1))
     return 0
 
 

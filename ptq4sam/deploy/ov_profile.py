@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .runtime import runtime_threads
+from .runtime import _OvGraph
 
 # a kernel computes in integers when its name carries an integer precision (OpenVINO's CPU plugin: "jit_gemm_i8",
 # "brgconv_avx2_I8", "ref_u8", ...); a Convert / Reorder / Transpose on integer data only moves them
@@ -46,12 +46,7 @@ def profile(path, feeds: Dict[str, np.ndarray], threads: int = 0, runs: int = 5,
     times; return ``{"rows": summarize(...) (ms: the mean over the timed runs), "total_ms": the rows' sum, "wall_ms":
     the median wall time of a run}``. The counters are per node; with several threads their sum need not equal the
     wall time (nodes overlap, and counting costs time), so compare models by ``wall_ms``."""
-    import openvino as ov  # noqa: PLC0415
-
-    cfg = {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True}
-    if runtime_threads(threads):
-        cfg["INFERENCE_NUM_THREADS"] = runtime_threads(threads)
-    req = ov.Core().compile_model(str(Path(path)), "CPU", cfg).create_infer_request()
+    req = _OvGraph(Path(path), threads, {"PERF_COUNT": True}).req
     for _ in range(warmup):
         req.infer(feeds)
     acc: Dict[str, Dict] = {}

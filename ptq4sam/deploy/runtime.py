@@ -65,13 +65,14 @@ class _OrtGraph:
 
 
 class _OvGraph:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, extra_config: Optional[Dict] = None):
         import openvino as ov  # noqa: PLC0415
 
         cfg = {"INFERENCE_PRECISION_HINT": "f32"}  # no bf16 / f16 on CPUs that have it: compare like with like
         threads = runtime_threads(threads)
         if threads:
             cfg["INFERENCE_NUM_THREADS"] = threads
+        cfg.update(extra_config or {})
         self.model = ov.Core().compile_model(str(path), "CPU", cfg)
         self.req = self.model.create_infer_request()
         self.names = [o.get_any_name() for o in self.model.outputs]
@@ -81,7 +82,9 @@ class _OvGraph:
         return [np.asarray(res[o]) for o in self.model.outputs]
 
     def runtime_precisions(self) -> Dict[str, int]:
-        """{'<layer type>:<runtime precision>': count} of the compiled model (u8 / i8 = integer kernels)."""
+        """{'<layer type>:<runtime precision>': count} of the compiled model. The precision of a node's data, not of
+        its arithmetic: a ``FullyConnectedCompressed`` reads ``u8`` weights and multiplies in float (the kernel names
+        of :mod:`.ov_profile` say what ran)."""
         out: Dict[str, int] = {}
         for op in self.model.get_runtime_model().get_ops():
             info = op.get_rt_info()
