@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,28 +30,11 @@ from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.cpuinfo import cpu_info, describe, int8_pairs_saturate  # noqa: E402
 from ptq4sam.deploy.onnx_export import MANIFEST_FILE, export_sam, read_manifest  # noqa: E402
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph  # noqa: E402
+from ptq4sam.deploy.timing import interleaved_medians  # noqa: E402
 from ptq4sam.errors import InputError, InputNotFound, command_line  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
-
-
-def interleaved_medians(fns, warmup: int, repeats: int) -> list:
-    """Median ms of each of ``fns``, timed in rounds (every function once per round, ``repeats`` rounds, after
-    ``warmup`` calls each): a slow spell of the machine (another process, a throttled core) then touches every model
-    alike instead of the one timed during it, which back-to-back medians let one model's number absorb."""
-    from ptq4sam.progress import progress  # noqa: PLC0415
-
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    ts = [[] for _ in fns]
-    for _ in progress(range(repeats), desc="timing rounds"):
-        for t_fn, fn in zip(ts, fns):
-            t = time.perf_counter()
-            fn()
-            t_fn.append(time.perf_counter() - t)
-    return [round(1000 * statistics.median(t_fn), 2) for t_fn in ts]
 
 
 def time_models(models, x: np.ndarray, boxes: dict, threads: int, warmup: int, repeats: int, open_fn=open_graph):
@@ -85,7 +67,7 @@ def time_models(models, x: np.ndarray, boxes: dict, threads: int, warmup: int, r
             rows.append(row)
     for backend, t in tasks.items():
         for (row, key, _), ms in zip(t, interleaved_medians([c for _, _, c in t], warmup, repeats)):
-            row[key] = ms
+            row[key] = round(ms, 2)
     return rows
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +64,7 @@ def main(argv=None) -> int:
     from ptq4sam.deploy.conv_forms import forms, quantized_convs
     from ptq4sam.deploy.onnx_export import ENCODER_FILE, read_manifest
     from ptq4sam.deploy.runtime import _OrtGraph
+    from ptq4sam.deploy.timing import interleaved_medians
 
     size = read_manifest(args.onnx)["img_size"]
     model = onnx.load(Path(args.onnx) / ENCODER_FILE)
@@ -89,18 +88,11 @@ def main(argv=None) -> int:
             out = [graphs[r["form"]](f)[0] for f in feeds]
             r["max_abs_diff_vs_exported"] = float(max(np.abs(a - b).max() for a, b in zip(out, ref)))
             r["mean_abs_diff_vs_exported"] = float(np.mean([np.abs(a - b).mean() for a, b in zip(out, ref)]))
-        times = {n: [] for n in graphs}
-        for n, g in graphs.items():
-            for _ in range(args.warmup):
-                g(feeds[0])
-        for _ in range(args.repeats):
-            for n, g in graphs.items():
-                t0 = time.perf_counter()
-                g(feeds[0])
-                times[n].append(1000 * (time.perf_counter() - t0))
-    fp_ms = statistics.median(times["FP32"])
+        medians = interleaved_medians([lambda g=g: g(feeds[0]) for g in graphs.values()], args.warmup, args.repeats)
+        times = dict(zip(graphs, medians))
+    fp_ms = times["FP32"]
     for r in rows:
-        r["ms"] = round(statistics.median(times[r["form"]]), 1)
+        r["ms"] = round(times[r["form"]], 1)
         r["speedup_vs_fp32"] = round(fp_ms / r["ms"], 3)
     cpu = cpu_info()
     print(f"CPU: {describe(cpu)}; onnxruntime {ort.__version__}; {args.threads} threads; encoder {size}x{size}; "
