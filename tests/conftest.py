@@ -60,9 +60,10 @@ def _isolated():
     torch.set_num_threads(threads)
 
 
-def calib_samples(n: int, ann_file=CALIB_ANN):
-    """The first n images (by id) of a split with their GT boxes, as PTQ calibration samples (no mmcv needed:
-    the GPU machines have none)."""
+def calib_samples(n: int, ann_file=CALIB_ANN, max_boxes=None):
+    """The first n images (by id) of a split with their GT boxes (the first ``max_boxes`` of each image when given:
+    the decoder's cost grows with the prompts), as PTQ calibration samples (no mmcv needed: the GPU machines have
+    none)."""
     from ptq4sam.images import read_rgb
     from ptq4sam.samples import CalibSample
 
@@ -71,8 +72,23 @@ def calib_samples(n: int, ann_file=CALIB_ANN):
     for im in sorted(ann["images"], key=lambda i: i["id"])[:n]:
         boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                           for a in ann["annotations"] if a["image_id"] == im["id"]], np.float32).reshape(-1, 4)
-        out.append(CalibSample(read_rgb(DATA / "train2017" / im["file_name"]), boxes))
+        out.append(CalibSample(read_rgb(DATA / "train2017" / im["file_name"]), boxes[:max_boxes]))
     return out
+
+
+def capped_ann(dst: Path, max_boxes: int = 2, ann_file=CALIB_ANN) -> Path:
+    """A copy of a split's annotation file with at most ``max_boxes`` annotations per image (every image kept, in
+    the same order): the CLI tests' calibration set (``--cfg-options data.calib.ann_file=...``), whose decoder passes
+    then cost a fraction of the full image's prompts."""
+    ann = json.loads(Path(ann_file).read_text())
+    seen = {}
+    keep = []
+    for a in ann["annotations"]:
+        seen[a["image_id"]] = seen.get(a["image_id"], 0) + 1
+        if seen[a["image_id"]] <= max_boxes:
+            keep.append(a)
+    dst.write_text(json.dumps(dict(ann, annotations=keep)))
+    return dst
 
 
 def run_cli(args, timeout=900, env=None):

@@ -101,11 +101,14 @@ def _vit_b(seed=0):
     return sam
 
 
-def test_acnr_on_a_quantized_sam_matches_an_independent_recomputation():
+def test_acnr_on_a_quantized_sam_matches_an_independent_recomputation(tmp_path):
     """ahcqsam.ACNR on SAM's decoder (ViT-B, random weights, 64 px; float encoder: its kept embeddings): the layers
     with kappa >= 100 are treated and only those; each treated weight's quantizer rounds U diag(s') V^T where C
     comes from the layer's float input and its quantized input (captured here by hooks on the layer itself) and s'
-    from acnr_values; the float model is unchanged (quantizers off = the original model)."""
+    from acnr_values; a saved checkpoint and the --resume state carry ACNR's weights (a fresh model loaded from
+    either gives the same outputs); the float model is unchanged (quantizers off = the original model)."""
+    from ptq4sam.checkpoint import load_quantized_file, quant_state, restore_quant_state, save_quantized
+    from ptq4sam.quant_sam import build_context, quantize_sam
     from ptq4sam.quantization import QuantLinear, disable_all, enable_quantization
     from ptq4sam.samples import CalibSample
 
@@ -124,6 +127,20 @@ def test_acnr_on_a_quantized_sam_matches_an_independent_recomputation():
     kappas = {n: condition_number(torch.linalg.svdvals(fresh.get_submodule(n).weight.detach().double())) for n in layers}
     treated = {e["layer"] for e in rep["per_layer"]}
     assert treated == {n for n, k in kappas.items() if k >= 100} and 0 < len(treated) < len(layers)
+    # saved and loaded, or restored from the resume state, into a fresh model: ACNR's weights, bit for bit
+    with torch.no_grad():
+        out = seg(img, sample.boxes).low_res_logits
+    save_quantized(sam, tmp_path / "q.pth", q.to_dict(), False, info.to_dict())
+    for how in ("load", "resume"):
+        other = copy.deepcopy(fresh)
+        if how == "load":  # as --load_sam_path does (the file holds the integer weights ACNR's weights became)
+            load_quantized_file(other, tmp_path / "q.pth", CPU)
+        else:  # the resume state holds ACNR's float weights themselves
+            quantize_sam(other, build_context(q), False)
+            restore_quant_state(other, quant_state(sam), "recon_state.pt")
+            assert sum(n.endswith("gptq_weight") for n, _ in other.named_buffers()) == len(treated)
+        with torch.no_grad():
+            assert torch.equal(BoxPromptSegmenter(other)(img, sample.boxes).low_res_logits, out), how
     for n, m in layers.items():
         assert torch.equal(m.weight, fresh.get_submodule(n).weight)  # the float weights never change
         assert ("gptq_weight" in m._buffers) == (n in treated)

@@ -20,8 +20,10 @@ CPU = torch.device("cpu")
 
 
 def _quantized_lite(opts):
+    # AGQ with one candidate (tau 4, the calibrated scale): its log2 grid is what the export must carry, not the search
     q = load_qconfig("exp/demo/config66.yaml", ["recon.iters=0", "ptq4sam.BIG=false", "ptq4sam.agq_search=grid",
-                                                "ptq4sam.agq_images=1"] + opts)
+                                                "ptq4sam.agq_images=1", "ptq4sam.taus=[4]",
+                                                "ptq4sam.scale_ratios=[1.0]"] + opts)
     s = calib_samples(1)[0]
     sample = CalibSample(s.image, s.boxes[:4])
     sam = build_sam("lite_medsam")

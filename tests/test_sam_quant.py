@@ -64,7 +64,7 @@ def test_quantizers_off_equals_float_vit_b_random():
 
 def test_quantizers_off_equals_float_lite_medsam(lite):
     q = _quantized_copy(lite, QConfig())
-    s = calib_samples(1)[0]
+    s = calib_samples(1, max_boxes=2)[0]
     a, b = BoxPromptSegmenter(lite)(s.image, s.boxes), BoxPromptSegmenter(q)(s.image, s.boxes)
     # TinyViT's Conv2d+BatchNorm pairs are folded into one conv: equal up to float rounding
     rel = (a.low_res_logits - b.low_res_logits).abs().max() / a.low_res_logits.abs().max()
@@ -132,7 +132,7 @@ def test_big_on_real_lite_medsam_decoder(lite):
     """Forced flip on the real weights: q.k^T per head and the whole decoder output stay the same."""
     sam = copy.deepcopy(lite)
     seg = BoxPromptSegmenter(sam)
-    s = calib_samples(1)[0]
+    s = calib_samples(1, max_boxes=2)[0]
     ref = seg(s.image, s.boxes).low_res_logits
     quantize_sam(sam, build_context(QConfig()), False)
     disable_all(sam)
@@ -249,9 +249,10 @@ def _decoder_ptq(lite, samples, opts, legacy=False):
 
 
 def test_reconstruction_beats_round_to_nearest_and_evaluates_fully_quantized(lite):
-    samples = calib_samples(1)
+    samples = calib_samples(1, max_boxes=2)
     common = ["w_qconfig.bit=3", "a_qconfig.bit=8", "recon.iters=20", "recon.warm_up=0.1", "recon.max_boxes=2",
-              "recon.units=block"]  # 3 units (the per-module units are tested below)
+              "recon.units=block",  # 3 units (the per-module units are tested below)
+              "w_qconfig.observer=MinMaxObserver"]  # (a 3-bit MSE range search: 13 s, not what is tested)
     _, rtn = _decoder_ptq(lite, samples, common + ["recon.round_mode=nearest", "recon.scale_lr=0"])
     sam, rec = _decoder_ptq(lite, samples, common + ["recon.round_lr=0.01"])
     e_rtn = [u["final_rec_loss"] for u in rtn.recon]
@@ -265,7 +266,7 @@ def test_reconstruction_beats_round_to_nearest_and_evaluates_fully_quantized(lit
 def test_paper_eval_bugs_are_explicit_and_reproduce_both_leaks(lite):
     from ptq4sam.quantization import AdaRoundFakeQuantize
 
-    s1 = calib_samples(1)
+    s1 = calib_samples(1, max_boxes=2)
     sam, info = _decoder_ptq(lite, s1, ["recon.iters=2", "recon.max_boxes=2"], legacy=True)
     assert info.paper_eval_bugs and min_drop_prob(sam) == 0.5
     units = recon_units(sam, False)  # the paper's units: only the first AdaRound layer of each is hard
@@ -277,19 +278,20 @@ def test_paper_eval_bugs_are_explicit_and_reproduce_both_leaks(lite):
 
 
 def test_module_units_log_both_gradient_norms_and_match_the_paper_granularity(lite):
-    sam, info = _decoder_ptq(lite, calib_samples(1), ["recon.iters=3", "recon.warm_up=0", "recon.max_boxes=2"])
+    s1 = calib_samples(1, max_boxes=2)
+    sam, info = _decoder_ptq(lite, s1, ["recon.iters=3", "recon.warm_up=0", "recon.max_boxes=2"])
     names = [u["unit"].split()[-1] for u in info.recon]
     assert names == ["QuantDecoderAttention"] * 2 + ["MLPBlock"] + ["QuantDecoderAttention"] * 3 + ["MLPBlock"] + \
         ["QuantDecoderAttention"] * 2
     assert all(u["grad_norm_rec"] > 0 and u["grad_norm_round"] > 0 for u in info.recon)
-    _, blk = _decoder_ptq(lite, calib_samples(1), ["recon.iters=1", "recon.units=block", "recon.max_boxes=2"])
+    _, blk = _decoder_ptq(lite, s1, ["recon.iters=1", "recon.units=block", "recon.max_boxes=2"])
     assert [u["unit"].split()[-1] for u in blk.recon] == ["TwoWayAttentionBlock"] * 2 + ["QuantDecoderAttention"]
 
 
 def test_calibration_images_without_boxes_are_skipped_by_the_decoder(lite):
     from ptq4sam.samples import CalibSample
 
-    s = calib_samples(2)
+    s = calib_samples(2, max_boxes=2)
     empty = CalibSample(s[0].image, np.zeros((0, 4), np.float32))
     sam, info = _decoder_ptq(lite, [empty, s[1], empty], ["recon.iters=1", "recon.max_boxes=2"])
     assert info.calib_images_without_boxes == 2 and len(info.recon) == 9
@@ -377,7 +379,8 @@ def test_searches_and_gptq_on_kept_embeddings_equal_encoding_again(lite, monkeyp
     s = calib_samples(2)
     samples = [CalibSample(s[0].image, np.zeros((0, 4), np.float32)), CalibSample(s[1].image, s[1].boxes[:2])]
     q = load_qconfig(ROOT_EXP, ["ptq4sam.BIG=false", "recon.iters=0", "gptq.enabled=true", "saqsam.PCC=true",
-                                "saqsam.pcc_quantiles=[0.99, 0.999]", "w_qconfig.observer=MinMaxObserver"])
+                                "saqsam.pcc_quantiles=[0.99, 0.999]", "w_qconfig.observer=MinMaxObserver",
+                                "ptq4sam.taus=[2, 4]"])
     runs = []
     for keep in (True, False):
         if not keep:
@@ -404,9 +407,10 @@ def test_after_gptq_quantizers_off_is_the_float_lite_medsam_and_phase_times_add_
     per-phase times are each counted once: their sum is at most the wall time of the quantization."""
     import time
 
-    samples = calib_samples(2)
+    samples = calib_samples(2, max_boxes=2)
     qcfg = load_qconfig("exp/demo/config44.yaml", ["calibrate=2", "gptq.enabled=true", "recon.iters=0",
                                                    "ptq4sam.agq_images=1", "ptq4sam.agq_search=grid",
+                                                   "ptq4sam.taus=[4]", "ptq4sam.scale_ratios=[1.0]",
                                                    "w_qconfig.observer=MinMaxObserver"])  # (ranges: not tested here)
     seg = BoxPromptSegmenter(copy.deepcopy(lite))
     t = time.time()
@@ -426,8 +430,8 @@ def test_decoder_only_reconstruction_reuses_calibrations_float_image_embeddings(
     embeddings instead of encoding the images again, with the same result as encoding them again."""
     from ptq4sam.ptq import calibrate_segmenter, reconstruct_segmenter
 
-    samples = calib_samples(1)
-    q = load_qconfig(ROOT_EXP, ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "recon.iters=1", "recon.max_boxes=2"])
+    samples = calib_samples(1, max_boxes=2)
+    q = load_qconfig(ROOT_EXP, ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "recon.iters=1", "recon.units=block"])
     models = []
     for keep in (True, False):
         sam = copy.deepcopy(lite)

@@ -267,9 +267,9 @@ def test_bit_overrides_apply_by_module_name_pattern(lite):
 
 # ---- save / load and the frozen path with the new quantizers ------------------------------------------------------
 def test_hluq_cag_smooth_gptq_save_load_identical_and_frozen_path(lite, tmp_path):
-    samples = calib_samples(1)
+    samples = calib_samples(1, max_boxes=2)
     opts = ["ptq4sam.BIG=false", "ptq4sam.AGQ=false", "ahcptq.HLUQ=true", "ahcptq.CAG=true", "smooth.enabled=true",
-            "ahcptq.hluq_groups=2", "recon.iters=1", "recon.max_boxes=2", "recon.scale_lr=0.001", "recon.scale_space=log",
+            "ahcptq.hluq_groups=2", "recon.iters=1", "recon.units=block", "recon.scale_lr=0.001", "recon.scale_space=log",
             "gptq.enabled=true", "w_qconfig.observer=MinMaxObserver"]  # (weight ranges: not what is tested here)
     q = load_qconfig(ROOT_EXP, opts)
     sam = copy.deepcopy(lite)
