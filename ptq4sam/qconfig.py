@@ -213,10 +213,14 @@ def _read_yaml(path: Path, seen=()) -> Dict:
     return data
 
 
+# libyaml's safe loader where PyYAML was built with it (the same documents, about 10x faster than the pure-Python one)
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _safe_yaml(text: str, where: str):
     """``yaml.safe_load(text)``, with a syntax error as a :class:`QConfigError` naming ``where`` and the line."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_SAFE_LOADER)
     except yaml.YAMLError as e:  # name the file and the line, not yaml's "<unicode string>"
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
