@@ -167,8 +167,9 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
     from ptq4sam.checkpoint import without_wall_times
     from ptq4sam.deploy.compact import same_checkpoint
 
+    # 4 prompts on the calibration image, 2 drawn per step: the resumed run draws the same boxes too
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "1",
-              "--cfg-options", f"data.calib.ann_file={capped_ann(tmp_path / 'calib.json')}",
+              "--cfg-options", f"data.calib.ann_file={capped_ann(tmp_path / 'calib.json', 4)}",
               "--q-options", "calibrate=1", "recon.iters=2", "recon.max_boxes=2", "ptq4sam.agq_images=1",
               # repeatability, not the algorithms (tests/test_fidelity.py): the cheaper AGQ grid, and no BIG (it
               # folds nothing on LiteMedSAM: only its bimodality test would run). Weights quantized from other
@@ -251,7 +252,7 @@ def test_seed_reaches_calibration_order_qdrop_and_reconstruction(tmp_path):
     from ptq4sam.checkpoint import without_wall_times
 
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "1",
-              "--cfg-options", f"data.calib.ann_file={capped_ann(tmp_path / 'calib.json')}",
+              "--cfg-options", f"data.calib.ann_file={capped_ann(tmp_path / 'calib.json', 4)}",
               "--q-options", "calibrate=1", "calibrate_mode=random", "recon.max_boxes=2",
               "recon.units=block", "ptq4sam.AGQ=false", "ptq4sam.BIG=false"]
     runs = {}
