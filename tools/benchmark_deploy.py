@@ -30,7 +30,7 @@ from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.cpuinfo import cpu_info, describe, int8_pairs_saturate  # noqa: E402
 from ptq4sam.deploy.onnx_export import MANIFEST_FILE, export_sam, read_manifest  # noqa: E402
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph  # noqa: E402
-from ptq4sam.deploy.timing import interleaved_medians  # noqa: E402
+from ptq4sam.deploy.timing import decoder_boxes, interleaved_medians  # noqa: E402
 from ptq4sam.errors import InputError, InputNotFound, command_line  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 
@@ -191,8 +191,7 @@ def main(argv=None):
     like = BoxPromptSegmenter(sam)
     rng = np.random.default_rng(0)
     x = like.prepare_image((rng.random((img_size, img_size, 3)) * 255).astype(np.uint8)).contiguous().numpy()
-    boxes = {n: np.tile(np.array([[20, 30, 180, 200]], np.float32), (n, 1)) + rng.random((n, 4)).astype(np.float32)
-             for n in (1, 50)}
+    boxes = {n: decoder_boxes(n, rng) for n in (1, 50)}
     ev_file = DATA / "annotations/instances_eval96.json"
     prompts = coco_eval.gt_prompts(coco_eval.load_ann(ev_file))
     timing_done = out / "timing_done"  # (a marker: other work may share the CPU once the timings are taken)

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     from ptq4sam.deploy.onnx_export import read_manifest  # noqa: PLC0415
     from ptq4sam.deploy.ov_profile import integer_share, profile  # noqa: PLC0415
     from ptq4sam.deploy.runtime import open_graph  # noqa: PLC0415
+    from ptq4sam.deploy.timing import decoder_boxes  # noqa: PLC0415
 
     models = []
     for spec in a.model:
@@ -54,8 +55,7 @@ def main(argv=None) -> int:
     size = models[0][2]["img_size"]
     rng = np.random.default_rng(0)
     image = rng.standard_normal((1, 3, size, size)).astype(np.float32)
-    boxes = (np.tile(np.array([[20, 30, 180, 200]], np.float32), (a.boxes, 1))
-             + rng.random((a.boxes, 4)).astype(np.float32)) * (size / 256)
+    boxes = decoder_boxes(a.boxes, rng, size / 256)
     cpu = cpu_info()
     print(f"CPU: {describe(cpu)}; OpenVINO {ov.__version__}; {a.threads} threads; decoder: {a.boxes} boxes per call\n")
     results = []

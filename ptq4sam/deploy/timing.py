@@ -5,7 +5,15 @@ import statistics
 import time
 from typing import Callable, List, Sequence
 
+import numpy as np
+
 from ..progress import progress
+
+
+def decoder_boxes(n: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """(n, 4) float32 prompt boxes for timing a decoder graph: one box near the middle of a 256-px input, each copy
+    moved by under a pixel (``rng``), times ``scale`` (the input size / 256)."""
+    return (np.tile(np.array([[20, 30, 180, 200]], np.float32), (n, 1)) + rng.random((n, 4)).astype(np.float32)) * scale
 
 
 def interleaved_medians(fns: Sequence[Callable[[], object]], warmup: int, repeats: int) -> List[float]:
