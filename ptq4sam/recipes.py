@@ -53,7 +53,7 @@ _LIST: List[Method] = [
            ("ahcptq.HLUQ=true", "ahcptq.CAG=true", "ahcqsam.LNQ=true", "ptq4sam.AGQ=false", _LNQ_IMAGES),
            "Zhang et al., AHCQ-SAM (its ablation without ACNR)"),
     Method("recommended", "Recommended recipe (chosen on dev)", "exp/recipes/w{b}a{b}-cpu.yaml", (),
-           "this toolkit", bits=(8, 6, 4)),
+           "this toolkit", bits=(8, 6, 5, 4)),
     Method("mixed", "Mixed precision recipe (chosen on dev)", "exp/recipes/mixed-w4-cpu.yaml", (), "this toolkit",
            bits=(4,)),
     # single switches on QDrop / PTQ4SAM (ablations; the dev-split recipe search)
