@@ -97,6 +97,20 @@ def test_sharded_and_merged_grid_equals_the_single_run(tmp_path):
         rp.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m2")])
 
 
+def test_predictions_of_a_moved_out_folder_are_found_beside_its_cells(tmp_path):
+    """A cell records where its predictions were written (an absolute path when --out was outside the repo); once the
+    folder has moved, the file beside the cell's folder is the one read."""
+    rp = _reproduce()
+    beside = tmp_path / "out" / "predictions" / "dev" / "x_w4_s1.json.gz"
+    beside.parent.mkdir(parents=True)
+    beside.write_bytes(b"")
+    cell = {"predictions": "/tmp/gone-elsewhere/predictions/dev/x_w4_s1.json.gz", "_dir": str(tmp_path / "out"),
+            "split": "dev"}
+    assert rp._pred_path(cell) == beside
+    assert rp._pred_path(dict(cell, predictions=str(beside))) == beside  # where it was written, if still there
+    assert rp._pred_path(dict(cell, predictions="docs/nothing/x_w4_s1.json.gz")) == beside  # relative, moved
+
+
 def test_headline_table_in_the_docs_is_the_render_of_the_committed_summary():
     summary = ROOT / "docs" / "results" / "headline" / "summary.json"
     doc = (ROOT / "docs" / "results.md").read_text()

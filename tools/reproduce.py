@@ -246,9 +246,10 @@ def read_cells(dirs: List[Path]) -> List[Dict]:
 
 def _pred_path(c: Dict) -> Path:
     p = Path(c["predictions"])
-    if p.is_absolute() or (ROOT / p).is_file():
-        return p if p.is_absolute() else ROOT / p
-    # predictions beside the cell's folder (a merged shard moved elsewhere)
+    recorded = p if p.is_absolute() else ROOT / p
+    if recorded.is_file():
+        return recorded
+    # predictions beside the cell's folder (an --out folder moved, e.g. from /tmp into docs/results, or a merged shard)
     return Path(c["_dir"]) / "predictions" / c["split"] / p.name
 
 
