@@ -127,10 +127,21 @@ RUN_BOOKKEEPING = ("timings", "ptq_phases_s", "pre_recon_phases_s", "resumed_aft
 
 def without_wall_times(metrics: Dict) -> Dict:
     """A run's metrics / info without wall times and resume bookkeeping: what must be identical between an
-    uninterrupted run and a resumed one (or two runs with the same seed)."""
-    out = {k: v for k, v in metrics.items()
-           if not (k.endswith("_s") or k.startswith("images_per_s") or k in RUN_BOOKKEEPING)}
-    out["recon"] = [{k: v for k, v in u.items() if not k.endswith("_s")} for u in metrics.get("recon", [])]
+    uninterrupted run and a resumed one (or two runs with the same seed). A wall time is a key ending in ``_s`` at any
+    depth (a method's report, a reconstruction unit's record), except COCO's small-object mAP (``segm_mAP_s``)."""
+    def wall(k: str) -> bool:
+        return k.endswith("_s") and not k.endswith("mAP_s")
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if not wall(k)}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    out = {k: strip(v) for k, v in metrics.items()
+           if not (wall(k) or k.startswith("images_per_s") or k in RUN_BOOKKEEPING)}
+    out["recon"] = strip(metrics.get("recon", []))
     return out
 
 

@@ -167,4 +167,4 @@ def apply_gptq(model: nn.Module, run_forwards: Callable[[], None], damp: float =
     return {"layers": len(done), "skipped": [e for e in out if "skipped" in e],
             "not_supported": [names[m] for m in layers if m not in hooks],
             "proxy_ratio_median": float(torch.tensor(ratio).median()) if ratio else None,
-            "per_layer": done, "seconds": round(time.time() - t0, 2)}
+            "per_layer": done, "time_s": round(time.time() - t0, 2)}

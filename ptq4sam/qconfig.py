@@ -225,6 +225,8 @@ def _safe_yaml(text: str, where: str):
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise QConfigError(f"{where}:{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeError:  # e.g. a command-line byte that is not UTF-8 (a lone surrogate): libyaml cannot encode it
+        raise QConfigError(f"{where}: not valid text (a character that is not UTF-8: {text!r})") from None
 
 
 def parse_overrides(options: Sequence[str]) -> Dict:

@@ -169,6 +169,15 @@ def test_every_qconfig_key_with_every_odd_value_loads_well_typed_or_raises_a_use
             _roundtrip_qconfig(q, tmp_path)
 
 
+def test_q_option_with_a_byte_that_is_not_utf8_is_a_user_error(tmp_path):
+    """A command-line byte that is not UTF-8 reaches Python as a lone surrogate (os.fsdecode); the YAML reader cannot
+    encode it: one clear error naming --q-options, not a traceback."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(DEFAULTS.to_dict()))
+    with pytest.raises(UserError, match="q-options.*not valid"):
+        load_qconfig(base, ["recon.iters=\udc80"])
+
+
 @fuzz("qconfig_bytes")
 @given(raw=st.binary(max_size=48) | st.text(max_size=40).map(str.encode))
 def test_fuzz_qconfig_bytes_load_or_raise_a_user_error(raw, tmp_path):

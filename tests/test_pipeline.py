@@ -172,9 +172,9 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
               "--cfg-options", f"data.calib.ann_file={capped_ann(tmp_path / 'calib.json', 4)}",
               "--q-options", "calibrate=1", "recon.iters=2", "recon.max_boxes=2", "ptq4sam.agq_images=1",
               # repeatability, not the algorithms (tests/test_fidelity.py): the cheaper AGQ grid, and no BIG (it
-              # folds nothing on LiteMedSAM: only its bimodality test would run). Weights quantized from other
-              # than the float weights (GPTQ's, ACNR's) saved, resumed and loaded: tests/test_w4.py, test_acnr.py
-              "ptq4sam.agq_search=grid", "ptq4sam.taus=[2, 4]", "ptq4sam.scale_ratios=[1.0, 0.8]", "ptq4sam.BIG=false"]
+              # folds nothing on LiteMedSAM: only its bimodality test would run)
+              "ptq4sam.agq_search=grid", "ptq4sam.taus=[2, 4]", "ptq4sam.scale_ratios=[1.0, 0.8]", "ptq4sam.BIG=false",
+              "gptq.enabled=true"]  # AdaRound on GPTQ's (not the float) weights: saved, resumed mid-way, loaded
     a = run_main(common + ["--work-dir", str(tmp_path / "a"), "--save_sam_path", str(tmp_path / "a.pth")])
     assert a.returncode == 0, a.stderr[-3000:]
     # a real process that dies (the others run test_quant.py's main() in this process: the same code path)
@@ -200,6 +200,7 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
     assert keys and all(ma[k] == mc[k] for k in keys) and mc["loaded_from"].endswith("a.pth")
     assert ma["paper_eval_bugs"] is False
     assert ma["bits"] == {"w": 6, "a": 6} and ma["quantized_parts"] == ["mask_decoder.transformer"]
+    assert ma["gptq"]["layers"] > 0
 
 
 def test_resume_state_of_other_settings_is_refused(tmp_path):

@@ -446,3 +446,16 @@ def test_recorded_command_lines_run_again_as_written():
     line = command_line("tools/benchmark_deploy.py", argv)
     assert shlex.split(line) == ["python", "tools/benchmark_deploy.py", *argv]
     assert command_line("tools/x.py", ["--bits", "4"]) == "python tools/x.py --bits 4"  # plain words stay plain
+
+
+def test_without_wall_times_strips_times_at_every_depth_and_keeps_small_object_map():
+    """What a resumed run must reproduce: a method report's time (GPTQ's ``time_s``) and a unit's are wall times at
+    any depth; COCO's small-object mAP (``segm_mAP_s``) is a result, not a time."""
+    from ptq4sam.checkpoint import without_wall_times
+
+    m = {"segm_mAP": 0.3, "segm_mAP_s": 0.1, "bbox_mAP_s": 0.2, "eval_quant_s": 3.0, "timings": {"setup_s": 1.0},
+         "gptq": {"layers": 2, "time_s": 6.5, "per_layer": [{"layer": "a", "proxy_gptq": 0.1, "search_s": 0.2}]},
+         "recon": [{"unit": "u", "unit_s": 1.0, "last_rec_loss": 0.5}]}
+    assert without_wall_times(m) == {"segm_mAP": 0.3, "segm_mAP_s": 0.1, "bbox_mAP_s": 0.2,
+                                     "gptq": {"layers": 2, "per_layer": [{"layer": "a", "proxy_gptq": 0.1}]},
+                                     "recon": [{"unit": "u", "last_rec_loss": 0.5}]}

@@ -98,17 +98,21 @@ def test_sharded_and_merged_grid_equals_the_single_run(tmp_path):
 
 
 def test_predictions_of_a_moved_out_folder_are_found_beside_its_cells(tmp_path):
-    """A cell records where its predictions were written (an absolute path when --out was outside the repo); once the
-    folder has moved, the file beside the cell's folder is the one read."""
+    """A cell records where its predictions were written (an absolute path when --out was outside the repo); the file
+    beside the cell's folder is the one read, even where the recorded path still holds another run's file; without
+    one beside, the recorded path."""
     rp = _reproduce()
     beside = tmp_path / "out" / "predictions" / "dev" / "x_w4_s1.json.gz"
-    beside.parent.mkdir(parents=True)
-    beside.write_bytes(b"")
+    elsewhere = tmp_path / "old_out" / "predictions" / "dev" / "x_w4_s1.json.gz"
+    for f in (beside, elsewhere):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"")
     cell = {"predictions": "/tmp/gone-elsewhere/predictions/dev/x_w4_s1.json.gz", "_dir": str(tmp_path / "out"),
             "split": "dev"}
     assert rp._pred_path(cell) == beside
-    assert rp._pred_path(dict(cell, predictions=str(beside))) == beside  # where it was written, if still there
+    assert rp._pred_path(dict(cell, predictions=str(elsewhere))) == beside  # a later run's file there: not read
     assert rp._pred_path(dict(cell, predictions="docs/nothing/x_w4_s1.json.gz")) == beside  # relative, moved
+    assert rp._pred_path(dict(cell, predictions=str(elsewhere), _dir=str(tmp_path / "none"))) == elsewhere
 
 
 def test_headline_table_in_the_docs_is_the_render_of_the_committed_summary():

@@ -278,7 +278,7 @@ def test_paper_eval_bugs_are_explicit_and_reproduce_both_leaks(lite):
 
 
 def test_module_units_log_both_gradient_norms_and_match_the_paper_granularity(lite):
-    s1 = calib_samples(1, max_boxes=2)
+    s1 = calib_samples(1, max_boxes=3)  # 2 of the 3 prompts drawn per step
     sam, info = _decoder_ptq(lite, s1, ["recon.iters=3", "recon.warm_up=0", "recon.max_boxes=2"])
     names = [u["unit"].split()[-1] for u in info.recon]
     assert names == ["QuantDecoderAttention"] * 2 + ["MLPBlock"] + ["QuantDecoderAttention"] * 3 + ["MLPBlock"] + \
@@ -393,7 +393,7 @@ def test_searches_and_gptq_on_kept_embeddings_equal_encoding_again(lite, monkeyp
         info = quantize_segmenter(seg, samples, q, False, torch.device("cpu"), log=lambda *a: None)
         sam.image_encoder.__dict__.pop("forward", None)
         reports = {k: v for k, v in info.methods.items()}
-        reports["gptq"] = {k: v for k, v in reports["gptq"].items() if "second" not in k}
+        reports["gptq"] = {k: v for k, v in reports["gptq"].items() if k != "time_s"}  # (its wall time)
         with torch.no_grad():
             out = seg(samples[1].image, samples[1].boxes).low_res_logits
         runs.append((len(calls), reports, out))

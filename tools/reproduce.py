@@ -245,12 +245,13 @@ def read_cells(dirs: List[Path]) -> List[Dict]:
 
 
 def _pred_path(c: Dict) -> Path:
+    """The predictions file of cell ``c``: the one beside the cell's folder (cells and predictions travel together:
+    an --out folder moved, e.g. from /tmp into docs/results, or a merged shard), else the path it recorded."""
     p = Path(c["predictions"])
-    recorded = p if p.is_absolute() else ROOT / p
-    if recorded.is_file():
-        return recorded
-    # predictions beside the cell's folder (an --out folder moved, e.g. from /tmp into docs/results, or a merged shard)
-    return Path(c["_dir"]) / "predictions" / c["split"] / p.name
+    beside = Path(c["_dir"]) / "predictions" / c["split"] / p.name
+    if beside.is_file():
+        return beside
+    return p if p.is_absolute() else ROOT / p
 
 
 def summarize(cells: List[Dict], samples: int = 1000, seed: int = 0, reference: str = REFERENCE) -> Dict:

@@ -43,6 +43,6 @@ class GPTQ(Method):
                 forward_sample(job.seg, s, f)
             disable_all(sam)
         g = gptq_alg.apply_gptq(sam, run, sec.damp, sec.act_order, progress=progress)
-        job.log(f"GPTQ: {g['layers']} layers in {g['seconds']} s, median proxy loss GPTQ / round-to-nearest "
+        job.log(f"GPTQ: {g['layers']} layers in {g['time_s']} s, median proxy loss GPTQ / round-to-nearest "
                 f"{g['proxy_ratio_median']}; not supported (round-to-nearest): {g['not_supported'] or 'none'}")
         return g
