@@ -288,6 +288,13 @@ def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
     with pytest.raises(InputError, match="exported with u8_linear_weights=False, this run asks for True"):
         bd.main(["--ours", "X=a.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
                  "--u8-linear-weights", "on", "--out-dir", str(tmp_path / "o")])
+    # a model with float Linear inputs gets float-stored Linear weights by default (and never uint8 ones)
+    (m / "ours_X" / "export.json").write_text(json.dumps({"format": "ptq4sam-onnx-1", "info": {"checkpoint": "a.pth"},
+                                                          "files": {}, "q_config": {"inputs": {"linear": "float"}}}))
+    with pytest.raises(InputError, match=r"exported with float_linear_weights=False, this run asks for True "
+                                         r"\(--float-linear-weights auto;"):
+        bd.main(["--ours", "X=a.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
+                 "--u8-linear-weights", "on", "--out-dir", str(tmp_path / "o")])
 
 
 def test_benchmark_deploy_times_every_model_once_per_round(monkeypatch, tmp_path):

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -41,33 +42,39 @@ def time_models(models, x: np.ndarray, boxes: dict, threads: int, warmup: int, r
     """One row per (model, backend) of ``models`` (``(name, dir, backends)``): its encoder ms on ``x`` and decoder ms
     on each ``boxes[n]``, or the error that kept it from compiling. Each backend's models are timed together in
     interleaved rounds (:func:`interleaved_medians`), one backend after the other: the speed-ups compare models on one
-    backend, and a runtime's threads still spinning after its call must not land on another runtime's timing."""
-    rows, tasks = [], {}  # tasks: backend -> [(row, key, call)]
+    backend, and a runtime's threads still spinning after its call must not land on another runtime's timing. Only
+    one backend's graphs are open at a time (with their 50-box buffers, every graph of a run at once took 19 GB)."""
+    rows, plan = [], {}  # plan: backend -> [(row, dir, manifest)], rows in the order of ``models``
     for name, d, backends in models:
         man = read_manifest(d)
         for backend in backends:
+            rows.append({"model": name, "backend": backend, "dir": str(d)})
+            plan.setdefault(backend, []).append((rows[-1], d, man))
+    for backend, items in plan.items():
+        tasks = []  # [(row, key, call)]; dropped (graphs closed) before the next backend opens its own
+        enc = dec = None
+        for row, d, man in items:
             try:
                 enc = open_fn(d / man["files"]["encoder"], backend, threads)
                 dec = open_fn(d / man["files"]["decoder"], backend, threads)
             except RuntimeError as e:  # e.g. OpenVINO failing to compile another tool's QDQ graph: a row says so
                 msg = " ".join(str(e).split())[:300]
-                rows.append({"model": name, "backend": backend, "dir": str(d), "error": msg})
-                print(f"{name} on {backend}: cannot run: {msg}", file=sys.stderr)
+                row["error"] = msg
+                print(f"{row['model']} on {backend}: cannot run: {msg}", file=sys.stderr)
                 continue
             feats = enc({"image": x})[0]
-            row = {"model": name, "backend": backend, "dir": str(d), "bytes": sum(man["file_bytes"].values())}
-            t = tasks.setdefault(backend, [])
-            t.append((row, "encoder_ms", lambda enc=enc: enc({"image": x})))
+            row["bytes"] = sum(man["file_bytes"].values())
+            tasks.append((row, "encoder_ms", lambda enc=enc: enc({"image": x})))
             for n, b in boxes.items():
-                t.append((row, f"decoder_ms_{n}",
-                          lambda dec=dec, feats=feats, b=b: dec({"image_embeddings": feats, "boxes": b})))
+                tasks.append((row, f"decoder_ms_{n}",
+                              lambda dec=dec, feats=feats, b=b: dec({"image_embeddings": feats, "boxes": b})))
             if backend == "openvino":
                 row["ov_precisions"] = {k: v for k, v in enc.runtime_precisions().items()
                                         if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
-            rows.append(row)
-    for backend, t in tasks.items():
-        for (row, key, _), ms in zip(t, interleaved_medians([c for _, _, c in t], warmup, repeats)):
+        for (row, key, _), ms in zip(tasks, interleaved_medians([c for _, _, c in tasks], warmup, repeats)):
             row[key] = round(ms, 2)
+        tasks.clear()
+        enc = dec = None  # noqa: F841 (the last graphs' references: closed with the tasks)
     return rows
 
 
@@ -104,6 +111,11 @@ def main(argv=None):
     p.add_argument("--u8-linear-weights", choices=["auto", "on", "off"], default="auto",
                    help="export our Linear weights as uint8 (zero point 128): 'auto' = where this CPU has no int8 "
                         "dot product (AVX2 without VNNI: uint8 x int8 pair sums saturate there)")
+    p.add_argument("--float-linear-weights", choices=["auto", "on", "off"], default="auto",
+                   help="export our Linear weights as the float values of their grid instead (4x their bytes, plain "
+                        "float MatMuls): 'auto' = for models whose Linear inputs are float (q_config inputs.linear: "
+                        "float; their integer weights would run as decompressing or input-quantizing kernels); "
+                        "overrides --u8-linear-weights")
     p.add_argument("--calibrate", type=int, default=16)
     p.add_argument("--calib-boxes", type=int, default=16, help="boxes per calibration image for the decoders")
     p.add_argument("--threads", type=int, default=2)
@@ -151,24 +163,35 @@ def main(argv=None):
     models.append(("FP32", fp_dir, ("ort", "openvino")))
     from ptq4sam.checkpoint import load_quantized_file  # noqa: PLC0415
 
-    u8 = a.u8_linear_weights == "on" or (a.u8_linear_weights == "auto" and int8_pairs_saturate())
+    u8_cpu = a.u8_linear_weights == "on" or (a.u8_linear_weights == "auto" and int8_pairs_saturate())
+
+    def linear_storage(q_config: Dict) -> Tuple[bool, bool]:  # (u8, float) Linear weights of a model
+        fl = a.float_linear_weights == "on" or (
+            a.float_linear_weights == "auto" and (q_config.get("inputs") or {}).get("linear") == "float")
+        return u8_cpu and not fl, fl
+
     for spec in a.ours:
         name, _, ckpt = spec.partition("=")
         d = mdir / ("ours_" + slug(name))
         if have(d):
             man = read_manifest(d)
+            u8, fl = linear_storage(man.get("q_config") or {})
             was = man.get("info", {}).get("checkpoint")
             if was != ckpt:
                 raise InputError(f"--reuse-models: {d} was exported from {was!r}, not from {ckpt!r} "
                                  "(another --models-dir, or drop --reuse-models)")
-            if bool(man.get("u8_linear_weights")) != u8:
-                raise InputError(f"--reuse-models: {d} was exported with u8_linear_weights="
-                                 f"{bool(man.get('u8_linear_weights'))}, this run asks for {u8} (--u8-linear-weights "
-                                 f"{a.u8_linear_weights}; drop --reuse-models or pass the setting it was made with)")
+            for key, want, flag in (("u8_linear_weights", u8, f"--u8-linear-weights {a.u8_linear_weights}"),
+                                    ("float_linear_weights", fl, f"--float-linear-weights {a.float_linear_weights}")):
+                if bool(man.get(key)) != want:
+                    raise InputError(f"--reuse-models: {d} was exported with {key}={bool(man.get(key))}, this run "
+                                     f"asks for {want} ({flag}; drop --reuse-models or pass the setting it was made "
+                                     "with)")
         else:
             qsam = build_sam("lite_medsam")
             qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
-            export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt}, u8_linear_weights=u8)
+            u8, fl = linear_storage(qcfg.to_dict())
+            export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt}, u8_linear_weights=u8,
+                       float_linear_weights=fl)
         models.append((f"ours {name}", d, ("ort", "openvino")))
     if a.peers:
         from ptq4sam.deploy import peers  # noqa: PLC0415

@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--u8-linear-weights", action="store_true",
                    help="store the Linear layers' 8-bit weights as uint8 (zero point 128, the same values): exact "
                         "integer kernels on CPUs without VNNI (AVX2), where uint8 x int8 pair sums saturate")
+    p.add_argument("--float-linear-weights", action="store_true",
+                   help="store the Linear layers' weights as the float values of their grid (4x the bytes): plain "
+                        "float MatMuls, for models with float Linear inputs (q_config inputs.linear: float) on CPUs "
+                        "without int8 dot products")
     p.add_argument("--debug", action="store_true")
     return run_cli(run, p.parse_args(argv))
 
@@ -62,7 +66,8 @@ def run(args) -> None:
         q_config = qcfg.to_dict()
     res = export_sam(sam, out, sam.image_encoder.img_size, q_config, quant_encoder,
                      {"config": args.config, "load_sam_path": args.load_sam_path, "saved_run": info},
-                     int4_weights=args.int4_weights, u8_linear_weights=args.u8_linear_weights)
+                     int4_weights=args.int4_weights, u8_linear_weights=args.u8_linear_weights,
+                     float_linear_weights=args.float_linear_weights)
     man = res.manifest
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in man["file_bytes"].items())
     if args.int4_weights:

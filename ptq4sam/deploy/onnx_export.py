@@ -221,9 +221,23 @@ def _weight_forward(layer, name: str, records: List[QuantizerExport]):
     return lambda w: _WeightDQ.apply(q, scale, zp, axis)
 
 
-def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport], unsigned: bool = False):
+def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport], unsigned: bool = False,
+                    float_weight: bool = False):
     """Linear as ``MatMul(DQ(x), DQ(w^T)) + b`` with the integer weight stored transposed (the exporter's
-    ``MatMul(x, Transpose(DQ(w)))`` hides the weight's DQ from the runtimes' QDQ fusions)."""
+    ``MatMul(x, Transpose(DQ(w)))`` hides the weight's DQ from the runtimes' QDQ fusions). ``float_weight``: the
+    weight stored as the float values of its grid, ``(q - z) * s`` (no DequantizeLinear; 4x the bytes): a plain float
+    MatMul for a runtime on a CPU where the integer or decompressing kernels are the slower ones."""
+    if float_weight:
+        q, scale, zp, axis = integer_weight(layer)
+        shape = _bshape(q, axis) if axis != -1 else [1] * q.dim()
+        w_t = ((q.float() - zp.float().reshape(shape)) * scale.reshape(shape)).t().contiguous()
+        records.append(QuantizerExport(name, "weight-float", layer.weight_quantizer.bit, "float32", axis != -1))
+        bias = layer.bias
+
+        def fwd_float(x):
+            y = torch.matmul(layer.input_quant(x), w_t)
+            return y if bias is None else y + bias
+        return fwd_float
     q, scale, zp, axis = _integer_weight_recorded(layer, name, records, unsigned)
     q_t, axis_t = q.t().contiguous(), (-1 if axis == -1 else 1 - axis)
     bias = layer.bias
@@ -235,10 +249,10 @@ def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport
 
 
 @contextmanager
-def export_mode(sam: nn.Module, u8_linear_weights: bool = False):
+def export_mode(sam: nn.Module, u8_linear_weights: bool = False, float_linear_weights: bool = False):
     """Quantizers of ``sam`` (in its evaluation state) emit QDQ nodes while tracing; yields the list of
     :class:`QuantizerExport` records, one per quantizer. ``u8_linear_weights``: Linear weights as uint8 (zero point
-    128) where they would be int8."""
+    128) where they would be int8; ``float_linear_weights``: as the float values of their grid."""
     records: List[QuantizerExport] = []
     patched = []
     weight_q = {}  # id(weight quantizer) -> its layer
@@ -261,7 +275,7 @@ def export_mode(sam: nn.Module, u8_linear_weights: bool = False):
             if id(q) in weight_q:
                 layer = weight_q[id(q)]
                 if isinstance(layer, QuantLinear):
-                    layer.forward = _linear_forward(layer, name, records, u8_linear_weights)
+                    layer.forward = _linear_forward(layer, name, records, u8_linear_weights, float_linear_weights)
                     patched.append(layer)
                     continue
                 fwd = _weight_forward(layer, name, records)
@@ -352,14 +366,17 @@ def _export_one(module: nn.Module, args, path: Path, input_names, output_names, 
 @torch.no_grad()
 def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] = None,
                quant_encoder: Optional[bool] = None, info: Optional[Dict] = None, parts=("encoder", "decoder"),
-               example_boxes: int = 2, int4_weights: bool = False, u8_linear_weights: bool = False) -> ExportResult:
+               example_boxes: int = 2, int4_weights: bool = False, u8_linear_weights: bool = False,
+               float_linear_weights: bool = False) -> ExportResult:
     """Export ``sam`` (float, or quantized in its evaluation state) as ONNX graphs into ``out_dir``.
     ``int4_weights``: integer weights that fit 4 bits stored as packed INT4 (opset 21; :mod:`.int4`).
     ``u8_linear_weights``: the Linear layers' weights stored as uint8 with zero point 128 (the same values): on a CPU
     without int8 dot products (AVX2 without VNNI) ONNX Runtime and OpenVINO multiply uint8 activations by int8 weights
     with an instruction whose pairwise sums saturate at 16 bits (masks off by ~0.5 % of pixels in LiteMedSAM's
     decoder), uint8 by uint8 without saturation; the convolutions keep int8 weights (OpenVINO runs them in int8 only
-    with symmetric weights)."""
+    with symmetric weights). ``float_linear_weights``: the Linear layers' weights stored as the float values of their
+    grid (the same values; 4x the bytes): on such a CPU a float MatMul beats the integer / decompressing kernels, which
+    with float Linear inputs (q_config ``inputs.linear: float``) leaves the int8 kernels to the convolutions."""
     from .int4 import EXPORT_OPSET, INT4_OPSET  # noqa: PLC0415
 
     out_dir = Path(out_dir)
@@ -369,9 +386,12 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
     t0 = time.time()
     opset = EXPORT_OPSET if int4_weights else OPSET
     packed: Dict[str, Dict] = {}
-    if int4_weights and u8_linear_weights:
-        raise InputError("ONNX export: int4_weights and u8_linear_weights are exclusive (4-bit weights pack as INT4)")
-    with export_mode(sam, u8_linear_weights) as records:
+    chosen = [k for k, v in (("int4_weights", int4_weights), ("u8_linear_weights", u8_linear_weights),
+                              ("float_linear_weights", float_linear_weights)) if v]
+    if len(chosen) > 1:
+        raise InputError(f"ONNX export: {' and '.join(chosen)} are exclusive (each says how the Linear weights are "
+                         "stored: packed INT4, uint8, float)")
+    with export_mode(sam, u8_linear_weights, float_linear_weights) as records:
         files = {}
         if "encoder" in parts:
             _export_one(EncoderGraph(sam), (image,), out_dir / ENCODER_FILE, ["image"], ["image_embeddings"], None,
@@ -396,7 +416,7 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
         emulated=sorted(r.name for r in records if r.kind.startswith("emulated")),
         quantizer_list=[r.__dict__ for r in records], info=info or {}, torch=torch.__version__,
         export_s=round(time.time() - t0, 2), opset=INT4_OPSET if int4_weights else OPSET, int4_weights=packed,
-        u8_linear_weights=u8_linear_weights)
+        u8_linear_weights=u8_linear_weights, float_linear_weights=float_linear_weights)
     return ExportResult(out_dir, manifest)
 
 

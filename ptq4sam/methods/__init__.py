@@ -10,12 +10,14 @@ from .ahcq import ACNR, LNQ
 from .attention import AttentionPlacement
 from .base import CalibrationJob, Method  # noqa: F401
 from .gptq import GPTQ
+from .layer_inputs import LayerInputs
 from .ptq4sam import AGQ, BIG
 from .saq import PAR, PCC
 from .smooth import Smoothing
 
 METHODS: List[Method] = [
     AttentionPlacement(),  # first: the attention sites it leaves float or makes symmetric are its alone
+    LayerInputs(),  # the same for the Linear / Conv2d inputs it leaves float
     Smoothing(),
     BIG(),
     HLUQ(),

@@ -23,6 +23,7 @@ from ptq4sam.errors import (
     check_writable_dir,
     run_cli,
 )
+from ptq4sam.methods.layer_inputs import label_note
 from ptq4sam.progress import PhaseTimer, progress
 from ptq4sam.solver.data import build_eval_dataset, collate_one
 
@@ -462,10 +463,11 @@ def run(args):
         metrics["compile_agq"] = args.compile_agq
         avg = metrics.get("avg_bits")
         name = bits_label(qcfg.w_qconfig.bit, qcfg.a_qconfig.bit, (avg["w"], avg["a"]) if avg else None,
-                          mixed=bool(qcfg.overrides))
+                          mixed=bool(qcfg.overrides)) + label_note(qcfg.inputs)
     elif args.backend != "torch":
         eq = model.segmenter.manifest["q_config"]
-        name = (f"W{eq['w_qconfig']['bit']}A{eq['a_qconfig']['bit']}" if eq else "FP") + f" ({args.backend})"
+        name = (f"W{eq['w_qconfig']['bit']}A{eq['a_qconfig']['bit']}{label_note(eq.get('inputs') or {})}" if eq
+                else "FP") + f" ({args.backend})"
     else:
         name = "FP"
     ev, res = evaluator(args.backend if args.backend != "torch" else "fp" if qcfg is None else "quant")
