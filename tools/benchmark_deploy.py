@@ -189,8 +189,9 @@ def main(argv=None):
         else:
             qsam = build_sam("lite_medsam")
             qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
-            u8, fl = linear_storage(qcfg.to_dict())
-            export_sam(qsam, d, img_size, qcfg.to_dict(), qenc, {"checkpoint": ckpt}, u8_linear_weights=u8,
+            q_dict = qcfg.to_dict()
+            u8, fl = linear_storage(q_dict)
+            export_sam(qsam, d, img_size, q_dict, qenc, {"checkpoint": ckpt}, u8_linear_weights=u8,
                        float_linear_weights=fl)
         models.append((f"ours {name}", d, ("ort", "openvino")))
     if a.peers:

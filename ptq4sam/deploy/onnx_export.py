@@ -139,7 +139,7 @@ def hluq_float(x: torch.Tensor, fp_min, scale_log, scale_uni, levels_log: int, l
 @dataclass
 class QuantizerExport:
     name: str
-    kind: str  # "activation-qdq" | "weight-dq" | "emulated-agq" | "emulated-hluq" | "emulated-lnq"
+    kind: str  # "activation-qdq" | "weight-dq" | "weight-float" | "emulated-agq" | "emulated-hluq" | "emulated-lnq"
     bits: int
     dtype: str  # "uint8" | "int8" | "float"
     per_channel: bool
@@ -229,9 +229,8 @@ def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport
     MatMul for a runtime on a CPU where the integer or decompressing kernels are the slower ones."""
     if float_weight:
         q, scale, zp, axis = integer_weight(layer)
-        shape = _bshape(q, axis) if axis != -1 else [1] * q.dim()
-        w_t = ((q.float() - zp.float().reshape(shape)) * scale.reshape(shape)).t().contiguous()
-        records.append(QuantizerExport(name, "weight-float", layer.weight_quantizer.bit, "float32", axis != -1))
+        w_t = _WeightDQ.forward(None, q, scale, zp, axis).t().contiguous()  # a constant of the traced graph
+        records.append(QuantizerExport(name, "weight-float", layer.weight_quantizer.bit, "float", axis != -1))
         bias = layer.bias
 
         def fwd_float(x):

@@ -19,14 +19,14 @@ CHOICES = ("quantized", "float")
 @dataclass
 class InputsSection:
     linear: str = "quantized"  # inputs of the quantized Linear layers: 'quantized' (a_qconfig) or 'float'
-    conv: str = "quantized"  # inputs of the quantized Conv2d layers: 'quantized' (a_qconfig) or 'float'
+    conv: str = "quantized"  # inputs of the quantized Conv2d layers (not ConvTranspose2d): 'quantized' or 'float'
 
     def check(self, bad, q) -> None:
         check_choice(bad, "inputs.linear", self.linear, CHOICES)
         check_choice(bad, "inputs.conv", self.conv, CHOICES)
-        if self.linear == "float" and self.conv == "float":
-            bad("inputs", "linear and conv both 'float' quantize no layer input: for a weight-only model set "
-                "a_qconfig.bit: null instead")
+        if self.linear == "float" and self.conv == "float" and q.attention.placement == "float":
+            bad("inputs", "linear and conv both 'float' with attention.placement 'float' quantize no activation: "
+                "for a weight-only model set a_qconfig.bit: null instead")
         on = [k for k, v in (("ahcptq.HLUQ", q.ahcptq.HLUQ), ("ahcptq.CAG", q.ahcptq.CAG)) if v]
         if self.linear == "float" and on and not (q.ahcptq.convs and self.conv == "quantized"):
             bad("inputs.linear", f"'float' leaves every Linear input float, where {' and '.join(on)} would "
