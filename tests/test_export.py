@@ -304,6 +304,7 @@ def test_benchmark_deploy_times_every_model_once_per_round(monkeypatch, tmp_path
     is a row with its error."""
     import importlib.util
     import json
+    import weakref
 
     from conftest import ROOT
 
@@ -317,9 +318,14 @@ def test_benchmark_deploy_times_every_model_once_per_round(monkeypatch, tmp_path
             ("A", "openvino", "encoder"): [6, 6, 6], ("A", "openvino", "decoder1"): [2, 3, 4],
             ("A", "openvino", "decoder3"): [7, 7, 9]}
 
+    alive, open_at_ov = weakref.WeakSet(), []  # graphs not yet closed; their backends when an openvino one opens
+
     class Graph:
         def __init__(self, path, backend, threads):
             self.model, self.part, self.backend = path.parent.name, path.stem, backend
+            if backend == "openvino":
+                open_at_ov.extend(g.backend for g in alive)
+            alive.add(self)
             if self.model == "B" and backend == "openvino":
                 raise RuntimeError("cannot compile\n  B")
 
@@ -348,6 +354,7 @@ def test_benchmark_deploy_times_every_model_once_per_round(monkeypatch, tmp_path
     rows = bd.time_models(models, np.zeros(1), boxes, 2, 1, 3, open_fn=Graph)
     assert [(r["model"], r["backend"]) for r in rows] == [("A", "ort"), ("A", "openvino"), ("B", "ort"),
                                                           ("B", "openvino")]
+    assert open_at_ov and "ort" not in open_at_ov  # one backend's graphs open at a time (memory)
     assert rows[3]["error"] == "cannot compile B" and "encoder_ms" not in rows[3]
     for r in rows[:3]:
         for key, part in (("encoder_ms", "encoder"), ("decoder_ms_1", "decoder1"), ("decoder_ms_3", "decoder3")):

@@ -29,7 +29,7 @@ def test_inputs_section_is_checked():
     # HLUQ / CAG given the convolutions still have something to quantize
     load_qconfig("exp/demo/config88.yaml", ["inputs.linear=float", "ahcptq.HLUQ=true", "ahcptq.convs=true"])
     # a run's label says which inputs stay float (the CLI's W8A8 line, read from a q_config or an export manifest)
-    assert label_note(load_qconfig("exp/recipes/w8a8-conv-deploy-cpu.yaml").inputs) == " (linear inputs float)"
+    assert label_note(vars(load_qconfig("exp/recipes/w8a8-conv-deploy-cpu.yaml").inputs)) == " (linear inputs float)"
     assert label_note({"conv": "float"}) == " (conv inputs float)" and label_note({}) == ""
 
 

@@ -51,31 +51,34 @@ def time_models(models, x: np.ndarray, boxes: dict, threads: int, warmup: int, r
             rows.append({"model": name, "backend": backend, "dir": str(d)})
             plan.setdefault(backend, []).append((rows[-1], d, man))
     for backend, items in plan.items():
-        tasks = []  # [(row, key, call)]; dropped (graphs closed) before the next backend opens its own
-        enc = dec = None
-        for row, d, man in items:
-            try:
-                enc = open_fn(d / man["files"]["encoder"], backend, threads)
-                dec = open_fn(d / man["files"]["decoder"], backend, threads)
-            except RuntimeError as e:  # e.g. OpenVINO failing to compile another tool's QDQ graph: a row says so
-                msg = " ".join(str(e).split())[:300]
-                row["error"] = msg
-                print(f"{row['model']} on {backend}: cannot run: {msg}", file=sys.stderr)
-                continue
-            feats = enc({"image": x})[0]
-            row["bytes"] = sum(man["file_bytes"].values())
-            tasks.append((row, "encoder_ms", lambda enc=enc: enc({"image": x})))
-            for n, b in boxes.items():
-                tasks.append((row, f"decoder_ms_{n}",
-                              lambda dec=dec, feats=feats, b=b: dec({"image_embeddings": feats, "boxes": b})))
-            if backend == "openvino":
-                row["ov_precisions"] = {k: v for k, v in enc.runtime_precisions().items()
-                                        if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
-        for (row, key, _), ms in zip(tasks, interleaved_medians([c for _, _, c in tasks], warmup, repeats)):
-            row[key] = round(ms, 2)
-        tasks.clear()
-        enc = dec = None  # noqa: F841 (the last graphs' references: closed with the tasks)
+        _time_backend(backend, items, x, boxes, threads, warmup, repeats, open_fn)
     return rows
+
+
+def _time_backend(backend: str, items, x: np.ndarray, boxes: dict, threads: int, warmup: int, repeats: int,
+                  open_fn) -> None:
+    """Open, time and close one backend's graphs (:func:`time_models`), filling each item's row."""
+    tasks = []  # [(row, key, call)]
+    for row, d, man in items:
+        try:
+            enc = open_fn(d / man["files"]["encoder"], backend, threads)
+            dec = open_fn(d / man["files"]["decoder"], backend, threads)
+        except RuntimeError as e:  # e.g. OpenVINO failing to compile another tool's QDQ graph: a row says so
+            msg = " ".join(str(e).split())[:300]
+            row["error"] = msg
+            print(f"{row['model']} on {backend}: cannot run: {msg}", file=sys.stderr)
+            continue
+        feats = enc({"image": x})[0]
+        row["bytes"] = sum(man["file_bytes"].values())
+        tasks.append((row, "encoder_ms", lambda enc=enc: enc({"image": x})))
+        for n, b in boxes.items():
+            tasks.append((row, f"decoder_ms_{n}",
+                          lambda dec=dec, feats=feats, b=b: dec({"image_embeddings": feats, "boxes": b})))
+        if backend == "openvino":
+            row["ov_precisions"] = {k: v for k, v in enc.runtime_precisions().items()
+                                    if k.split(":")[0] in ("Convolution", "FullyConnected", "MatMul")}
+    for (row, key, _), ms in zip(tasks, interleaved_medians([c for _, _, c in tasks], warmup, repeats)):
+        row[key] = round(ms, 2)
 
 
 def slug(name: str) -> str:

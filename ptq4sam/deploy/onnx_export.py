@@ -229,20 +229,21 @@ def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport
     MatMul for a runtime on a CPU where the integer or decompressing kernels are the slower ones."""
     if float_weight:
         q, scale, zp, axis = integer_weight(layer)
-        w_t = _WeightDQ.forward(None, q, scale, zp, axis).t().contiguous()  # a constant of the traced graph
         records.append(QuantizerExport(name, "weight-float", layer.weight_quantizer.bit, "float", axis != -1))
-        bias = layer.bias
+        w_t = _WeightDQ.forward(None, q, scale, zp, axis).t().contiguous()  # a constant of the traced graph
 
-        def fwd_float(x):
-            y = torch.matmul(layer.input_quant(x), w_t)
-            return y if bias is None else y + bias
-        return fwd_float
-    q, scale, zp, axis = _integer_weight_recorded(layer, name, records, unsigned)
-    q_t, axis_t = q.t().contiguous(), (-1 if axis == -1 else 1 - axis)
+        def weight():
+            return w_t
+    else:
+        q, scale, zp, axis = _integer_weight_recorded(layer, name, records, unsigned)
+        q_t, axis_t = q.t().contiguous(), (-1 if axis == -1 else 1 - axis)
+
+        def weight():
+            return _WeightDQ.apply(q_t, scale, zp, axis_t)
     bias = layer.bias
 
     def fwd(x):
-        y = torch.matmul(layer.input_quant(x), _WeightDQ.apply(q_t, scale, zp, axis_t))
+        y = torch.matmul(layer.input_quant(x), weight())
         return y if bias is None else y + bias
     return fwd
 

@@ -33,10 +33,10 @@ class InputsSection:
                 f"quantize: turn {on[0]} off (or give it the convolutions: ahcptq.convs=true)")
 
 
-def label_note(inputs) -> str:
-    """What a run's W<b>A<b> label adds for layer kinds with float inputs (``inputs``: the section or its dict)."""
-    get = inputs.get if isinstance(inputs, dict) else lambda k, d=None: getattr(inputs, k, d)
-    kinds = [k for k in ("linear", "conv") if get(k, "quantized") == "float"]
+def label_note(inputs: dict) -> str:
+    """What a run's W<b>A<b> label adds for layer kinds with float inputs (``inputs``: the section as a dict, e.g.
+    ``vars(qcfg.inputs)`` or an export manifest's ``q_config["inputs"]``; {} for files without the section)."""
+    kinds = [k for k in ("linear", "conv") if inputs.get(k, "quantized") == "float"]
     return f" ({' and '.join(kinds)} inputs float)" if kinds else ""
 
 

@@ -463,7 +463,7 @@ def run(args):
         metrics["compile_agq"] = args.compile_agq
         avg = metrics.get("avg_bits")
         name = bits_label(qcfg.w_qconfig.bit, qcfg.a_qconfig.bit, (avg["w"], avg["a"]) if avg else None,
-                          mixed=bool(qcfg.overrides)) + label_note(qcfg.inputs)
+                          mixed=bool(qcfg.overrides)) + label_note(vars(qcfg.inputs))
     elif args.backend != "torch":
         eq = model.segmenter.manifest["q_config"]
         name = (f"W{eq['w_qconfig']['bit']}A{eq['a_qconfig']['bit']}{label_note(eq.get('inputs') or {})}" if eq
