@@ -184,3 +184,27 @@ def test_a_depthwise_qdq_read_elsewhere_is_left_alone():
     m = _per_channel_graph()
     m.graph.output.append(helper.make_tensor_value_info("xq", TensorProto.UINT8, None))  # q also a graph output
     assert fold_depthwise_input_qdq(m) == (m, 0)
+
+
+@pytest.mark.parametrize("graph", ["per-tensor input", "per-channel input"])
+def test_float_convolutions_read_the_unquantized_input_and_the_dequantized_weights(graph):
+    """Every quantized convolution (per-tensor or per-channel input QDQ) computes the float64 convolution of the
+    graph's float input with its dequantized weight; the float conv is untouched; no quantization is left."""
+    from ptq4sam.deploy.conv_forms import with_float_convs
+
+    m = _graph() if graph == "per-tensor input" else _per_channel_graph()
+    r, n = with_float_convs(m)
+    assert n == 2 and with_float_convs(r)[1] == 0
+    assert not [nd.op_type for nd in r.graph.node if "Quantize" in nd.op_type]
+    t = torch.from_numpy(X.astype(np.float64))
+    dw_bias = None if graph == "per-tensor input" else torch.from_numpy(B_PC.astype(np.float64))
+    dense_bias = torch.from_numpy(B_DENSE.astype(np.float64)) if graph == "per-tensor input" else None
+    ref = {"dense": torch.nn.functional.conv2d(t, torch.from_numpy(W_DENSE * S_DENSE.astype(np.float64)[:, None, None, None]),
+                                               dense_bias, padding=1).numpy(),
+           "dw": torch.nn.functional.conv2d(t, torch.from_numpy(W_DW * S_DW.astype(np.float64)[:, None, None, None]),
+                                            dw_bias, padding=1, groups=8).numpy()}
+    got = dict(zip([o.name for o in r.graph.output], _run(r, X)))
+    for k, v in ref.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-5)
+    if graph == "per-tensor input":
+        assert np.array_equal(got["flt"], _run(m, X)[2])

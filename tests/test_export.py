@@ -266,14 +266,24 @@ def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
     f = tmp_path / "deploy.json"
     f.write_text(json.dumps(old))
     rows = [{"model": "FP32", "backend": "ort", "encoder_ms": 5.0}, {"model": "X", "backend": "ort", "error": "again"}]
-    bd.copy_accuracy(rows, str(f))
+    bd.copy_accuracy(rows, [str(f)])
     assert rows[0] == {"model": "FP32", "backend": "ort", "encoder_ms": 5.0, "segm_mAP": 0.2653, "segm_mAP_50": 0.5,
                        "num_images": 96, "predictions": "p.json"}  # the new timing kept, the old mAP taken
     with pytest.raises(InputError, match="no mask mAP for 'FP32' on openvino"):
-        bd.copy_accuracy([{"model": "FP32", "backend": "openvino", "encoder_ms": 1.0}], str(f))
+        bd.copy_accuracy([{"model": "FP32", "backend": "openvino", "encoder_ms": 1.0}], [str(f)])
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="not a deploy.json"):
-        bd.copy_accuracy(rows, str(tmp_path / "bad.json"))
+        bd.copy_accuracy(rows, [str(tmp_path / "bad.json")])
+    # several earlier runs: each row from the one that has it; one row with two different numbers is refused
+    f2 = tmp_path / "deploy2.json"
+    f2.write_text(json.dumps({"rows": [{"model": "Y", "backend": "openvino", "segm_mAP": 0.25},
+                                       {"model": "FP32", "backend": "ort", "segm_mAP": 0.2653}]}))
+    two = [{"model": "FP32", "backend": "ort"}, {"model": "Y", "backend": "openvino"}]
+    bd.copy_accuracy(two, [str(f), str(f2)])
+    assert [r["segm_mAP"] for r in two] == [0.2653, 0.25]
+    f2.write_text(json.dumps({"rows": [{"model": "FP32", "backend": "ort", "segm_mAP": 0.26}]}))
+    with pytest.raises(InputError, match=r"'FP32' on ort has mask mAP 0.2653 in .*deploy.json and 0.26 in"):
+        bd.copy_accuracy(two[:1], [str(f), str(f2)])
     with pytest.raises(SystemExit):  # --accuracy-from without --no-accuracy: refused before any work
         bd.main(["--accuracy-from", str(f), "--out-dir", str(tmp_path / "o")])
     # --reuse-models keeps a graph only if it was exported from the checkpoint named now

@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -126,9 +126,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--eval-images", type=int, default=None, help="first N evaluation images (default: all 96)")
     p.add_argument("--no-accuracy", action="store_true")
-    p.add_argument("--accuracy-from", default=None, metavar="JSON",
-                   help="with --no-accuracy: take each (model, backend)'s mask mAP from this deploy.json of an earlier "
-                        "run on the same graphs (the timings taken again, e.g. on an idle machine)")
+    p.add_argument("--accuracy-from", nargs="+", default=None, metavar="JSON",
+                   help="with --no-accuracy: take each (model, backend)'s mask mAP from these deploy.json files of "
+                        "earlier runs on the same graphs (the timings taken again, e.g. on an idle machine)")
     p.add_argument("--reuse-models", action="store_true",
                    help="keep the graphs already in --models-dir (same --ours checkpoints and peers) instead of "
                         "exporting / quantizing them again, e.g. to take the timings again on an idle machine")
@@ -227,7 +227,7 @@ def main(argv=None):
     for row in rows:
         print(json.dumps(row))
     if a.accuracy_from:
-        env["accuracy_from"] = a.accuracy_from
+        env["accuracy_from"] = " ".join(a.accuracy_from)
         copy_accuracy(rows, a.accuracy_from)
     write(out, env, rows)
     timing_done.write_text("timings taken\n")
@@ -252,21 +252,29 @@ def main(argv=None):
 ACCURACY_KEYS = ("segm_mAP", "segm_mAP_50", "segm_mAP_75", "num_images", "predictions", "eval_s")
 
 
-def copy_accuracy(rows, path: str):
-    """Mask mAP of each (model, backend) row from an earlier deploy.json; a row it lacks is an error."""
-    f = Path(path)
-    if not f.is_file():
-        raise InputNotFound(f"--accuracy-from {path}: no such file")
-    try:
-        old = {(r["model"], r["backend"]): r for r in json.loads(f.read_text())["rows"]}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise InputError(f"--accuracy-from {path}: not a deploy.json of tools/benchmark_deploy.py ({e})") from None
+def copy_accuracy(rows, paths: List[str]):
+    """Mask mAP of each (model, backend) row from earlier deploy.json files; a row none of them has, or two of them
+    with different numbers, is an error."""
+    old: Dict[Tuple[str, str], Dict] = {}
+    for path in paths:
+        f = Path(path)
+        if not f.is_file():
+            raise InputNotFound(f"--accuracy-from {path}: no such file")
+        try:
+            got = {(r["model"], r["backend"]): r for r in json.loads(f.read_text())["rows"] if "segm_mAP" in r}
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"--accuracy-from {path}: not a deploy.json of tools/benchmark_deploy.py ({e})") from None
+        for k, r in got.items():
+            if k in old and old[k]["segm_mAP"] != r["segm_mAP"]:
+                raise InputError(f"--accuracy-from: {k[0]!r} on {k[1]} has mask mAP {old[k]['segm_mAP']} in "
+                                 f"{old[k]['_from']} and {r['segm_mAP']} in {path}")
+            old[k] = dict(r, _from=path)
     for r in rows:
         if "error" in r:
             continue
         o = old.get((r["model"], r["backend"]))
-        if o is None or "segm_mAP" not in o:
-            raise InputError(f"--accuracy-from {path}: no mask mAP for {r['model']!r} on {r['backend']}")
+        if o is None:
+            raise InputError(f"--accuracy-from {' '.join(paths)}: no mask mAP for {r['model']!r} on {r['backend']}")
         r.update({k: o[k] for k in ACCURACY_KEYS if k in o})
 
 

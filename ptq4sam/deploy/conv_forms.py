@@ -12,6 +12,8 @@ per-tensor QDQ and whose weight a DequantizeLinear of a constant:
   longer dequantizes the weight at every run and may pick its blocked-layout float kernels);
 - ``ConvInteger``: ``ConvInteger(x_q, w_q) -> Cast -> Mul(s_x * s_w) -> Add(bias)``, the same arithmetic with an
   integer accumulation (exact, up to the float rounding of the final scaling);
+- ``float convolutions`` (:func:`with_float_convs`): every quantized convolution in float, its input not quantized
+  (another model: what the quantized convolutions cost against float ones);
 - ``output QDQ``: a QuantizeLinear / DequantizeLinear on each convolution's output (uint8, range from running the
   graph on the given inputs) and the bias as int32 on the grid ``s_x * s_w``: the pattern ONNX Runtime fuses into
   ``QLinearConv``. This changes the model (one more rounding per convolution); it is a speed probe, not a model our
@@ -101,15 +103,66 @@ def _rewrite(model: onnx.ModelProto, each: Callable[[QuantConv, str, onnx.GraphP
     for i, n in enumerate(g.node):
         c = convs.get(n.output[0]) if n.op_type == "Conv" else None
         nodes.extend(each(c, f"conv_form{i}_", g) if c is not None else [n])
+    _keep_used(g, nodes)
+    return m
+
+
+def _keep_used(g: onnx.GraphProto, nodes: List[onnx.NodeProto]) -> None:
+    """``g``'s nodes become those of ``nodes`` that a graph output depends on (what only the replaced convolutions
+    read, e.g. their weights' DequantizeLinear, goes)."""
     used = {o.name for o in g.output}
     kept: List[onnx.NodeProto] = []
-    for n in reversed(nodes):  # drop what the replaced convolutions alone read (their weights' DequantizeLinear)
+    for n in reversed(nodes):
         if any(o in used for o in n.output):
             kept.append(n)
             used.update(n.input)
     del g.node[:]
     g.node.extend(reversed(kept))
-    return m
+
+
+def _qdq_convs(g: onnx.GraphProto):
+    """(param, [(conv, its input QuantizeLinear, DequantizeLinear, weight DequantizeLinear)]) for every Conv of ``g``
+    that reads an activation QDQ pair and a dequantized weight; ``param(node, k)``: the constant value of input k (None
+    when absent or not a constant)."""
+    const = constants(g)
+    producer = {o: n for n in g.node for o in n.output}
+
+    def param(node, k):
+        return const.get(node.input[k]) if len(node.input) > k and node.input[k] else None
+
+    out = []
+    for c in g.node:
+        if c.op_type != "Conv":
+            continue
+        dq, dqw = producer.get(c.input[0]), producer.get(c.input[1])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear" and dqw is not None and dqw.op_type == "DequantizeLinear":
+            out.append((c, q, dq, dqw))
+    return param, out
+
+
+def with_float_convs(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, int]:
+    """``model`` with every convolution whose input is an activation QDQ (per tensor or per channel) and whose
+    weight a DequantizeLinear of constants run in float: the QDQ's float input read directly and the weight folded
+    into float constants (the q_config's ``inputs.conv: float`` with float-stored weights), and how many were
+    changed. Another model (the convolutions' inputs are no longer rounded): a speed probe of what the quantized
+    convolutions cost against float ones."""
+    m = copy.deepcopy(model)
+    g = m.graph
+    param, convs = _qdq_convs(g)
+    n_done = 0
+    for i, (c, q, _, dqw) in enumerate(convs):
+        w, ws = param(dqw, 0), param(dqw, 1)
+        if w is None or ws is None or len(dqw.input) > 2 and dqw.input[2] and param(dqw, 2) is None:
+            continue
+        wz = param(dqw, 2)
+        axis = attr(dqw, "axis", 1) % w.ndim
+        zero = np.zeros((), np.int32) if wz is None else _per_channel(wz.astype(np.int32), w.ndim, axis)
+        wf = (w.astype(np.int32) - zero).astype(np.float32) * _per_channel(ws.astype(np.float32), w.ndim, axis)
+        c.input[0], c.input[1] = q.input[0], _init(g, f"float_conv{i}_w", wf)
+        n_done += 1
+    _keep_used(g, list(g.node))
+    return m, n_done
 
 
 def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
@@ -191,7 +244,8 @@ def with_output_qdq(model: onnx.ModelProto, ranges: Dict[str, Tuple[float, float
 def forms(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray]]) -> Dict[str, onnx.ModelProto]:
     """Every form of the module docstring (``feeds``: the inputs that set the output-QDQ ranges)."""
     return {"exported": model, "float weights": with_float_weights(model), "ConvInteger": with_conv_integer(model),
-            "output QDQ": with_output_qdq(model, conv_output_ranges(model, feeds))}
+            "output QDQ": with_output_qdq(model, conv_output_ranges(model, feeds)),
+            "float convolutions": with_float_convs(model)[0]}
 
 
 def _depthwise(conv: onnx.NodeProto, w: np.ndarray) -> bool:
@@ -204,24 +258,13 @@ def fold_depthwise_input_qdq(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, i
     not constants, whose outputs something else also reads, or whose weight is not a per-channel DequantizeLinear of
     constants is left as it is."""
     g = model.graph
-    const = constants(g)
-    producer = {o: n for n in g.node for o in n.output}
     readers: Dict[str, List[str]] = {o.name: ["<graph output>"] for o in g.output}
     for n in g.node:
         for i in n.input:
             readers.setdefault(i, []).append(n.output[0])
-
-    def param(node, k):
-        return const.get(node.input[k]) if len(node.input) > k and node.input[k] else None
-
+    param, convs = _qdq_convs(g)
     plans = {}  # conv output -> (quantize node, dequantize node, weight dequantize node)
-    for c in g.node:
-        if c.op_type != "Conv":
-            continue
-        dq, dqw = producer.get(c.input[0]), producer.get(c.input[1])
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or dqw is None or dqw.op_type != "DequantizeLinear":
-            continue
+    for c, q, dq, dqw in convs:
         s, z, w, ws = param(q, 1), param(q, 2), param(dqw, 0), param(dqw, 1)
         if (s is None or z is None or s.ndim != 1 or z.dtype != np.uint8 or w is None or ws is None
                 or attr(q, "axis", 1) != 1 or attr(dq, "axis", 1) != 1 or attr(dqw, "axis", 1) != 0
