@@ -298,13 +298,16 @@ def test_benchmark_deploy_takes_accuracy_from_an_earlier_run(tmp_path):
     with pytest.raises(InputError, match="exported with u8_linear_weights=False, this run asks for True"):
         bd.main(["--ours", "X=a.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
                  "--u8-linear-weights", "on", "--out-dir", str(tmp_path / "o")])
-    # a model with float Linear inputs gets float-stored Linear weights by default (and never uint8 ones)
-    (m / "ours_X" / "export.json").write_text(json.dumps({"format": "ptq4sam-onnx-1", "info": {"checkpoint": "a.pth"},
-                                                          "files": {}, "q_config": {"inputs": {"linear": "float"}}}))
-    with pytest.raises(InputError, match=r"exported with float_linear_weights=False, this run asks for True "
-                                         r"\(--float-linear-weights auto;"):
-        bd.main(["--ours", "X=a.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
-                 "--u8-linear-weights", "on", "--out-dir", str(tmp_path / "o")])
+    # a model with float Linear inputs gets float-stored Linear weights by default (and never uint8 ones), one with
+    # float convolution inputs float-stored convolution weights
+    for kind, u8 in (("linear", "on"), ("conv", "off")):
+        (m / "ours_X" / "export.json").write_text(json.dumps({"format": "ptq4sam-onnx-1", "files": {},
+                                                              "info": {"checkpoint": "a.pth"},
+                                                              "q_config": {"inputs": {kind: "float"}}}))
+        with pytest.raises(InputError, match=rf"exported with float_{kind}_weights=False, this run asks for True "
+                                             rf"\(--float-{kind}-weights auto;"):
+            bd.main(["--ours", "X=a.pth", "--reuse-models", "--models-dir", str(m), "--peers", "--no-accuracy",
+                     "--u8-linear-weights", u8, "--out-dir", str(tmp_path / "o")])
 
 
 def test_benchmark_deploy_times_every_model_once_per_round(monkeypatch, tmp_path):

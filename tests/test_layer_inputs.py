@@ -119,7 +119,8 @@ def test_float_conv_inputs_in_torch_and_in_the_export(tmp_path):
     Linear keeps both. A convolution's output equals F.conv2d of the float input with its quantized weight. In the
     exported graph no convolution reads a DequantizeLinear, ONNX Runtime runs every encoder Linear as an integer
     kernel (MatMulIntegerToFloat) and computes the torch model's masks (on >= 99 % of pixels; the decoder alone from
-    the torch model's image embedding on >= 99.9 %, as test_export's W8A8 LiteMedSAM)."""
+    the torch model's image embedding on >= 99.9 %, as test_export's W8A8 LiteMedSAM). With ``float_conv_weights``
+    the convolutions read float constants, the quantized weights, and compute the same image embedding."""
     seg, sample, q = _vit_b_w8a8("float", ["inputs.conv=float"])
     linears, convs = _layers(seg, float_inputs=QuantConv2d)
     conv = convs[-1]
@@ -149,3 +150,23 @@ def test_float_conv_inputs_in_torch_and_in_the_export(tmp_path):
     assert ((masks_ort > 0) == (low.numpy() > 0)).mean() >= 0.99
     dec = open_graph(out / "decoder.onnx", "ort", 2)({"image_embeddings": feats.numpy(), "boxes": boxes})[0]
     assert ((dec > 0) == (low.numpy() > 0)).mean() >= 0.999
+    # the convolution weights stored as the float values of their grid: no DequantizeLinear before any Conv, each
+    # weight the quantized one, and the same image embedding as the integer-weight graph's (up to float rounding)
+    fc = tmp_path / "float_conv"
+    man = export_sam(seg.sam, fc, 64, q.to_dict(), True, u8_linear_weights=True, float_conv_weights=True).manifest
+    assert man["float_conv_weights"] and man["quantizers"]["weight-float"] == len(convs)
+    assert man["quantizers"]["weight-dq"] == len(linears)
+    with torch.no_grad():
+        want = [m.qweight().numpy() for m in convs]
+    n_weights = 0
+    for part in ("encoder", "decoder"):
+        graph = onnx.load(fc / f"{part}.onnx").graph
+        made_by = {o: n.op_type for n in graph.node for o in n.output}
+        inits = constants(graph)
+        for n in (n for n in graph.node if n.op_type == "Conv"):
+            assert made_by.get(n.input[1]) in (None, "Constant") and n.input[1] in inits  # a constant, no DQ
+            got = inits[n.input[1]]
+            n_weights += any(got.shape == w_.shape and np.abs(got - w_).max() <= 1e-6 * np.abs(w_).max() for w_ in want)
+    assert n_weights == len(convs)
+    feats_fc = open_graph(fc / "encoder.onnx", "ort", 2)({"image": x_np})[0]
+    np.testing.assert_allclose(feats_fc, feats_ort, rtol=1e-5, atol=1e-5)

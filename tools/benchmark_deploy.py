@@ -119,6 +119,10 @@ def main(argv=None):
                         "float MatMuls): 'auto' = for models whose Linear inputs are float (q_config inputs.linear: "
                         "float; their integer weights would run as decompressing or input-quantizing kernels); "
                         "overrides --u8-linear-weights")
+    p.add_argument("--float-conv-weights", choices=["auto", "on", "off"], default="auto",
+                   help="export our convolution weights as the float values of their grid (4x their bytes, plain float "
+                        "convolutions): 'auto' = for models whose convolution inputs are float (q_config inputs.conv: "
+                        "float; the runtimes would dequantize their integer weights at every run)")
     p.add_argument("--calibrate", type=int, default=16)
     p.add_argument("--calib-boxes", type=int, default=16, help="boxes per calibration image for the decoders")
     p.add_argument("--threads", type=int, default=2)
@@ -168,23 +172,25 @@ def main(argv=None):
 
     u8_cpu = a.u8_linear_weights == "on" or (a.u8_linear_weights == "auto" and int8_pairs_saturate())
 
-    def linear_storage(q_config: Dict) -> Tuple[bool, bool]:  # (u8, float) Linear weights of a model
-        fl = a.float_linear_weights == "on" or (
-            a.float_linear_weights == "auto" and (q_config.get("inputs") or {}).get("linear") == "float")
-        return u8_cpu and not fl, fl
+    def weight_storage(q_config: Dict) -> Tuple[bool, bool, bool]:  # (u8 Linear, float Linear, float conv) weights
+        inputs = q_config.get("inputs") or {}
+        fl = a.float_linear_weights == "on" or (a.float_linear_weights == "auto" and inputs.get("linear") == "float")
+        fc = a.float_conv_weights == "on" or (a.float_conv_weights == "auto" and inputs.get("conv") == "float")
+        return u8_cpu and not fl, fl, fc
 
     for spec in a.ours:
         name, _, ckpt = spec.partition("=")
         d = mdir / ("ours_" + slug(name))
         if have(d):
             man = read_manifest(d)
-            u8, fl = linear_storage(man.get("q_config") or {})
+            u8, fl, fc = weight_storage(man.get("q_config") or {})
             was = man.get("info", {}).get("checkpoint")
             if was != ckpt:
                 raise InputError(f"--reuse-models: {d} was exported from {was!r}, not from {ckpt!r} "
                                  "(another --models-dir, or drop --reuse-models)")
             for key, want, flag in (("u8_linear_weights", u8, f"--u8-linear-weights {a.u8_linear_weights}"),
-                                    ("float_linear_weights", fl, f"--float-linear-weights {a.float_linear_weights}")):
+                                    ("float_linear_weights", fl, f"--float-linear-weights {a.float_linear_weights}"),
+                                    ("float_conv_weights", fc, f"--float-conv-weights {a.float_conv_weights}")):
                 if bool(man.get(key)) != want:
                     raise InputError(f"--reuse-models: {d} was exported with {key}={bool(man.get(key))}, this run "
                                      f"asks for {want} ({flag}; drop --reuse-models or pass the setting it was made "
@@ -193,9 +199,9 @@ def main(argv=None):
             qsam = build_sam("lite_medsam")
             qcfg, qenc, _ = load_quantized_file(qsam, ckpt, torch.device("cpu"))
             q_dict = qcfg.to_dict()
-            u8, fl = linear_storage(q_dict)
+            u8, fl, fc = weight_storage(q_dict)
             export_sam(qsam, d, img_size, q_dict, qenc, {"checkpoint": ckpt}, u8_linear_weights=u8,
-                       float_linear_weights=fl)
+                       float_linear_weights=fl, float_conv_weights=fc)
         models.append((f"ours {name}", d, ("ort", "openvino")))
     if a.peers:
         from ptq4sam.deploy import peers  # noqa: PLC0415

@@ -42,6 +42,9 @@ def main(argv=None) -> int:
                    help="store the Linear layers' weights as the float values of their grid (4x the bytes): plain "
                         "float MatMuls, for models with float Linear inputs (q_config inputs.linear: float) on CPUs "
                         "without int8 dot products")
+    p.add_argument("--float-conv-weights", action="store_true",
+                   help="store the convolutions' weights as the float values of their grid (4x the bytes): plain "
+                        "float convolutions, for models with float convolution inputs (q_config inputs.conv: float)")
     p.add_argument("--debug", action="store_true")
     return run_cli(run, p.parse_args(argv))
 
@@ -67,7 +70,7 @@ def run(args) -> None:
     res = export_sam(sam, out, sam.image_encoder.img_size, q_config, quant_encoder,
                      {"config": args.config, "load_sam_path": args.load_sam_path, "saved_run": info},
                      int4_weights=args.int4_weights, u8_linear_weights=args.u8_linear_weights,
-                     float_linear_weights=args.float_linear_weights)
+                     float_linear_weights=args.float_linear_weights, float_conv_weights=args.float_conv_weights)
     man = res.manifest
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in man["file_bytes"].items())
     if args.int4_weights:

@@ -216,7 +216,20 @@ def _integer_weight_recorded(layer, name: str, records: List[QuantizerExport], u
     return q, scale, zp, axis
 
 
-def _weight_forward(layer, name: str, records: List[QuantizerExport]):
+def _float_weight(layer, name: str, records: List[QuantizerExport]) -> torch.Tensor:
+    """The layer's quantized weight as the float values of its grid, ``(q - z) * s`` (a constant of the traced graph:
+    no DequantizeLinear; 4x the bytes of int8), listed in ``records``."""
+    q, scale, zp, axis = integer_weight(layer)
+    records.append(QuantizerExport(name, "weight-float", layer.weight_quantizer.bit, "float", axis != -1))
+    return _WeightDQ.forward(None, q, scale, zp, axis)
+
+
+def _weight_forward(layer, name: str, records: List[QuantizerExport], float_weight: bool = False):
+    """A convolution's weight quantizer: DequantizeLinear of the integer weight, or (``float_weight``) the float values
+    of its grid, for a runtime that would otherwise dequantize a weight with float inputs at every run."""
+    if float_weight:
+        w = _float_weight(layer, name, records)
+        return lambda _: w
     q, scale, zp, axis = _integer_weight_recorded(layer, name, records)
     return lambda w: _WeightDQ.apply(q, scale, zp, axis)
 
@@ -228,9 +241,7 @@ def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport
     weight stored as the float values of its grid, ``(q - z) * s`` (no DequantizeLinear; 4x the bytes): a plain float
     MatMul for a runtime on a CPU where the integer or decompressing kernels are the slower ones."""
     if float_weight:
-        q, scale, zp, axis = integer_weight(layer)
-        records.append(QuantizerExport(name, "weight-float", layer.weight_quantizer.bit, "float", axis != -1))
-        w_t = _WeightDQ.forward(None, q, scale, zp, axis).t().contiguous()  # a constant of the traced graph
+        w_t = _float_weight(layer, name, records).t().contiguous()
 
         def weight():
             return w_t
@@ -249,10 +260,12 @@ def _linear_forward(layer: QuantLinear, name: str, records: List[QuantizerExport
 
 
 @contextmanager
-def export_mode(sam: nn.Module, u8_linear_weights: bool = False, float_linear_weights: bool = False):
+def export_mode(sam: nn.Module, u8_linear_weights: bool = False, float_linear_weights: bool = False,
+                float_conv_weights: bool = False):
     """Quantizers of ``sam`` (in its evaluation state) emit QDQ nodes while tracing; yields the list of
     :class:`QuantizerExport` records, one per quantizer. ``u8_linear_weights``: Linear weights as uint8 (zero point
-    128) where they would be int8; ``float_linear_weights``: as the float values of their grid."""
+    128) where they would be int8; ``float_linear_weights``: as the float values of their grid;
+    ``float_conv_weights``: the convolutions' weights as the float values of their grid."""
     records: List[QuantizerExport] = []
     patched = []
     weight_q = {}  # id(weight quantizer) -> its layer
@@ -278,7 +291,7 @@ def export_mode(sam: nn.Module, u8_linear_weights: bool = False, float_linear_we
                     layer.forward = _linear_forward(layer, name, records, u8_linear_weights, float_linear_weights)
                     patched.append(layer)
                     continue
-                fwd = _weight_forward(layer, name, records)
+                fwd = _weight_forward(layer, name, records, float_conv_weights)
             else:
                 fwd = _act_forward(q, name, records)
             q.forward = fwd  # instance attribute: nn.Module.__call__ uses it
@@ -367,7 +380,7 @@ def _export_one(module: nn.Module, args, path: Path, input_names, output_names, 
 def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] = None,
                quant_encoder: Optional[bool] = None, info: Optional[Dict] = None, parts=("encoder", "decoder"),
                example_boxes: int = 2, int4_weights: bool = False, u8_linear_weights: bool = False,
-               float_linear_weights: bool = False) -> ExportResult:
+               float_linear_weights: bool = False, float_conv_weights: bool = False) -> ExportResult:
     """Export ``sam`` (float, or quantized in its evaluation state) as ONNX graphs into ``out_dir``.
     ``int4_weights``: integer weights that fit 4 bits stored as packed INT4 (opset 21; :mod:`.int4`).
     ``u8_linear_weights``: the Linear layers' weights stored as uint8 with zero point 128 (the same values): on a CPU
@@ -376,7 +389,9 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
     decoder), uint8 by uint8 without saturation; the convolutions keep int8 weights (OpenVINO runs them in int8 only
     with symmetric weights). ``float_linear_weights``: the Linear layers' weights stored as the float values of their
     grid (the same values; 4x the bytes): on such a CPU a float MatMul beats the integer / decompressing kernels, which
-    with float Linear inputs (q_config ``inputs.linear: float``) leaves the int8 kernels to the convolutions."""
+    with float Linear inputs (q_config ``inputs.linear: float``) leaves the int8 kernels to the convolutions.
+    ``float_conv_weights``: the convolutions' weights stored so (for float convolution inputs, ``inputs.conv:
+    float``: the runtimes then run plain float convolutions instead of dequantizing the weights at every run)."""
     from .int4 import EXPORT_OPSET, INT4_OPSET  # noqa: PLC0415
 
     out_dir = Path(out_dir)
@@ -391,7 +406,7 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
     if len(chosen) > 1:
         raise InputError(f"ONNX export: {' and '.join(chosen)} are exclusive (each says how the Linear weights are "
                          "stored: packed INT4, uint8, float)")
-    with export_mode(sam, u8_linear_weights, float_linear_weights) as records:
+    with export_mode(sam, u8_linear_weights, float_linear_weights, float_conv_weights) as records:
         files = {}
         if "encoder" in parts:
             _export_one(EncoderGraph(sam), (image,), out_dir / ENCODER_FILE, ["image"], ["image_embeddings"], None,
@@ -416,7 +431,8 @@ def export_sam(sam: nn.Module, out_dir, img_size: int, q_config: Optional[Dict] 
         emulated=sorted(r.name for r in records if r.kind.startswith("emulated")),
         quantizer_list=[r.__dict__ for r in records], info=info or {}, torch=torch.__version__,
         export_s=round(time.time() - t0, 2), opset=INT4_OPSET if int4_weights else OPSET, int4_weights=packed,
-        u8_linear_weights=u8_linear_weights, float_linear_weights=float_linear_weights)
+        u8_linear_weights=u8_linear_weights, float_linear_weights=float_linear_weights,
+        float_conv_weights=float_conv_weights)
     return ExportResult(out_dir, manifest)
 
 
