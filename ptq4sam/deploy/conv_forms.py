@@ -89,8 +89,12 @@ def _per_channel(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 def dequantized_weight(c: QuantConv) -> np.ndarray:
     """``(w_q - z) * s`` as DequantizeLinear computes it (int32 difference, float32 product)."""
-    d = c.w_q.astype(np.int32) - _per_channel(c.w_zero.astype(np.int32), c.w_q.ndim, c.w_axis)
-    return d.astype(np.float32) * _per_channel(c.w_scale.astype(np.float32), c.w_q.ndim, c.w_axis)
+    return _dequantize(c.w_q, c.w_scale, c.w_zero, c.w_axis)
+
+
+def _dequantize(w_q: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray], axis: int) -> np.ndarray:
+    z = np.zeros((), np.int32) if zero is None else _per_channel(zero.astype(np.int32), w_q.ndim, axis)
+    return (w_q.astype(np.int32) - z).astype(np.float32) * _per_channel(scale.astype(np.float32), w_q.ndim, axis)
 
 
 def _rewrite(model: onnx.ModelProto, each: Callable[[QuantConv, str, onnx.GraphProto], List[onnx.NodeProto]]):
@@ -155,10 +159,7 @@ def with_float_convs(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, int]:
         w, ws = param(dqw, 0), param(dqw, 1)
         if w is None or ws is None or len(dqw.input) > 2 and dqw.input[2] and param(dqw, 2) is None:
             continue
-        wz = param(dqw, 2)
-        axis = attr(dqw, "axis", 1) % w.ndim
-        zero = np.zeros((), np.int32) if wz is None else _per_channel(wz.astype(np.int32), w.ndim, axis)
-        wf = (w.astype(np.int32) - zero).astype(np.float32) * _per_channel(ws.astype(np.float32), w.ndim, axis)
+        wf = _dequantize(w, ws, param(dqw, 2), attr(dqw, "axis", 1) % w.ndim)
         c.input[0], c.input[1] = q.input[0], _init(g, f"float_conv{i}_w", wf)
         n_done += 1
     _keep_used(g, list(g.node))
