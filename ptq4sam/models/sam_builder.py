@@ -183,8 +183,9 @@ def fold_conv_bn(model: nn.Module) -> int:
 
 
 def fuse_conv_bn(m: nn.Module) -> nn.Conv2d:
-    """One TinyViT ``Conv2d_BN`` -> a Conv2d with its (eval-mode) BatchNorm folded in, on the same device."""
-    return m.fuse().to(m.c.weight.device)
+    """One TinyViT ``Conv2d_BN`` -> a Conv2d with its (eval-mode) BatchNorm folded in, on the same device and in the
+    same training / evaluation mode (a new module would start in training mode inside an evaluation-mode model)."""
+    return m.fuse().to(m.c.weight.device).train(m.training)
 
 
 def load_weights_file(path, what: str, allow=()):
