@@ -60,106 +60,15 @@ def _isolated():
     torch.set_num_threads(threads)
 
 
-class FloatEncoderMemo:
-    """Within a test worker, a float image encoder's embedding of an image is computed once.
-
-    The image encoder dominates this suite's time, and most tests quantize the decoder only: the FP baseline, the
-    calibration and the quantized evaluation of each CLI run then encode the same images with the same float encoder.
-    ``BoxPromptSegmenter.encode`` returns a copy of the stored embedding when the call would compute exactly the
-    same thing again, and runs the encoder otherwise. "The same" is:
-    - the same image (its bytes, shape and dtype) and preprocessing (input size, normalisation, pixel mean / std,
-      device);
-    - an encoder of the same module types whose parameters and buffers hold the same bytes;
-    - the same torch thread count (float sums depend on it).
-    It stays out of the way whenever the outcome could differ from a stored one:
-    - an encoder holding any toolkit module (a quantized layer or quantizer), or any forward / backward hook;
-    - a module in training mode, or with a ``forward`` replaced on the instance (tests that count encoder runs do
-      that);
-    - a gradient that would be needed: grad mode on and some parameter requiring grad;
-    - a segmenter whose ``prepare_image`` is not ``BoxPromptSegmenter``'s, or not on the CPU;
-    - an encoder larger than ``max_elements`` (hashing it would cost more than it saves).
-    Entries are kept in memory (the last ``max_entries``) and in this test run's cache folder, so the other
-    pytest-xdist worker finds them too. ``PTQ4SAM_TEST_ENCODER_MEMO=off`` turns it off."""
-
-    def __init__(self, max_entries: int = 48, max_elements: int = 20_000_000):
-        from collections import OrderedDict
-
-        self.store, self.max_entries, self.max_elements = OrderedDict(), max_entries, max_elements
-        self.hits = self.misses = 0
-
-    def key(self, seg, image: np.ndarray):
-        import hashlib
-
-        from ptq4sam.models.segmenter import BoxPromptSegmenter
-
-        enc = seg.sam.image_encoder
-        g = torch.nn.modules.module
-        if type(seg).prepare_image is not BoxPromptSegmenter.prepare_image or seg.device.type != "cpu":
-            return None
-        if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-                or g._global_backward_pre_hooks):
-            return None
-        tensors = list(enc.state_dict(keep_vars=True).items())
-        if sum(t.numel() for _, t in tensors) > self.max_elements:
-            return None
-        grad = torch.is_grad_enabled()
-        for m in enc.modules():
-            if (type(m).__module__.startswith("ptq4sam") or m.training or "forward" in m.__dict__ or m._forward_hooks
-                    or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks):
-                return None
-        if grad and any(p.requires_grad for p in enc.parameters()):
-            return None
-        h = hashlib.sha1()
-        h.update(repr((image.shape, str(image.dtype), seg.img_size, seg.normalize, str(seg.device),
-                       torch.get_num_threads(), [type(m).__name__ for m in enc.modules()])).encode())
-        h.update(np.ascontiguousarray(image).tobytes())
-        for name, t in tensors + [("pixel_mean", seg.sam.pixel_mean), ("pixel_std", seg.sam.pixel_std)]:
-            t = t.detach().cpu().contiguous()
-            h.update(repr((name, tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
-
-    def install(self, monkeypatch):
-        from ptq4sam.models.segmenter import BoxPromptSegmenter
-
-        compute, memo = BoxPromptSegmenter.encode, self
-
-        def encode(seg, image):
-            k = memo.key(seg, image)
-            if k is None:
-                return compute(seg, image)
-            path = Path(_CACHE) / "float_embeddings" / f"{k}.pt"
-            if k not in memo.store and path.is_file():
-                saved = torch.load(path, weights_only=True)
-                memo.store[k] = (saved["embedding"], tuple(saved["resized"]), tuple(saved["original"]))
-            if k in memo.store:
-                memo.hits += 1
-                memo.store.move_to_end(k)
-                emb, resized, original = memo.store[k]
-                return emb.clone(), resized, original
-            memo.misses += 1
-            emb, resized, original = compute(seg, image)
-            memo.store[k] = (emb.detach().clone(), resized, original)
-            while len(memo.store) > memo.max_entries:
-                memo.store.popitem(last=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"embedding": emb.detach().cpu(), "resized": list(resized), "original": list(original)}, tmp)
-            os.replace(tmp, path)
-            return emb, resized, original
-
-        monkeypatch.setattr(BoxPromptSegmenter, "encode", encode)
-
-
-_ENCODER_MEMO = FloatEncoderMemo()
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _float_encoder_memo():
-    """Session-wide, so the module- and session-scoped fixtures' runs use it too."""
+    """``encoder_memo.FloatEncoderMemo`` for the whole run (session-wide, so the module- and session-scoped fixtures'
+    runs use it too; its files in this run's cache folder). ``PTQ4SAM_TEST_ENCODER_MEMO=off`` turns it off."""
+    from encoder_memo import FloatEncoderMemo
+
     with pytest.MonkeyPatch.context() as mp:
         if os.environ.get("PTQ4SAM_TEST_ENCODER_MEMO", "on").lower() not in ("off", "0", "false", "no"):
-            _ENCODER_MEMO.install(mp)
+            FloatEncoderMemo(Path(_CACHE) / "float_embeddings").install(mp)
         yield
 
 

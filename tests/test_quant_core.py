@@ -80,6 +80,27 @@ def test_fast_fake_quantize_keeps_nan_and_leaves_gradients_to_aten():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
+def test_fast_fake_quantize_leaves_other_parameters_to_aten():
+    """Parameters outside ATen's tensor contract or the fast path's exact range go to ATen, with its results and its
+    errors: a float zero point (ATen rounds after adding it per channel, truncates it per tensor), a (1, 1) scale,
+    a per-tensor zero point beyond 2^24, a per-channel zero point outside the grid (refused)."""
+    from ptq4sam.quantization.fake_quant import aten_fake_quantize, fake_quantize_affine
+
+    x = torch.tensor([[0.5, 1.5, 2.5, -3.5]])
+    i32 = torch.int32
+    cases = [(torch.tensor([1.0]), torch.tensor([1.0]), 0, 15, 0),  # float zero point per channel
+             (torch.tensor([1.0]), torch.tensor([2.7]), 0, 15, -1),  # float zero point per tensor
+             (torch.tensor([[0.5]]), torch.tensor([[3]], dtype=i32), 0, 15, -1),  # a (1, 1) scale
+             (torch.tensor([0.5]), torch.tensor([2 ** 24 + 1], dtype=i32), -(2 ** 30), 2 ** 30, -1)]
+    for scale, zp, qmin, qmax, axis in cases:
+        want = aten_fake_quantize(x, scale, zp, qmin, qmax, axis)
+        got = fake_quantize_affine(x, scale, zp, qmin, qmax, axis)
+        assert got.shape == want.shape and torch.equal(got, want), (scale, zp, got, want)
+    with pytest.raises(RuntimeError, match="zero_point"):
+        fake_quantize_affine(x.t(), torch.tensor([0.5, 0.5, 0.5, 0.5]), torch.tensor([0, 3, 16, 2], dtype=torch.int32),
+                             0, 15, 0)
+
+
 def test_qparams_from_range_hand_values():
     s, z = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), bit=2, symmetric=False)
     assert s.item() == pytest.approx(4 / 3) and z.item() == 1.0  # zp = 0 - round(-1 / (4/3)) = round(0.75)

@@ -30,12 +30,6 @@ DATA = ROOT / "data" / "coco128"
 SHAPES = [(1, 4096, 160), (1, 64, 128, 128), (1, 4096, 640)]
 
 
-def _aten(x, scale, zero_point, qmin, qmax, ch_axis=-1):
-    if ch_axis == -1:
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
-    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, ch_axis, qmin, qmax)
-
-
 def _best_of(fn, repeats: int) -> float:
     fn()
     times = []
@@ -57,7 +51,7 @@ def main(argv=None):
     s, z = torch.tensor([0.05]), torch.tensor([3], dtype=torch.int32)
     for shape in SHAPES:
         x = torch.randn(shape)
-        t_aten = _best_of(lambda: _aten(x, s, z, 0, 255), a.repeats)
+        t_aten = _best_of(lambda: fake_quant.aten_fake_quantize(x, s, z, 0, 255), a.repeats)
         t_ours = _best_of(lambda: fake_quant.fake_quantize_affine(x, s, z, 0, 255), a.repeats)
         ops.append({"shape": list(shape), "aten_ns_per_element": round(t_aten / x.numel() * 1e9, 2),
                     "ours_ns_per_element": round(t_ours / x.numel() * 1e9, 2), "speedup": round(t_aten / t_ours, 2)})
@@ -69,17 +63,20 @@ def main(argv=None):
     seg = BoxPromptSegmenter(build_sam("lite_medsam"))
     quantize_segmenter(seg, samples, q, quant_encoder=True, device=torch.device("cpu"), log=lambda *x: None)
     ours = fake_quant.fake_quantize_affine
-    model = {}
+    model, embeddings = {}, {}
     with torch.no_grad():
-        for name, fn in (("aten", _aten), ("ours", ours)):
+        for name, fn in (("aten", fake_quant.aten_fake_quantize), ("ours", ours)):
             fake_quant.fake_quantize_affine = fn
             try:
                 model[name] = _best_of(lambda: seg.encode(samples[0].image), a.repeats)
+                embeddings[name] = seg.encode(samples[0].image)[0]
             finally:
                 fake_quant.fake_quantize_affine = ours
+    if not torch.equal(embeddings["aten"], embeddings["ours"]):
+        raise SystemExit("the two fake quantizations gave different embeddings")
     out = {"command": command_line("tools/benchmark_fake_quant.py", argv),
            "threads": a.threads, "ops": ops, "encoder_w8a8_s": {k: round(v, 3) for k, v in model.items()},
-           "encoder_speedup": round(model["aten"] / model["ours"], 2), "cpu": cpu_info()}
+           "encoder_speedup": round(model["aten"] / model["ours"], 2), "embeddings_equal": True, "cpu": cpu_info()}
     print(json.dumps({k: out[k] for k in ("encoder_w8a8_s", "encoder_speedup")}))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
