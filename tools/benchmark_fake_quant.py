@@ -1,6 +1,7 @@
 """How fast is the evaluation path's fake quantization? ``fake_quantize_affine`` (vectorised, ATen's values bit for
 bit) against ATen's ``fake_quantize_per_tensor_affine`` on activation-sized tensors, then the quantized LiteMedSAM
-image encoder (W8A8, MinMax ranges, calibrated on the first calibration image) encoding that image with each.
+image encoder (W8A8, MinMax ranges, calibrated on the first calibration image) encoding that image with each (their
+embeddings must be equal). Times: medians of interleaved rounds (``ptq4sam.deploy.timing.interleaved_medians``).
 
     python tools/benchmark_fake_quant.py --threads 1 --out docs/results/cpu_speed/fake_quant.json
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptq4sam import coco_eval  # noqa: E402
 from ptq4sam.cpuinfo import cpu_info  # noqa: E402
+from ptq4sam.deploy.timing import interleaved_medians  # noqa: E402
 from ptq4sam.errors import command_line  # noqa: E402
 from ptq4sam.models import BoxPromptSegmenter, build_sam  # noqa: E402
 from ptq4sam.ptq import quantize_segmenter  # noqa: E402
@@ -28,16 +29,6 @@ from ptq4sam.samples import gt_box_samples  # noqa: E402
 
 DATA = ROOT / "data" / "coco128"
 SHAPES = [(1, 4096, 160), (1, 64, 128, 128), (1, 4096, 640)]
-
-
-def _best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None):
@@ -51,10 +42,10 @@ def main(argv=None):
     s, z = torch.tensor([0.05]), torch.tensor([3], dtype=torch.int32)
     for shape in SHAPES:
         x = torch.randn(shape)
-        t_aten = _best_of(lambda: fake_quant.aten_fake_quantize(x, s, z, 0, 255), a.repeats)
-        t_ours = _best_of(lambda: fake_quant.fake_quantize_affine(x, s, z, 0, 255), a.repeats)
-        ops.append({"shape": list(shape), "aten_ns_per_element": round(t_aten / x.numel() * 1e9, 2),
-                    "ours_ns_per_element": round(t_ours / x.numel() * 1e9, 2), "speedup": round(t_aten / t_ours, 2)})
+        t_aten, t_ours = interleaved_medians([lambda: fake_quant.aten_fake_quantize(x, s, z, 0, 255),
+                                              lambda: fake_quant.fake_quantize_affine(x, s, z, 0, 255)], 1, a.repeats)
+        ops.append({"shape": list(shape), "aten_ns_per_element": round(t_aten / x.numel() * 1e6, 2),
+                    "ours_ns_per_element": round(t_ours / x.numel() * 1e6, 2), "speedup": round(t_aten / t_ours, 2)})
         print(ops[-1])
     q = load_qconfig("exp/demo/config88.yaml", ["calibrate=1", "recon.iters=0", "ptq4sam.BIG=false",
                                                 "ptq4sam.AGQ=false", "w_qconfig.observer=MinMaxObserver",
@@ -63,15 +54,21 @@ def main(argv=None):
     seg = BoxPromptSegmenter(build_sam("lite_medsam"))
     quantize_segmenter(seg, samples, q, quant_encoder=True, device=torch.device("cpu"), log=lambda *x: None)
     ours = fake_quant.fake_quantize_affine
-    model, embeddings = {}, {}
-    with torch.no_grad():
-        for name, fn in (("aten", fake_quant.aten_fake_quantize), ("ours", ours)):
+    embeddings = {}
+
+    def encode_with(name, fn):  # the encoder with one fake quantization in every uniform quantizer
+        def run():
             fake_quant.fake_quantize_affine = fn
             try:
-                model[name] = _best_of(lambda: seg.encode(samples[0].image), a.repeats)
                 embeddings[name] = seg.encode(samples[0].image)[0]
             finally:
                 fake_quant.fake_quantize_affine = ours
+        return run
+
+    with torch.no_grad():
+        ms = interleaved_medians([encode_with("aten", fake_quant.aten_fake_quantize), encode_with("ours", ours)], 1,
+                                 a.repeats)
+    model = {"aten": ms[0] / 1000, "ours": ms[1] / 1000}
     if not torch.equal(embeddings["aten"], embeddings["ours"]):
         raise SystemExit("the two fake quantizations gave different embeddings")
     out = {"command": command_line("tools/benchmark_fake_quant.py", argv),

@@ -50,8 +50,9 @@ def fake_quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
     """:func:`aten_fake_quantize`'s values, computed in six vectorised passes where it can: a float32 CPU tensor that
     needs no gradient, a float32 scale and an int32 zero point (ATen's own contract) of one value per tensor or one
     per channel, a zero point inside the grid (per channel; ATen refuses others) or below 2^24 (per tensor).
-    ATen's CPU kernel is a scalar loop that also writes a gradient mask: 11-13 ns per element on a 2-core AMD EPYC VM
-    (one thread) against 0.6-0.9 ns here, and a W8A8 LiteMedSAM image encoder 1.6x faster (3.1 s -> 1.9 s)
+    ATen's CPU kernel is a scalar loop that also writes a gradient mask: 11.5-14.2 ns per element on a 2-core AMD
+    EPYC VM (one thread, medians) against 1.1-1.4 ns here, and a W8A8 LiteMedSAM image encoder 1.9x faster (3.6 s
+    -> 1.9 s)
     (``docs/results/cpu_speed/fake_quant.json``, ``tools/benchmark_fake_quant.py``).
 
     The formula is ATen's, in float32: ``q = clamp(round_half_even(x * (1 / s)) + z, qmin, qmax)``, then
