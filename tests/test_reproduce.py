@@ -134,6 +134,30 @@ def test_every_row_command_names_its_split_method_and_bits():
     assert Path(ROOT / rp.recipes.method("mixed").q_config(4)).is_file()
 
 
+def test_committed_headline_cells_are_still_done_for_the_current_code():
+    """Every committed headline cell's spec is what the current code computes for its method, bits and seed, so a
+    rerun keeps it (a key added with its earlier behaviour as the default, e.g. ``ahcptq.group_range``, changes
+    nothing); the same q_config with the key at another value is a different cell."""
+    from ptq4sam import recipes
+
+    rep = _reproduce()
+    cells = [json.loads(p.read_text()) for p in sorted((ROOT / "docs/results/headline/cells/test").glob("*.json"))]
+    checked = set()
+    for c in cells:
+        if c["method"] == "fp":
+            continue
+        st = rep.Settings(split=c["split"], seeds=(c["seed"],), eval_images=None, extra_options=(), quick=False,
+                          device="cpu")
+        q, _ = rep._load_qcfg(recipes.method(c["method"]), c["bits"], st, c["seed"])
+        assert rep.cell_spec(q, st) == c["spec"], (c["method"], c["bits"], c["seed"])
+        checked.add(c["method"])
+    assert {"ahcptq", "recommended", "ahcq_sam", "mixed", "ptq4sam"} <= checked
+    from ptq4sam.qconfig import load_qconfig
+
+    q = load_qconfig("exp/recipes/w4a4-cpu.yaml")
+    assert rep.spec_q(q) != rep.spec_q(load_qconfig("exp/recipes/w4a4-cpu.yaml", ["ahcptq.group_range=batch"]))
+
+
 def test_cell_spec_ignores_the_sections_of_methods_that_are_off():
     """A cell stays valid when a method it does not use gains a key or changes a default (its section is not in the
     spec), and is recomputed when anything it uses changes."""

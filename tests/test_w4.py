@@ -16,6 +16,7 @@ from ptq4sam.ptq import quantize_segmenter
 from ptq4sam.qconfig import QConfigError, ReconSection, load_qconfig
 from ptq4sam.quant_sam import build_context, quantize_sam
 from ptq4sam.quantization import (
+    OBSERVERS,
     AvgMinMaxObserver,
     CAGFakeQuantize,
     HLUQFakeQuantize,
@@ -173,6 +174,95 @@ def test_groupwise_hluq_is_per_tensor_hluq_on_each_group():
     per_tensor.fake_quant_enabled = True
     with torch.no_grad():
         assert (conv(got) - conv(x)).pow(2).mean() < (conv(per_tensor(x)) - conv(x)).pow(2).mean()
+
+
+def _sparse_batches():
+    """Two batches of 4 channels (a Linear's input, channels last): each channel is large in one batch only, as the
+    decoder's token channels are; channels 0, 1 have ranges near 4, channels 2, 3 near 1."""
+    a = torch.zeros(1, 3, 4)
+    a[0, :, 0] = torch.tensor([0.0, 2.0, 4.0])
+    a[0, :, 2] = torch.tensor([0.0, 0.5, 1.0])
+    b = torch.zeros(1, 3, 4)
+    b[0, :, 1] = torch.tensor([0.0, 3.0, 4.0])
+    b[0, :, 3] = torch.tensor([0.0, 1.0, 1.0])
+    return [a, b]
+
+
+@pytest.mark.parametrize("mode, top", [("channel", 2.0), ("batch", 4.0)])
+def test_cag_group_range_hand_case(mode, top):
+    # per-channel maxima averaged over the two batches: (2, 2, 0.5, 0.5); grouped by them into {0, 1} and {2, 3}.
+    # "channel": a group's top = the largest averaged channel maximum = 2 (channel 0 holds 4: clipped);
+    # "batch": per batch the group's top (4, then 4), averaged = 4.
+    xs = _sparse_batches()
+    q = CAGFakeQuantize(AvgMinMaxObserver(4, False, -1), bit=4, groups=2, group_range=mode)
+    q.observer_enabled = True
+    for x in xs:
+        q(x)
+    q.observer_enabled = False
+    q.init_from_observer()
+    q.fake_quant_enabled = True
+    assert q.group.tolist() == [1, 1, 0, 0] and q.observer.batches == []
+    assert q.scale[1].item() == pytest.approx(top / 15)
+    assert q.scale[0].item() == pytest.approx((0.5 if mode == "channel" else 1.0) / 15)
+    with torch.no_grad():
+        out = q(xs[0])
+    assert out[0, 2, 0].item() == pytest.approx(top)  # 4 comes out as 4 (batch) or clipped to 2 (channel)
+
+
+@pytest.mark.parametrize("observer", ["AvgMinMaxObserver", "AvgMSEObserver", "MinMaxObserver"])
+def test_group_range_modes_agree_where_the_maths_says_so(observer):
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 50, 6) * torch.tensor([0.1, 0.1, 1.0, 1.0, 5.0, 5.0]) for _ in range(3)]
+
+    def scale(mode, groups):
+        q = CAGFakeQuantize(OBSERVERS[observer](4, False, -1), bit=4, groups=groups, group_range=mode)
+        q.observer_enabled = True
+        for x in xs:
+            q(x)
+        q.observer_enabled = False
+        q.init_from_observer()
+        return q.scale
+    assert torch.equal(scale("channel", 6), scale("batch", 6))  # one channel per group: the same range
+    if observer == "MinMaxObserver":  # running min / max: the union over batches either way
+        assert torch.equal(scale("channel", 3), scale("batch", 3))
+    else:  # averaged: the mean of the group's per-batch maxima >= the max of its channels' mean maxima
+        assert (scale("batch", 3) >= scale("channel", 3) * (1 - 1e-6)).all()
+        assert not torch.equal(scale("batch", 3), scale("channel", 3))
+
+
+def test_grouped_hluq_batch_range_hand_case():
+    xs = [F.relu(x) for x in _sparse_batches()]
+    lin = torch.nn.Linear(4, 2)
+    for mode, want_hi in (("channel", [0.5, 2.0]), ("batch", [1.0, 4.0])):
+        obs = HybridRangeObserver(bit=4, groups=2, group_range=mode)
+        for x in xs:
+            obs.set_layer(lin.weight, lin.bias)
+            obs(x)
+        lo, hi = obs._group_range(obs.channel_groups())
+        assert obs.channel_groups().tolist() == [1, 1, 0, 0]
+        assert hi.tolist() == pytest.approx(want_hi) and lo.tolist() == [0.0, 0.0]
+        q = HLUQFakeQuantize(obs, bit=4)
+        q.init_from_observer()
+        assert obs.batches == []
+        rr, gr, tr = obs.best()
+        r = torch.tensor(want_hi) * tr  # s_uni from the group's range (hluq.py module docstring)
+        assert q.scale.tolist() == pytest.approx((r * (1 - rr) / (15 * (1 - gr))).tolist())
+
+
+def test_group_range_reaches_the_quantizers(lite):
+    sam = copy.deepcopy(lite)
+    quantize_sam(sam, build_context(load_qconfig(ROOT_EXP, ["ahcptq.HLUQ=true", "ahcptq.CAG=true",
+                                                            "ahcptq.hluq_groups=4", "ahcptq.group_range=batch"])), True)
+    qs = {n: m.quantizer for n, m in sam.named_modules() if n.endswith("input_quant")}
+    lin2 = qs["mask_decoder.transformer.layers.1.mlp.lin2.input_quant"]
+    q_proj = qs["mask_decoder.transformer.layers.1.self_attn.q_proj.input_quant"]
+    assert isinstance(lin2, HLUQFakeQuantize) and lin2.observer.group_range == "batch" and lin2.observer.keep_batches
+    assert isinstance(q_proj, CAGFakeQuantize) and q_proj.group_range == "batch" and q_proj.observer.keep_batches
+    assert load_qconfig(ROOT_EXP).ahcptq.group_range == "channel"  # the default: what the measured recipes used
+    sam = copy.deepcopy(lite)
+    quantize_sam(sam, build_context(load_qconfig(ROOT_EXP, ["ahcptq.HLUQ=true", "ahcptq.CAG=true",
+                                                            "ahcptq.hluq_groups=4"])), True)
+    assert not any(getattr(m, "keep_batches", False) for m in sam.modules())  # the default keeps no batch ranges
 
 
 def test_group_channels_hand_case():
@@ -343,7 +433,8 @@ def test_new_quantizers_export_to_onnx(kind, tmp_path):
 def test_hluq_and_cag_config_errors_name_the_key():
     for opt, key in (("ahcptq.groups=0", "ahcptq.groups"), ("ahcptq.grid_rates=[1.5]", "ahcptq.grid_rates"),
                      ("smooth.alpha=2", "smooth.alpha"), ("smooth.folds=[x]", "smooth.folds"),
-                     ("recon.scale_space=exp", "recon.scale_space")):
+                     ("recon.scale_space=exp", "recon.scale_space"),
+                     ("ahcptq.group_range=tensor", "ahcptq.group_range")):
         with pytest.raises(QConfigError, match=key):
             load_qconfig(ROOT_EXP, [opt])
 

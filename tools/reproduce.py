@@ -77,13 +77,28 @@ def _spec_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# q_config keys added after cells were written, each with the value that behaves as before the key existed: left out
+# of a cell's spec at that value (the earlier cells stay valid), part of it at any other value
+ADDED_KEYS = {("ahcptq", "group_range"): "channel"}
+
+
 def spec_q(q) -> Dict:
     """The part of a q_config a cell's result depends on: all of it but the yaml sections of methods that are off
-    (so a new method's section, or a changed default of a method a cell does not use, keeps the cell valid)."""
+    (so a new method's section, or a changed default of a method a cell does not use, keeps the cell valid) and the
+    :data:`ADDED_KEYS` at their earlier behaviour."""
     from ptq4sam import methods  # noqa: PLC0415
 
     used = {m.section for m, _ in methods.active(q)}
-    return {k: v for k, v in q.to_dict().items() if k not in methods.SECTIONS or k in used} | {"source": ""}
+    out = {k: v for k, v in q.to_dict().items() if k not in methods.SECTIONS or k in used} | {"source": ""}
+    for (section, key), before in ADDED_KEYS.items():
+        if isinstance(out.get(section), dict) and out[section].get(key) == before:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
+def cell_spec(q, st: "Settings") -> str:
+    """The hash a cell of q_config ``q`` under settings ``st`` is stored with (a rerun keeps a cell with the same)."""
+    return _spec_hash({"q": spec_q(q), "split": st.split, "eval_images": st.eval_images, "device": st.device})
 
 
 def _load_qcfg(m: recipes.Method, bits: int, st: Settings, seed: int):
@@ -164,8 +179,7 @@ class Runner:
         deterministic = loaded[0][1].recon.iters == 0
         todo = []
         for seed, q, opts in loaded[:1] if deterministic else loaded:
-            spec = _spec_hash({"q": spec_q(q), "split": self.st.split,
-                               "eval_images": self.st.eval_images, "device": self.st.device})
+            spec = cell_spec(q, self.st)
             path = self.cell_path(m.name, bits, seed)
             if self._done(path, spec):
                 self.log(f"{_rel(path)}: done before, kept")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from ..quantization import OBSERVERS, QuantizerConfig
+from ..quantization.cag import GROUP_RANGES
 from .base import Method
 
 
@@ -21,6 +22,9 @@ class AHCPTQSection:
     range_rates: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])  # HLUQ split-point candidates
     grid_rates: List[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # HLUQ share of log levels
     top_rates: List[float] = field(default_factory=lambda: [1.0])  # HLUQ range clipped at the top (ours; AHCPTQ: 1)
+    # a CAG / grouped HLUQ group's range: "channel" = the union of its channels' batch-averaged ranges (AHCPTQ's
+    # per-channel statistics); "batch" = per batch the union of its channels' ranges, then averaged over batches (ours)
+    group_range: str = "channel"
 
     def check(self, bad, q) -> None:
         if self.groups < 1:
@@ -33,6 +37,8 @@ class AHCPTQSection:
             bad("ahcptq.grid_rates", f"must be a list of numbers in (0, 1), got {self.grid_rates}")
         if not self.top_rates or any(not 0 < r <= 1 for r in self.top_rates):
             bad("ahcptq.top_rates", f"must be a list of numbers in (0, 1], got {self.top_rates}")
+        if self.group_range not in GROUP_RANGES:
+            bad("ahcptq.group_range", f"expected one of {list(GROUP_RANGES)}, got {self.group_range!r}")
         if self.cag_observer not in OBSERVERS:
             bad("ahcptq.cag_observer", f"unknown '{self.cag_observer}', expected one of {sorted(OBSERVERS)}")
         if (self.HLUQ or self.CAG) and q.a_qconfig.bit is None:
@@ -42,7 +48,8 @@ class AHCPTQSection:
 def _hluq_cfg(sec: AHCPTQSection, bit: int, ch_axis: int, groups: int) -> QuantizerConfig:
     return QuantizerConfig("HLUQFakeQuantize", "HybridRangeObserver", bit, False, ch_axis,
                            observer_kwargs={"range_rates": list(sec.range_rates), "grid_rates": list(sec.grid_rates),
-                                            "top_rates": list(sec.top_rates), "groups": groups})
+                                            "top_rates": list(sec.top_rates), "groups": groups,
+                                            "group_range": sec.group_range})
 
 
 class HLUQ(Method):
@@ -83,5 +90,6 @@ class CAG(Method):
         a = ctx.a_cfg
         qkw = {k: v for k, v in a.quantizer_kwargs.items() if k == "grad_scale_mode"}
         okw = {"p": a.observer_kwargs.get("p", 2.4)} if "MSE" in sec.cag_observer else {}
-        return a.with_(quantizer="CAGFakeQuantize", quantizer_kwargs={**qkw, "groups": sec.groups},
+        qkw.update(groups=sec.groups, group_range=sec.group_range)
+        return a.with_(quantizer="CAGFakeQuantize", quantizer_kwargs=qkw,
                        observer=sec.cag_observer, observer_kwargs=okw, ch_axis=ch_axis)

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cag import group_channels, group_ranges
+from .cag import check_group_range, combined_group_ranges, group_channels
 from .fake_quant import QUANTIZERS, FakeQuantizeBase, _bshape, round_ste
 from .logq import lsq_form
-from .observer import OBSERVERS, ObserverBase, data_range
+from .observer import OBSERVERS, AvgMinMaxObserver, ObserverBase, data_range
 
 
 def hluq_levels(bit: int, grid_rate: float) -> Tuple[int, int]:
@@ -87,16 +87,20 @@ class HybridRangeObserver(ObserverBase):
     """AHCPTQ's ``HybridParamObserver``: average min / max over batches, and per batch the output error of every
     (range_rate, grid_rate) candidate through the following linear layer (``set_layer``; without one, the error of
     the activation itself). Candidates whose grid_rate does not split 2^bit into whole level counts are skipped.
+    With ``groups`` > 1, ``group_range`` says how a group's range is made from its channels' (``"channel"`` or
+    ``"batch"``: :mod:`ptq4sam.quantization.cag`).
     Rows (tokens) are subsampled to ``max_rows`` per batch for the candidate errors (deterministically); a
     convolution's input is scored on square crops of ``max_rows`` pixels in all (:func:`spatial_crops`)."""
 
     def __init__(self, bit=8, symmetric=False, ch_axis=-1, range_rates: Sequence[float] = (0.1, 0.3, 0.5),
                  grid_rates: Sequence[float] = (1 / 8, 1 / 4, 1 / 2), max_rows: int = 4096,
-                 top_rates: Sequence[float] = (1.0,), groups: int = 1):
+                 top_rates: Sequence[float] = (1.0,), groups: int = 1, group_range: str = "channel"):
         super().__init__(bit, False, ch_axis)
         if groups < 1:
             raise ValueError(f"HLUQ: groups must be >= 1, got {groups}")
         self.groups = groups
+        self.group_range = check_group_range(group_range)  # how a group's range is made (ptq4sam.quantization.cag)
+        self.keep_batches = groups > 1 and group_range == "batch"
         self.candidates = []  # (range_rate, grid_rate, top_rate)
         for tr in top_rates:
             for rr in range_rates:
@@ -128,11 +132,8 @@ class HybridRangeObserver(ObserverBase):
         if self.groups > 1 and self.ch_axis == -1:
             self.ch_axis = xd.dim() - 1  # a Linear's input: channels last
         lo, hi = data_range(xd, -1 if self.groups == 1 else self.ch_axis)
-        n = self.num_batches
-        if n == 0:
-            self.min_val, self.max_val = lo.clone(), hi.clone()
-        else:
-            self.min_val, self.max_val = (self.min_val * n + lo) / (n + 1), (self.max_val * n + hi) / (n + 1)
+        self.keep_batch(lo, hi)
+        self.update(lo, hi)
         layer = self.__dict__["_layer"]
         op = None if layer is None else (layer[2] or F.linear)
         rows, rowwise = xd, layer is None or layer[2] is None
@@ -166,10 +167,12 @@ class HybridRangeObserver(ObserverBase):
             return None
         return group_channels(self.min_val, self.max_val, self.groups).to(self.min_val.device)
 
+    update = AvgMinMaxObserver.update  # min / max averaged over batches (AHCPTQ)
+
     def _group_range(self, group: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         if group is None:
             return self.min_val.reshape(()), self.max_val.reshape(())
-        return group_ranges(self.min_val, self.max_val, group)
+        return combined_group_ranges(self, group, self.group_range)
 
     def params_for(self, range_rate: float, grid_rate: float, top_rate: float = 1.0, ranges=None):
         """fp_min, s_log, s_uni, L_log, L_uni of a candidate (scalars, or one per group with ``groups`` > 1: a
@@ -218,6 +221,7 @@ class HLUQFakeQuantize(FakeQuantizeBase):
         cand = obs.best()
         group = obs.channel_groups()
         fp_min, s_log, s_uni, l_log, l_uni = obs.params_for(*cand, ranges=obs._group_range(group))
+        obs.batches = []
         self.ch_axis = obs.ch_axis if group is not None else -1
         self.group = group if group is not None else torch.zeros(0, dtype=torch.long, device=self.fp_min.device)
         self.set_hybrid(fp_min, s_log, s_uni, cand[1])

@@ -5,7 +5,7 @@ per-tensor). The MSE search is vectorised over channels and candidate ranges (no
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -81,6 +81,8 @@ class ObserverBase(nn.Module):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.num_batches = 0
+        self.keep_batches = False  # True: also keep each batch's range in ``batches`` (grouped quantizers ask for it)
+        self.batches: List[Tuple[torch.Tensor, torch.Tensor]] = []
 
     def extra_repr(self) -> str:
         return f"bit={self.bit}, symmetric={self.symmetric}, ch_axis={self.ch_axis}"
@@ -91,6 +93,7 @@ class ObserverBase(nn.Module):
             return x
         xd = x.detach().float()
         lo, hi = self.batch_range(xd, *data_range(xd, self.ch_axis))
+        self.keep_batch(lo, hi)
         self.update(lo, hi)
         self.num_batches += 1
         return x
@@ -104,6 +107,27 @@ class ObserverBase(nn.Module):
             self.min_val, self.max_val = lo.clone(), hi.clone()
         else:
             self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+    def keep_batch(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Keep this batch's range in ``batches`` when ``keep_batches`` is on (grouped quantizers' ``batch`` ranges)."""
+        if self.keep_batches:
+            self.batches.append((lo.detach().clone(), hi.detach().clone()))
+
+    def combine(self, ranges: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) this observer's ``update`` makes of the per-batch ``ranges`` (running min / max, or their
+        average for the Avg observers); the observer's own state is left as it was (``update`` must build new
+        tensors, not change ``min_val`` / ``max_val`` in place)."""
+        if not ranges:
+            raise RuntimeError(f"{type(self).__name__}: no batch ranges to combine (run calibration first)")
+        saved = self.min_val, self.max_val, self.num_batches
+        try:
+            self.num_batches = 0
+            for lo, hi in ranges:
+                self.update(lo, hi)
+                self.num_batches += 1
+            return self.min_val, self.max_val
+        finally:
+            self.min_val, self.max_val, self.num_batches = saved
 
     def calculate_qparams(self) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.num_batches == 0:
