@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import calib_samples
 
+from ptq4sam.cpuinfo import int8_pairs_saturate
 from ptq4sam.deploy.onnx_export import DecoderGraph, export_sam, integer_weight
 from ptq4sam.deploy.runtime import OnnxSegmenter, open_graph
 from ptq4sam.errors import InputError
@@ -40,8 +41,6 @@ def lite_w8a8(tmp_path_factory):
     seg, sample, q = _quantized_lite(["w_qconfig.bit=8", "a_qconfig.bit=8", "w_qconfig.symmetric=true",
                                       "w_qconfig.observer=MinMaxObserver"])
     out = tmp_path_factory.mktemp("onnx_w8a8")
-    from ptq4sam.cpuinfo import int8_pairs_saturate
-
     res = export_sam(seg.sam, out, 256, q.to_dict(), True, u8_linear_weights=int8_pairs_saturate())
     return seg, sample, out, res.manifest
 
@@ -58,15 +57,18 @@ def _reference(seg, sample):
 @pytest.mark.parametrize("backend", ["ort", "openvino"])
 def test_exported_w8a8_lite_medsam_matches_the_fake_quant_model(lite_w8a8, backend):
     """Same input: the backend's masks equal ours on >= 99 % of pixels (decoder alone, from our image embedding:
-    >= 99.9 %), and the backend's encoder is as close to the float model as ours (the remaining differences are
-    rounding ties that flip one way or the other and propagate, not a different quantization)."""
+    >= 99.9 %, >= 99.8 % for OpenVINO on a CPU with VNNI), and the backend's encoder is as close to the float model as
+    ours (the remaining differences are rounding ties that flip one way or the other and propagate, not a different
+    quantization)."""
     seg, sample, out, man = lite_w8a8
     assert man["quantizers"] == {"activation-qdq": 150, "emulated-agq": 17, "weight-dq": 99}
     x, feats, boxes, low, iou = _reference(seg, sample)
     enc, dec = open_graph(out / "encoder.onnx", backend, 2), open_graph(out / "decoder.onnx", backend, 2)
     f2 = enc({"image": x})[0]
     m_dec, i_dec = dec({"image_embeddings": feats, "boxes": boxes})
-    assert ((m_dec > 0) == (low > 0)).mean() >= 0.999
+    # OpenVINO on an AVX-512 VNNI CPU (its int8 kernels there, not the AVX2 ones): 0.9988-0.9994 measured, one or two
+    # threads; ONNX Runtime and OpenVINO on AVX2: >= 0.9999. A different quantization would disagree on whole masks.
+    assert ((m_dec > 0) == (low > 0)).mean() >= (0.998 if backend == "openvino" and not int8_pairs_saturate() else 0.999)
     assert np.abs(i_dec[:, 0] - iou).max() < 0.01
     m_full, _ = dec({"image_embeddings": f2, "boxes": boxes})
     agree = ((m_full > 0) == (low > 0)).mean()
