@@ -54,7 +54,7 @@ _LIST: List[Method] = [
            "Zhang et al., AHCQ-SAM (its ablation without ACNR)"),
     Method("recommended", "Recommended recipe (chosen on dev)", "exp/recipes/w{b}a{b}-cpu.yaml", (),
            "this toolkit", bits=(8, 6, 5, 4)),
-    Method("mixed", "Mixed precision recipe (chosen on dev)", "exp/recipes/mixed-w4-cpu.yaml", (), "this toolkit",
+    Method("mixed", "Mixed precision recipe (not re-chosen on dev)", "exp/recipes/mixed-w4-cpu.yaml", (), "this toolkit",
            bits=(4,)),
     # single switches on QDrop / PTQ4SAM (ablations; the dev-split recipe search)
     Method("qdrop+big", "QDrop + BIG", _DEMO, ("ptq4sam.AGQ=false",)),

@@ -172,3 +172,78 @@ def test_cell_spec_ignores_the_sections_of_methods_that_are_off():
     on = load_qconfig("exp/demo/config44.yaml", ["saqsam.PAR=true"])
     assert rep.spec_q(load_qconfig("exp/demo/config44.yaml", ["saqsam.PAR=true", "saqsam.par_prompts=3"])) != \
         rep.spec_q(on)
+
+
+def test_plan_lists_done_stale_and_missing_cells_and_estimates_from_recorded_times(tmp_path):
+    """``--plan`` runs nothing: a committed cell with the current spec is done, the same cell with other settings is
+    stale, an absent one missing. The estimate takes the done cells' recorded times (calibration once, reconstruction
+    + evaluation per cell left), at the same bits, else at other bits (never a stale cell's); a method without
+    reconstruction is one cell whatever the seeds; the FP row is estimated by the done cells' evaluations."""
+    import shutil
+
+    from ptq4sam import recipes
+
+    rep = _reproduce()
+    src = ROOT / "docs/results/headline/cells/test"
+    cells = tmp_path / "cells" / "test"
+    cells.mkdir(parents=True)
+    for name in ["qdrop_w4_s1005", "qdrop_w6_s1005", "qdrop_w6_s1007", "minmax_rtn_w4_s1005"]:
+        shutil.copy(src / f"{name}.json", cells)
+    stale = json.loads((src / "qdrop_w4_s1006.json").read_text()) | {"spec": "other settings", "calibration_s": 1e6}
+    (cells / "qdrop_w4_s1006.json").write_text(json.dumps(stale))
+    st = rep.Settings(split="test", seeds=(1005, 1006, 1007), eval_images=None, extra_options=(), quick=False,
+                      device="cpu")
+    runner = rep.Runner(tmp_path, st, "test")
+    groups = [(recipes.method(n), b) for n, b in [("qdrop", 4), ("qdrop", 6), ("minmax_rtn", 4), ("qdrop", 8)]]
+    rows = rep.plan(runner, groups, True)
+    assert [(r["method"], r["bits"], r["cells"]) for r in rows] == [
+        ("fp", 32, [(None, "missing")]),
+        ("qdrop", 4, [(1005, "done"), (1006, "stale"), (1007, "missing")]),
+        ("qdrop", 6, [(1005, "done"), (1006, "missing"), (1007, "done")]),
+        ("minmax_rtn", 4, [(1005, "done")]),
+        ("qdrop", 8, [(1005, "missing"), (1006, "missing"), (1007, "missing")])]
+    rec = {n: json.loads((src / f"{n}.json").read_text()) for n in ["qdrop_w4_s1005", "qdrop_w6_s1005",
+                                                                  "qdrop_w6_s1007", "minmax_rtn_w4_s1005"]}
+    q4, w6a, w6b = rec["qdrop_w4_s1005"], rec["qdrop_w6_s1005"], rec["qdrop_w6_s1007"]
+    # W4: only the done s1005 counts (the stale cell's 1e6 s would dominate), 2 cells left
+    assert rows[1]["estimate_s"] == round(q4["calibration_s"] + 2 * (q4["reconstruction_s"] + q4["eval_s"]))
+    # W6: the median of two values is their mean; 1 cell left
+    mean = {k: (w6a[k] + w6b[k]) / 2 for k in ("calibration_s", "reconstruction_s", "eval_s")}
+    assert rows[2]["estimate_s"] == round(mean["calibration_s"] + mean["reconstruction_s"] + mean["eval_s"])
+    # W8: nothing at W8, so W4's and W6's done cells (median of 3), 3 cells left
+    med = {k: sorted([q4[k], w6a[k], w6b[k]])[1] for k in ("calibration_s", "reconstruction_s", "eval_s")}
+    assert rows[4]["estimate_s"] == round(med["calibration_s"] + 3 * (med["reconstruction_s"] + med["eval_s"]))
+    assert [r["estimate_from"] for r in rows[1:]] == ["same bits", "same bits", None, "other bits"]
+    evals = sorted(r["eval_s"] for r in rec.values())
+    assert rows[0]["estimate_s"] == round((evals[1] + evals[2]) / 2)
+    text = rep.plan_text(rows, "test")
+    assert text.splitlines()[0].startswith("grid on test: 11 cells: 4 done, 1 stale")
+    assert "to run: qdrop W4, seeds 1006 (stale) 1007;" in text and "minmax_rtn" not in text
+    assert "to run: FP (evaluation only)" in text
+    assert not (tmp_path / "summary.json").exists() and len(list(cells.iterdir())) == 5
+
+
+def test_the_default_grid_regenerates_every_row_of_the_committed_table():
+    """``python tools/reproduce.py`` with no method or bits named runs every (method, bits) row of the committed
+    headline table, so one command remakes it (and ``--plan`` with no names lists what the table still lacks);
+    ``--quick`` keeps its smaller grid; named methods or bits replace the defaults."""
+    rep = _reproduce()
+    summary = json.loads((ROOT / "docs/results/headline/summary.json").read_text())
+    rows = {(r["method"], r["bits"]) for r in summary["splits"]["test"]["rows"] if r["method"] != "fp"}
+
+    def grid(*argv):
+        methods, bits = rep.grid_of(rep.parse_args(list(argv)))
+        return {(m.name, b) for m, b in rep.grid_groups(methods, bits)}
+
+    full = grid()
+    assert rows <= full, sorted(rows - full)
+    assert {("saq_sam", 5), ("ahcq_sam", 6), ("mixed", 4)} <= full and ("mixed", 8) not in full
+    assert len(full) == 8 * 4 + 1
+    quick = grid("--quick")
+    assert quick == {(m, b) for m in ["minmax_rtn", "qdrop", "ptq4sam", "ahcptq", "recommended"]
+                     for b in (8, 6, 4)} | {("mixed", 4)}
+    assert grid("--quick", "--bits", "5") == {(m, 5) for m in ["minmax_rtn", "qdrop", "ptq4sam", "ahcptq",
+                                                               "recommended"]}
+    assert grid("--methods") == set() and grid("--methods", "qdrop", "--bits", "6") == {("qdrop", 6)}
+    with pytest.raises(SystemExit):
+        rep.parse_args(["--plan", "--merge", "x"])

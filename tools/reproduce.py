@@ -1,16 +1,18 @@
-"""Regenerate the headline tables: FP and W8A8 / W6A6 / W4A4 x {MinMax RTN, QDrop, PTQ4SAM (paper-exact), AHCPTQ,
-the recommended recipe} plus the mixed-precision recipe, on LiteMedSAM with GT-box prompts, encoder + decoder, on the
-protocol of ``ptq4sam/splits.py``: calibration on the ``calib`` split, every choice on ``dev``, reports on ``test``;
-3 seeds per row (mean +- sd); a paired bootstrap over the images of each row's difference to the paper-exact PTQ4SAM
-row at the same bits (a difference whose 95 % interval holds 0 is a tie).
+"""Regenerate the headline tables: FP and W8A8 / W6A6 / W5A5 / W4A4 x {MinMax RTN, QDrop, PTQ4SAM (paper-exact),
+AHCPTQ, SAQ-SAM (PCC only; PCC + PAR), AHCQ-SAM, the recommended recipe} plus the mixed-precision recipe, on
+LiteMedSAM with GT-box prompts, encoder + decoder, on the protocol of ``ptq4sam/splits.py``: calibration on the
+``calib`` split, every choice on ``dev``, reports on ``test``; 3 seeds per row (mean +- sd); a paired bootstrap over
+the images of each row's difference to the paper-exact PTQ4SAM row at the same bits (a difference whose 95 % interval
+holds 0 is a tie).
 
-    python tools/reproduce.py                           # the whole grid on test (hours on 2 CPU cores)
+    python tools/reproduce.py                           # the whole grid on test (over a day on 2 CPU cores; --plan estimates)
     python tools/reproduce.py --quick                   # one seed, fewer images, a shorter budget (< 30 min)
     python tools/reproduce.py --split dev --bits 4 --methods qdrop mine \
         --variant mine=exp/demo/config{b}{b}.yaml,gptq.enabled=true       # a recipe candidate on dev
     python tools/reproduce.py --shard 0/4 --out D0      # one slice of the grid (e.g. a SLURM array task) ...
     python tools/reproduce.py --merge D0 D1 D2 D3 --out D   # ... joined into the table of a single run
     python tools/reproduce.py --render docs/results/headline/summary.json   # the markdown of a committed summary
+    python tools/reproduce.py --plan --out docs/results/headline   # which cells of the grid are left, how long
 
 A seed changes QDrop's masks, the reconstruction's sampling and order; the calibration (the first ``calibrate``
 images of ``calib`` by id) does not depend on it, so it runs once per (method, bits) and each seed reconstructs a
@@ -43,7 +45,12 @@ from ptq4sam.mixed import bits_label, mac_weighted_bits  # noqa: E402
 from ptq4sam.progress import progress  # noqa: E402
 from ptq4sam.splits import CALIB_MAX, IMAGES, split  # noqa: E402
 
-GRID = ["minmax_rtn", "qdrop", "ptq4sam", "ahcptq", "recommended", "mixed"]
+# the headline grid in its table's row order at each bit width: the baselines, the published methods by year, then
+# this toolkit's recipes (a method runs at the bit widths it has: the mixed recipe at 4)
+GRID = ["minmax_rtn", "qdrop", "ptq4sam", "ahcptq", "saq_sam_star", "saq_sam", "ahcq_sam", "recommended", "mixed"]
+BITS = [8, 6, 5, 4]
+QUICK_GRID = ["minmax_rtn", "qdrop", "ptq4sam", "ahcptq", "recommended", "mixed"]  # --quick's default: < 30 min
+QUICK_BITS = [8, 6, 4]
 SEEDS = [1005, 1006, 1007]
 REFERENCE = "ptq4sam"
 QUICK_OPTIONS = ["calibrate=2", "recon.iters=4", "ptq4sam.agq_images=1"]
@@ -114,6 +121,20 @@ def _load_qcfg(m: recipes.Method, bits: int, st: Settings, seed: int):
     return q, opts
 
 
+@dataclasses.dataclass
+class Cell:
+    """One (method, bits, seed) of a grid: its q_config, spec and where it stands under ``--out``."""
+    method: str
+    bits: int
+    seed: Optional[int]
+    q: object
+    opts: List[str]
+    spec: str
+    path: Path
+    state: str  # done | stale | missing
+    deterministic: bool
+
+
 class Runner:
     def __init__(self, out: Path, st: Settings, command: str, log=print):
         self.out, self.st, self.command, self.log = out, st, command, log
@@ -137,13 +158,31 @@ class Runner:
     def cell_path(self, method: str, bits: int, seed: Optional[int]) -> Path:
         return self.out / "cells" / self.st.split / f"{cell_name(method, bits, seed)}.json"
 
-    def _done(self, path: Path, spec: str) -> bool:
+    def _state(self, path: Path, spec: str) -> str:
+        """``done`` (a cell with this spec is there), ``stale`` (one with other settings, rerun) or ``missing``."""
         if not path.is_file():
-            return False
+            return "missing"
         try:
-            return json.loads(path.read_text()).get("spec") == spec
+            return "done" if json.loads(path.read_text()).get("spec") == spec else "stale"
         except json.JSONDecodeError:
-            return False
+            return "stale"
+
+    def fp_cell(self) -> Cell:
+        spec = _spec_hash({"fp": True, "split": self.st.split, "eval_images": self.st.eval_images})
+        path = self.cell_path("fp", 32, None)
+        return Cell("fp", 32, None, None, [], spec, path, self._state(path, spec), True)
+
+    def cells(self, m: recipes.Method, bits: int) -> List[Cell]:
+        """The cells (method, bits) runs: one per seed, or one for a method without reconstruction (its
+        ``recon.iters`` 0: every seed gives the same model)."""
+        loaded = [(seed, *_load_qcfg(m, bits, self.st, seed)) for seed in self.st.seeds]
+        deterministic = loaded[0][1].recon.iters == 0
+        out = []
+        for seed, q, opts in loaded[:1] if deterministic else loaded:
+            spec = cell_spec(q, self.st)
+            path = self.cell_path(m.name, bits, seed)
+            out.append(Cell(m.name, bits, seed, q, opts, spec, path, self._state(path, spec), deterministic))
+        return out
 
     def _evaluate(self, seg, name: str) -> Tuple[Dict, str, float]:
         pred = self.out / "predictions" / self.st.split / f"{name}.json.gz"
@@ -158,9 +197,9 @@ class Runner:
     def run_fp(self) -> None:
         from ptq4sam.models import BoxPromptSegmenter  # noqa: PLC0415
 
-        path = self.cell_path("fp", 32, None)
-        spec = _spec_hash({"fp": True, "split": self.st.split, "eval_images": self.st.eval_images})
-        if self._done(path, spec):
+        fp = self.fp_cell()
+        path, spec = fp.path, fp.spec
+        if fp.state == "done":
             self.log(f"{_rel(path)}: done before, kept")
             return
         m, pred, eval_s = self._evaluate(BoxPromptSegmenter(self.base), "fp")
@@ -174,17 +213,12 @@ class Runner:
         from ptq4sam.ptq import calibrate_segmenter, reconstruct_segmenter  # noqa: PLC0415
         from ptq4sam.samples import gt_box_samples  # noqa: PLC0415
 
-        loaded = [(seed, *_load_qcfg(m, bits, self.st, seed)) for seed in self.st.seeds]
-        # no reconstruction (the method's or its yaml's recon.iters 0): every seed gives the same model, run once
-        deterministic = loaded[0][1].recon.iters == 0
-        todo = []
-        for seed, q, opts in loaded[:1] if deterministic else loaded:
-            spec = cell_spec(q, self.st)
-            path = self.cell_path(m.name, bits, seed)
-            if self._done(path, spec):
-                self.log(f"{_rel(path)}: done before, kept")
-            else:
-                todo.append((seed, q, opts, spec, path))
+        cells = self.cells(m, bits)
+        deterministic = cells[0].deterministic
+        for c in cells:
+            if c.state == "done":
+                self.log(f"{_rel(c.path)}: done before, kept")
+        todo = [(c.seed, c.q, c.opts, c.spec, c.path) for c in cells if c.state != "done"]
         if not todo:
             return
         q0 = todo[0][1]
@@ -236,6 +270,63 @@ def shard_of(groups: List, spec: Optional[str]) -> Tuple[List, bool]:
     if not (n >= 1 and 0 <= i < n):
         raise InputError(f"--shard {spec}: expected i/N with 0 <= i < N, e.g. 0/4")
     return groups[i::n], i == 0
+
+
+def _times(cells: List[Cell]) -> List[Dict]:
+    """The recorded times of the done ones of ``cells``."""
+    keys = ("calibration_s", "reconstruction_s", "eval_s")
+    return [{k: rec.get(k, 0.0) for k in keys} for rec in (json.loads(c.path.read_text()) for c in cells
+                                                            if c.state == "done")]
+
+
+def plan(runner: Runner, groups: List[Tuple[recipes.Method, int]], with_fp: bool) -> List[Dict]:
+    """What a run of ``groups`` would do, without running: per (method, bits) its cells' states and the seconds left,
+    estimated from the recorded times of the done cells of the same method (at the same bits, else at other bits with
+    the same kind of run: with or without reconstruction) as their median calibration once plus their median
+    reconstruction + evaluation per cell left; the FP row by the median evaluation of every done cell."""
+    rows, seen = [], []
+    for m, b in groups:
+        cells = runner.cells(m, b)
+        seen += _times(cells)
+        left = [c for c in cells if c.state != "done"]
+        est = source = None
+        if left:
+            other = [c for b2 in m.bits if b2 != b for c in runner.cells(m, b2)
+                     if c.deterministic == cells[0].deterministic]
+            for source, timed in (("same bits", _times(cells)), ("other bits", _times(other))):
+                if timed:
+                    med = {k: float(np.median([t[k] for t in timed])) for k in timed[0]}
+                    est = round(med["calibration_s"] + len(left) * (med["reconstruction_s"] + med["eval_s"]))
+                    break
+        rows.append({"method": m.name, "bits": b, "cells": [(c.seed, c.state) for c in cells], "estimate_s": est,
+                     "estimate_from": source if est is not None else None})
+    if with_fp:
+        fp = runner.fp_cell()
+        est = round(float(np.median([t["eval_s"] for t in seen]))) if fp.state != "done" and seen else None
+        rows.insert(0, {"method": "fp", "bits": 32, "cells": [(None, fp.state)], "estimate_s": est,
+                        "estimate_from": "the evaluations of the done cells" if est is not None else None})
+    return rows
+
+
+def plan_text(rows: List[Dict], split_name: str) -> str:
+    n = [s for r in rows for _, s in r["cells"]]
+    lines = [f"grid on {split_name}: {len(n)} cells: {n.count('done')} done, {n.count('stale')} stale (other "
+             f"settings: rerun), {n.count('missing')} missing"]
+    left = [r for r in rows if any(s != "done" for _, s in r["cells"])]
+    for r in left:
+        what = ("FP (evaluation only)" if r["method"] == "fp" else f"{r['method']} W{r['bits']}, seeds " + " ".join(
+            f"{seed}" + (" (stale)" if st == "stale" else "") for seed, st in r["cells"] if st != "done"))
+        if r["estimate_s"] is None:
+            est = "no done cell to estimate from"
+        else:
+            src = r["estimate_from"] if r["method"] == "fp" else f"the times of its done cells at {r['estimate_from']}"
+            est = f"about {max(1, round(r['estimate_s'] / 60))} min by {src}"
+        lines.append(f"  to run: {what}; {est}")
+    known = [r["estimate_s"] for r in left if r["estimate_s"] is not None]
+    if left:
+        lines.append(f"known estimates sum to about {sum(known) / 3600:.1f} h on the machines that made the done cells"
+                     f" ({len(known)} of {len(left)} groups estimated)")
+    return "\n".join(lines)
 
 
 # ---- summary: seeds, intervals, verdicts ---------------------------------------------------------------------------
@@ -373,8 +464,10 @@ def render(summary: Dict) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="test", choices=["dev", "test"], help="where the grid is evaluated")
-    p.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
-    p.add_argument("--methods", nargs="*", default=None, help=f"method names (default: {' '.join(GRID)}); "
+    p.add_argument("--bits", nargs="+", type=int, default=None, help="bit widths (W = A; default: "
+                   f"{' '.join(map(str, BITS))}; with --quick: {' '.join(map(str, QUICK_BITS))})")
+    p.add_argument("--methods", nargs="*", default=None, help=f"method names (default: {' '.join(GRID)}; with "
+                   f"--quick: {' '.join(QUICK_GRID)}); "
                    f"no name: the FP row only. Known: {' '.join(sorted(recipes.METHODS))}")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=YAML[,key=value...]",
                    help="an ad-hoc method (e.g. a recipe candidate on dev); add NAME to --methods")
@@ -387,9 +480,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=str(ROOT / "work_dirs" / "reproduce"), help="cells, predictions, summary")
     p.add_argument("--shard", default=None, metavar="i/N", help="run slice i of N of the grid (FP in slice 0)")
-    p.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="no runs: join these --out folders")
-    p.add_argument("--render", default=None, metavar="SUMMARY_JSON", help="no runs: print the markdown of a summary")
     p.add_argument("--samples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="no runs: join these --out folders")
+    mode.add_argument("--render", default=None, metavar="SUMMARY_JSON", help="no runs: print the markdown of a summary")
+    mode.add_argument("--plan", action="store_true", help="no runs: list the grid's cells under --out as done, stale "
+                      "(other settings) or missing, with the time left estimated from the done cells' records")
     a = p.parse_args(argv)
     if a.eval_images is not None and a.eval_images < 1:
         p.error(f"--eval-images must be >= 1, got {a.eval_images}")
@@ -409,6 +505,19 @@ def write_summary(out: Path, cells: List[Dict], samples: int) -> Dict:
     return summary
 
 
+def grid_of(a) -> Tuple[List[recipes.Method], List[int]]:
+    """The methods and bit widths the parsed arguments ``a`` name (the defaults: the headline grid, or --quick's)."""
+    variants = {}
+    for v in a.variant:
+        if "=" not in v:
+            raise InputError(f"--variant {v}: expected NAME=YAML[,key=value...]")
+        name, spec = v.split("=", 1)
+        variants[name] = spec
+    default = QUICK_GRID if a.quick else GRID
+    methods = recipes.resolve(default if a.methods is None else a.methods, variants)
+    return methods, a.bits or (QUICK_BITS if a.quick else BITS)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
@@ -420,19 +529,16 @@ def main(argv=None) -> int:
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
-    variants = {}
-    for v in a.variant:
-        if "=" not in v:
-            raise InputError(f"--variant {v}: expected NAME=YAML[,key=value...]")
-        name, spec = v.split("=", 1)
-        variants[name] = spec
-    methods = recipes.resolve(GRID if a.methods is None else a.methods, variants)
+    methods, bits = grid_of(a)
     extra = (QUICK_OPTIONS if a.quick else []) + list(a.q_options)
     st = Settings(a.split, tuple(a.seeds[:1] if a.quick else a.seeds),
                   a.eval_images or (QUICK_IMAGES if a.quick else None), tuple(extra), a.quick, a.device)
     command = command_line("tools/reproduce.py", argv)
-    groups, with_fp = shard_of(grid_groups(methods, a.bits), a.shard)
+    groups, with_fp = shard_of(grid_groups(methods, bits), a.shard)
     runner = Runner(out, st, command)
+    if a.plan:
+        print(plan_text(plan(runner, groups, with_fp), a.split))
+        return 0
     t = time.time()
     if with_fp:
         runner.run_fp()
