@@ -287,13 +287,14 @@ def plan(runner: Runner, groups: List[Tuple[recipes.Method, int]], with_fp: bool
     rows, seen = [], []
     for m, b in groups:
         cells = runner.cells(m, b)
-        seen += _times(cells)
+        same = _times(cells)
+        seen += same
         left = [c for c in cells if c.state != "done"]
         est = source = None
         if left:
             other = [c for b2 in m.bits if b2 != b for c in runner.cells(m, b2)
                      if c.deterministic == cells[0].deterministic]
-            for source, timed in (("same bits", _times(cells)), ("other bits", _times(other))):
+            for source, timed in (("same bits", same), ("other bits", _times(other))):
                 if timed:
                     med = {k: float(np.median([t[k] for t in timed])) for k in timed[0]}
                     est = round(med["calibration_s"] + len(left) * (med["reconstruction_s"] + med["eval_s"]))
